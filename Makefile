@@ -1,0 +1,36 @@
+# Two commands do all set-up: `make demo` and `make test`. Both create .venv if missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 1
+export TORCHDYNAMO_DISABLE ?= 1
+
+.PHONY: venv demo test lint clean
+
+$(STAMP): pyproject.toml constraints/cpu.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "CUDA found: installing the CUDA build of torch"; \
+		$(PY) -m pip install -q -e '.[dev]'; \
+	else \
+		echo "No CUDA: pinning torch through constraints/cpu.txt"; \
+		$(PY) -m pip install -q -c constraints/cpu.txt 'torch==2.13.0' -e '.[dev]'; \
+	fi
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m rao_megatron.demo
+
+test: $(STAMP)
+	$(PY) -m ruff check rao_megatron tests benchmarks tools examples
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check rao_megatron tests benchmarks tools examples
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,95 @@
+"""Loss registry: a config name -> a documented loss with defaults, checks and a global normaliser."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from .stats import SequenceStats
+
+#: fn(stats, **hparams) -> (per_group [G] loss contributions, weights [G], metrics)
+LossTermsFn = Callable[..., tuple[Tensor, Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One registered loss.
+
+    Calling it returns ``(loss, metrics)``: ``loss = Σ_g per_group[g] / normalizer``, where the
+    normaliser defaults to the local ``Σ_g weights[g]`` — the number of groups for every loss but
+    ``sft`` (the number of response tokens). A training engine that splits a batch over micro-batches
+    and data-parallel ranks passes the *global* normaliser so the summed result equals the loss of
+    the whole batch (NeMo-RL's global-normalisation scheme).
+    """
+
+    name: str
+    terms: LossTermsFn
+    formula: str
+    needs_reference: bool
+    needs_rewards: bool
+    pairwise: bool
+    normalizer_kind: str = "groups"  # or "tokens"
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hparams(self) -> tuple[str, ...]:
+        """Names of the hyper-parameters this loss accepts."""
+        return tuple(p for p in inspect.signature(self.terms).parameters if p != "stats")
+
+    def check_hparams(self, hparams: dict[str, Any]) -> None:
+        """Raise if a hyper-parameter is not one this loss accepts (names close matches)."""
+        for key in hparams:
+            if key not in self.hparams:
+                close = difflib.get_close_matches(key, self.hparams, n=2)
+                hint = f"; did you mean {' or '.join(close)}?" if close else ""
+                raise ValueError(f"loss '{self.name}' has no hyper-parameter '{key}' "
+                                 f"(it takes: {', '.join(self.hparams) or 'none'}){hint}")
+
+    def local_normalizer(self, stats: SequenceStats) -> float:
+        """This batch's share of the normaliser: its group count, or its response-token count."""
+        if self.normalizer_kind == "tokens":
+            return float(stats.lengths.sum())
+        return float(stats.group_ids.unique().numel())
+
+    def __call__(self, stats: SequenceStats, *, normalizer: float | None = None,
+                 **hparams: Any) -> tuple[Tensor, dict[str, float]]:
+        self.check_hparams(hparams)
+        per_group, weights, metrics = self.terms(stats, **hparams)
+        denom = weights.sum() if normalizer is None else normalizer
+        if normalizer is not None and not normalizer > 0:
+            raise ValueError(f"normalizer must be > 0, got {normalizer}")
+        loss = per_group.sum() / denom
+        metrics = {"loss": float(per_group.detach().sum() / weights.sum()), **metrics}
+        return loss, metrics
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register(name: str, *, formula: str, needs_reference: bool, needs_rewards: bool, pairwise: bool,
+             normalizer_kind: str = "groups") -> Callable[[LossTermsFn], LossTermsFn]:
+    """Decorator adding a loss-terms function to the registry under ``name``."""
+
+    def wrap(fn: LossTermsFn) -> LossTermsFn:
+        defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
+                    if k != "stats" and p.default is not inspect.Parameter.empty}
+        LOSSES[name] = LossSpec(name=name, terms=fn, formula=formula, needs_reference=needs_reference,
+                                needs_rewards=needs_rewards, pairwise=pairwise,
+                                normalizer_kind=normalizer_kind, defaults=defaults)
+        return fn
+
+    return wrap
+
+
+def get_loss(name: str) -> LossSpec:
+    """The loss registered as ``name``; an unknown name raises with the close matches."""
+    if name not in LOSSES:
+        close = difflib.get_close_matches(name, LOSSES, n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ValueError(f"unknown loss '{name}' (known: {', '.join(sorted(LOSSES))}){hint}")
+    return LOSSES[name]

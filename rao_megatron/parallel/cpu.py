@@ -1,0 +1,205 @@
+"""Run Megatron-Core (local layer spec) on a CPU-only torch over gloo: tests, tiny runs, the quick-start.
+
+Megatron-Core assumes CUDA in a handful of places. ``apply_cpu_patches()`` fixes exactly those and
+nothing else; on a machine with CUDA it does nothing. What it changes, and why:
+
+1. ``torch.cuda.current_device()`` returns the CPU device: Megatron passes it as ``device=`` to the
+   buffers it allocates (GlobalMemoryBuffer, TP all-gather outputs, p2p receive buffers, DDP buffers).
+2. The model-parallel RNG tracker (``CudaRNGStatesTracker``) keeps CPU generator states, so
+   ``model_parallel_cuda_manual_seed`` and ``get_cuda_rng_tracker().fork()`` (weight init, dropout) work.
+3. Modules that hard-code ``device="cuda"`` in tensor factories (pipeline schedules, p2p, causal masks,
+   DDP buffers, optimizer, grad clipping) see a ``torch`` whose factories map cuda to cpu and whose
+   ``torch.cuda.synchronize`` / ``empty_cache`` are no-ops. Only those modules' global name ``torch`` is
+   replaced; the rest of the process keeps the real module.
+4. Tied embeddings with PP>1: ``LanguageModule.setup_embeddings_and_output_layer`` calls ``.cuda()``
+   on the shared weight; during that call only, ``Tensor.cuda`` returns the tensor itself.
+5. ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``; it is replaced
+   by the same scaling without the device assert (fp32 grads are still required).
+
+With these, DDP + ``get_megatron_optimizer`` (fp32 Adam, clip_grad > 0, optionally the distributed
+optimizer) run on CPU without a global TorchFunctionMode. ``sequence_parallel`` still needs TE or apex.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+_APPLIED = False
+
+# Megatron modules whose `torch` global is swapped for the cuda->cpu proxy. Missing modules (renamed or
+# removed in another megatron-core version) are skipped.
+_PATCHED_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.transformer.utils",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.rerun_state_machine",
+)
+
+_FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "as_tensor", "arange", "rand", "randn",
+              "randint", "zeros_like", "ones_like", "empty_like", "full_like")
+
+
+def _is_cuda_device(device: Any) -> bool:
+    """True for "cuda", "cuda:N", torch.device("cuda") and bare ints (= cuda:N)."""
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+def _cpu_factory(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        kwargs.pop("pin_memory", None)  # pinning needs CUDA too
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _CpuCuda(types.ModuleType):
+    """``torch.cuda`` as the patched modules see it: device-sync calls are no-ops."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def synchronize(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    @staticmethod
+    def empty_cache() -> None:
+        return None
+
+    @staticmethod
+    def current_device() -> torch.device:
+        return torch.device("cpu")
+
+
+class _CpuTorch(types.ModuleType):
+    """``torch`` as the patched modules see it: tensor factories map a cuda device to cpu."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.cuda = _CpuCuda("torch.cuda")
+        for name in _FACTORIES:
+            setattr(self, name, _cpu_factory(getattr(torch, name)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+def _patch_rng_tracker() -> None:
+    """Make every ``CudaRNGStatesTracker`` (also ones created later) keep CPU generator states."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def add(self: Any, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self: Any, name: str = mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        orig = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+    mrandom.CudaRNGStatesTracker.add = add
+    mrandom.CudaRNGStatesTracker.fork = fork
+    # Activation recomputation saves/restores "the cuda RNG state": use the CPU generator instead.
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
+def _patch_tied_embedding_setup() -> None:
+    """``setup_embeddings_and_output_layer`` moves the tied weight with ``.cuda()`` when PP>1."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule.setup_embeddings_and_output_layer
+
+    @functools.wraps(original)
+    def setup(self: Any, *args: Any, **kwargs: Any) -> Any:
+        saved = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *a, **k: t
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = saved
+
+    LanguageModule.setup_embeddings_and_output_layer = setup
+
+
+def _clip_grad_by_total_norm_fp32(parameters: Any, max_norm: float, total_norm: float,
+                                  use_decoupled_grad: bool = False) -> None:
+    """Scale fp32 grads in place by ``max_norm / total_norm`` when that is < 1 (Megatron's, on any device)."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    for g in grads:
+        assert g.dtype in (torch.float32, torch.bfloat16) if use_decoupled_grad else g.dtype == torch.float32
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        for g in grads:
+            g.detach().mul_(clip_coeff)
+
+
+def _patch_grad_clipping() -> None:
+    for name in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
+        mod = importlib.import_module(name)
+        if hasattr(mod, "clip_grad_by_total_norm_fp32"):
+            mod.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+
+
+def apply_cpu_patches() -> bool:
+    """Patch Megatron-Core for CPU-only torch; idempotent, a no-op with CUDA. Returns True if patched."""
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    _patch_rng_tracker()
+    proxy = _CpuTorch()
+    for name in _PATCHED_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(mod, "torch", None) is torch:
+            mod.torch = proxy
+    _patch_tied_embedding_setup()
+    _patch_grad_clipping()
+    _APPLIED = True
+    return True
+
+
+def cpu_patches_applied() -> bool:
+    """Whether ``apply_cpu_patches`` has patched this process."""
+    return _APPLIED
