@@ -1,0 +1,318 @@
+"""Run configuration: dataclasses per concern, loaded from YAML with ``section.key=value`` overrides.
+
+    cfg = load_config("examples/configs/rao_tiny.yaml", ["loss.beta=0.1", "train.lr=5e-7"])
+
+Every field carries its help text; types, ranges and choices are checked, and an unknown key is
+reported with the close matches. Errors are :class:`ConfigError` naming the key (and the file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and, where known, the file."""
+
+
+def _f(default: Any, help: str, *, choices: tuple | None = None, gt: float | None = None,
+       ge: float | None = None, lt: float | None = None, le: float | None = None) -> Any:
+    meta = {"help": help, "choices": choices, "gt": gt, "ge": ge, "lt": lt, "le": le}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    hf_config: str | None = _f(None, "HF model directory or config.json the architecture is read from "
+                                     "(Llama family or Qwen2); None uses `preset`.")
+    preset: str | None = _f("tiny-llama", "Built-in tiny architecture for tests and tiny runs.",
+                            choices=("tiny-llama", "tiny-qwen2", None))
+    init_checkpoint: str | None = _f(None, "Megatron checkpoint directory to initialise from; None = random init.")
+    tokenizer: str | None = _f(None, "HF tokenizer directory; None = the model directory (or the tiny test tokenizer).")
+    dtype: str = _f("fp32", "Parameter and compute dtype.", choices=("fp32", "bf16"))
+    logprob_impl: str = _f("chunked", "Vocab-parallel log-prob implementation.",
+                           choices=("reference", "chunked", "triton"))
+    logprob_precision: str = _f("fp32", "Matmul precision of the log-prob kernel (fp8 needs Hopper).",
+                                choices=("fp32", "bf16", "fp8"))
+    logprob_chunk_size: int = _f(1024, "Tokens per chunk in the fused log-prob kernel.", gt=0)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = _f(1, "Tensor-parallel size (must divide attention heads and KV groups).", ge=1)
+    pp: int = _f(1, "Pipeline-parallel size (must divide the number of layers).", ge=1)
+    vpp: int | None = _f(None, "Virtual pipeline stages per rank (interleaved schedule); None = off.", ge=1)
+    sequence_parallel: bool = _f(False, "Megatron sequence parallelism (GPU with TE only).")
+    backend: str | None = _f(None, "torch.distributed backend; None = nccl with CUDA, gloo without.",
+                             choices=("nccl", "gloo", None))
+
+
+@dataclass
+class LossConfig:
+    name: str = _f("rao", "Loss from the registry: rao, dpo, ipo, slic, simpo, orpo, rpo, cal_dpo, sft, grao, bt.")
+    beta: float | None = _f(None, "β: KL / temperature coefficient (loss default when unset).", gt=0)
+    log_z0: float | None = _f(None, "RAO: log Z0, the prefix normaliser (default ln 50).")
+    z0: float | None = _f(None, "RAO: Z0 > 0, convenience for log_z0 = ln z0 (give one of the two).", gt=0)
+    reward_scale: float | None = _f(None, "RAO: multiply explicit rewards before the loss (default 1).", gt=0)
+    reward_shift: float | None = _f(None, "RAO: add to explicit rewards after scaling (default 0).")
+    label_smoothing: float | None = _f(None, "DPO: label smoothing ε (cDPO / robust DPO).", ge=0, lt=0.5)
+    gamma: float | None = _f(None, "SimPO: target reward margin γ.")
+    lam: float | None = _f(None, "ORPO: weight of the odds-ratio term; GRAO: weight of the alignment term.", ge=0)
+    margin: float | None = _f(None, "BT reward model: margin subtracted from the score difference.")
+    centering: float | None = _f(None, "BT reward model: coefficient of the (s_w + s_l)² centering term.", ge=0)
+    pairing: str | None = _f(None, "Pairs from groups of K > 2: best_vs_rest (default) or all_pairs.",
+                             choices=("best_vs_rest", "all_pairs", None))
+
+    def hparams(self) -> dict[str, Any]:
+        """The hyper-parameters that were set (the loss's own defaults apply to the rest)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "name" and getattr(self, f.name) is not None}
+
+
+@dataclass
+class DataConfig:
+    train_path: str | None = _f(None, "Training data: JSONL/Parquet file or a `datasets` name.")
+    eval_path: str | None = _f(None, "Held-out data; None = split `eval_fraction` off the training data.")
+    eval_fraction: float = _f(0.05, "Share of rows held out when eval_path is unset.", ge=0, lt=1)
+    max_length: int = _f(512, "Fixed sequence length (prompt + response) in tokens.", gt=1)
+    overlength: str = _f("drop", "Rows longer than max_length: drop them or truncate the response.",
+                         choices=("drop", "truncate"))
+    groups_per_micro_batch: int = _f(1, "Whole prompt groups per micro-batch.", ge=1)
+    max_responses: int | None = _f(None, "Keep at most this many responses per group (best and worst first).", ge=2)
+    reference_cache: str | None = _f(None, "Precomputed reference log-probs; None = beside the data, if present.")
+    seed: int = _f(1234, "Shuffle seed.")
+
+
+@dataclass
+class TrainConfig:
+    task: str = _f("policy", "What is trained: a policy with a preference loss, a reward model, or SFT.",
+                   choices=("policy", "rm", "sft"))
+    output_dir: str = _f("runs/default", "Metrics, TensorBoard logs, plots and checkpoints go here.")
+    steps: int = _f(100, "Optimizer steps.", ge=1)
+    global_batch_groups: int = _f(8, "Prompt groups per optimizer step (across data-parallel ranks).", ge=1)
+    lr: float = _f(5e-7, "Peak learning rate.", gt=0)
+    min_lr: float = _f(0.0, "Final learning rate of the cosine decay.", ge=0)
+    warmup_steps: int = _f(0, "Linear warm-up steps.", ge=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
+    adam_beta1: float = _f(0.9, "Adam β1.", ge=0, lt=1)
+    adam_beta2: float = _f(0.95, "Adam β2.", ge=0, lt=1)
+    clip_grad: float = _f(1.0, "Global gradient-norm clip; 0 disables.", ge=0)
+    eval_every: int = _f(0, "Evaluate on held-out data every N steps; 0 = only at the end.", ge=0)
+    log_every: int = _f(1, "Console log interval in steps.", ge=1)
+    seed: int = _f(1234, "Model-init and dropout seed.")
+    reference: str = _f("auto", "Reference log-probs: cached (required), on_the_fly (reference model in "
+                                "memory), or auto (cache if present, else on the fly).",
+                        choices=("auto", "cached", "on_the_fly"))
+    max_bad_steps: int = _f(3, "Abort after this many non-finite steps in a row.", ge=1)
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = _f(0, "Save every N steps; 0 = only at the end.", ge=0)
+    keep_last: int = _f(2, "Checkpoints kept (older ones deleted).", ge=1)
+    resume: str = _f("auto", "auto (newest complete checkpoint in output_dir), none, or a directory.")
+    save_at_end: bool = _f(True, "Save after the last step.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _unknown(key: str, known: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{where}{hint}")
+
+
+def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
+    """Convert ``value`` to the annotated type or raise naming ``key``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            return None
+        return _coerce(key, value, args[0], where)
+    if value is None:
+        raise ConfigError(f"config key '{key}'{where} must be {hint.__name__}, got null")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-7" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"config key '{key}'{where} must be {hint.__name__}, got {value!r}")
+
+
+def _check_range(key: str, value: Any, meta: dict, where: str) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        shown = ", ".join(str(c) for c in choices if c is not None)
+        raise ConfigError(f"config key '{key}'{where} must be one of {shown}; got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}'{where} must be finite, got {value!r}")
+        for op, bound, ok in (("gt", ">", lambda a, b: a > b), ("ge", ">=", lambda a, b: a >= b),
+                              ("lt", "<", lambda a, b: a < b), ("le", "<=", lambda a, b: a <= b)):
+            b = meta.get(op)
+            if b is not None and not ok(value, b):
+                raise ConfigError(f"config key '{key}'{where} must be {bound} {b}, got {value!r}")
+
+
+def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    sections = _section_types()
+    if parts[0] not in sections:
+        close = difflib.get_close_matches(parts[0], list(sections), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"unknown config section '{parts[0]}' in key '{key}'{where} "
+                          f"(sections: {', '.join(sections)}){hint}")
+    if len(parts) != 2:
+        raise ConfigError(f"config key '{key}'{where} must be <section>.<field>, e.g. loss.beta")
+    section, name = parts
+    stype = sections[section]
+    fields_ = {f.name: f for f in dataclasses.fields(stype)}
+    if name not in fields_:
+        raise _unknown(key, [f"{section}.{n}" for n in fields_], where)
+    hint = typing.get_type_hints(stype)[name]
+    coerced = _coerce(key, value, hint, where)
+    _check_range(key, coerced, dict(fields_[name].metadata), where)
+    setattr(getattr(cfg, section), name, coerced)
+
+
+def _flatten(data: Any, path: str) -> list[tuple[str, Any]]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config{path and ' section ' + repr(path)} must be a mapping, got {type(data).__name__}")
+    out: list[tuple[str, Any]] = []
+    for k, v in data.items():
+        key = f"{path}.{k}" if path else str(k)
+        if isinstance(v, dict) and not path:
+            out.extend(_flatten(v, key))
+        else:
+            out.append((key, v))
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"loss.beta=0.1"`` -> ``("loss.beta", 0.1)`` (the value is read as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. loss.beta=0.1)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def validate(cfg: Config, where: str = "") -> Config:
+    """Cross-field checks that one field alone cannot make."""
+    from rao_megatron.losses import get_loss
+
+    try:
+        spec = get_loss(cfg.loss.name)
+    except ValueError as e:
+        raise ConfigError(f"config key 'loss.name'{where}: {e}") from None
+    for key in cfg.loss.hparams():
+        if key not in spec.hparams:
+            raise ConfigError(f"config key 'loss.{key}'{where}: loss '{spec.name}' does not use it "
+                              f"(it takes: {', '.join(spec.hparams) or 'none'})")
+    if cfg.loss.z0 is not None and cfg.loss.log_z0 is not None:
+        raise ConfigError(f"config keys 'loss.z0' and 'loss.log_z0'{where}: give one of the two, not both")
+    expected = {"rm": "bt", "sft": "sft"}.get(cfg.train.task)
+    if expected and cfg.loss.name != expected:
+        raise ConfigError(f"config key 'loss.name'{where}: train.task={cfg.train.task} trains with loss "
+                          f"'{expected}', got '{cfg.loss.name}'")
+    if cfg.train.task == "policy" and cfg.loss.name == "bt":
+        raise ConfigError(f"config key 'loss.name'{where}: 'bt' trains a reward model; set train.task=rm")
+    if cfg.train.min_lr > cfg.train.lr:
+        raise ConfigError(f"config key 'train.min_lr'{where} ({cfg.train.min_lr}) must be <= train.lr ({cfg.train.lr})")
+    if cfg.model.hf_config is None and cfg.model.preset is None:
+        raise ConfigError(f"config key 'model.hf_config'{where}: set it or model.preset")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``section.key=value`` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        for key, value in _flatten(data, ""):
+            _apply(cfg, key, value, f" in {p}")
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply(cfg, key, value, " (command-line override)")
+    return validate(cfg, f" in {path}" if path else "")
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (it loads back to the same Config)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def describe() -> str:
+    """Every key with its default and help text (the reference printed by ``--help-config``)."""
+    lines = []
+    for section, stype in _section_types().items():
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(stype):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""Token sequences -> fixed-shape micro-batch tensors that every forward step consumes.
+
+A sequence is s = x ⊕ y with x the prompt (starting with the shared token t0) and y the response.
+Per-token log-probs are indexed by the *label* position t (predicting s[t+1] from s[≤t]), so
+    prompt_mask[t]   = 1  for t + 1 in [1, |x| − 1]   -> Σ gives P(x) = log π(x − t0 | t0)
+    response_mask[t] = 1  for t + 1 in [|x|, |s| − 1]  -> Σ gives R(y) = log π(y | x)
+Rows are right-padded to ``seq_length``; causal attention keeps pads from touching real tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+#: group id of a padding row (a micro-batch has a fixed number of rows for pipeline parallelism)
+PAD_GROUP = -1
+
+
+def collate_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
+                      seq_length: int, pad_id: int, group_ids: Sequence[int],
+                      rewards: Sequence[float] | None = None,
+                      is_reference_answer: Sequence[bool] | None = None,
+                      ref_logps: Sequence[float] | None = None,
+                      ref_prompt_logps: Sequence[float] | None = None,
+                      num_rows: int | None = None) -> dict[str, Tensor]:
+    """Build a micro-batch dict of ``[B, S]`` token tensors and ``[B]`` per-sequence tensors.
+
+    ``num_rows`` pads the batch with empty rows (group id ``PAD_GROUP``) to a fixed row count.
+    """
+    n = len(prompts)
+    rows = n if num_rows is None else num_rows
+    if rows < n:
+        raise ValueError(f"num_rows={rows} is smaller than the {n} sequences given")
+    tokens = torch.full((rows, seq_length), pad_id, dtype=torch.int64)
+    labels = torch.full((rows, seq_length), IGNORE_INDEX, dtype=torch.int64)
+    prompt_mask = torch.zeros((rows, seq_length), dtype=torch.bool)
+    response_mask = torch.zeros((rows, seq_length), dtype=torch.bool)
+    lengths = torch.zeros(rows, dtype=torch.int64)
+    seq_lengths = torch.ones(rows, dtype=torch.int64)
+    for i, (x, y) in enumerate(zip(prompts, responses)):
+        s = list(x) + list(y)
+        if len(x) < 1 or len(y) < 1:
+            raise ValueError(f"sequence {i}: prompt and response must each hold at least one token")
+        if len(s) > seq_length:
+            raise ValueError(f"sequence {i}: {len(s)} tokens exceed seq_length={seq_length}")
+        tokens[i, :len(s)] = torch.tensor(s, dtype=torch.int64)
+        labels[i, :len(s) - 1] = tokens[i, 1:len(s)]
+        prompt_mask[i, :len(x) - 1] = True
+        response_mask[i, len(x) - 1:len(s) - 1] = True
+        lengths[i] = len(y)
+        seq_lengths[i] = len(s)
+    gid = torch.full((rows,), PAD_GROUP, dtype=torch.int64)
+    gid[:n] = torch.as_tensor(list(group_ids), dtype=torch.int64)
+    batch = {
+        "tokens": tokens, "labels": labels, "prompt_mask": prompt_mask, "response_mask": response_mask,
+        "position_ids": torch.arange(seq_length, dtype=torch.int64).expand(rows, seq_length).contiguous(),
+        "lengths": lengths, "seq_lengths": seq_lengths, "group_ids": gid,
+    }
+    for name, values, dtype in (("rewards", rewards, torch.float32),
+                                ("ref_logps", ref_logps, torch.float32),
+                                ("ref_prompt_logps", ref_prompt_logps, torch.float32),
+                                ("is_reference_answer", is_reference_answer, torch.bool)):
+        if values is not None:
+            t = torch.zeros(rows, dtype=dtype)
+            t[:n] = torch.as_tensor(list(values), dtype=dtype)
+            batch[name] = t
+    return batch
+
+
+def num_valid_groups(batch: dict[str, Tensor]) -> int:
+    """Distinct real groups in a micro-batch (padding rows excluded)."""
+    gid = batch["group_ids"]
+    return int(gid[gid != PAD_GROUP].unique().numel())

@@ -1,0 +1,114 @@
+"""The engine: build this rank's model chunks (wrapped in Megatron DDP) and run the pipeline schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch import Tensor
+
+from rao_megatron.data.collate import PAD_GROUP
+from rao_megatron.models.provider import as_chunks, build_gpt_model, enable_hidden_state_output
+from rao_megatron.models.reward import build_reward_model
+
+
+def build_model_chunks(hf_config: Any, *, task: str = "policy", params_dtype: torch.dtype = torch.float32,
+                       wrap_ddp: bool = True, use_te: bool | None = None) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage) for ``task`` in policy / sft / rm / reference.
+
+    Policy-like models return final hidden states at the last stage (the log-prob kernel multiplies by
+    the vocab shard itself and all-reduces its hidden-state gradient over TP); the reward model returns
+    one value per token. Training models are wrapped in Megatron DDP; a reference model is not.
+    """
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    stages = [None] if vpp is None else list(range(vpp))
+    chunks: list[torch.nn.Module] = []
+    for v in stages:
+        if task == "rm":
+            model = build_reward_model(hf_config, vp_stage=v, use_te=use_te, params_dtype=params_dtype)
+        else:
+            model = build_gpt_model(hf_config, vp_stage=v, use_te=use_te, params_dtype=params_dtype)
+            enable_hidden_state_output(model, vocab_parallel_consumer=False)
+        chunks.append(model)
+    if task == "reference" or not wrap_ddp:
+        for m in chunks:
+            m.requires_grad_(task != "reference")
+            if task == "reference":
+                m.eval()
+        return chunks
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=False)
+    wrapped = [DistributedDataParallel(m.config, ddp_config, m) for m in chunks]
+    cfg = wrapped[0].config
+    cfg.finalize_model_grads_func = finalize_model_grads
+    cfg.no_sync_func = [w.no_sync for w in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    return wrapped
+
+
+def forward_backward(chunks: Sequence[torch.nn.Module] | torch.nn.Module, step: Any,
+                     microbatches: Sequence[dict[str, Tensor]], *, forward_only: bool = False) -> list[dict[str, Any]]:
+    """Run the (pipelined) schedule over ``microbatches``; returns each micro-batch's reduced outputs.
+
+    The outputs exist on the last pipeline stage only (an empty list elsewhere). ``step`` is one of the
+    forward steps of :mod:`rao_megatron.training.forward_step`; when it has a ``grad_scale`` it is set
+    to (micro-batches × data-parallel size) here, undoing Megatron's own averaging (see that module).
+    With DDP-wrapped chunks the schedule ends by calling ``finalize_model_grads`` (DP all-reduce, tied
+    embedding sync across pipeline stages).
+    """
+    chunks = list(chunks) if isinstance(chunks, (list, tuple)) else [chunks]  # keep the DDP wrappers
+    if not microbatches:
+        raise ValueError("no micro-batches to run")
+    rows, seq_length = microbatches[0]["tokens"].shape
+    for i, mb in enumerate(microbatches):
+        if tuple(mb["tokens"].shape) != (rows, seq_length):
+            raise ValueError(f"micro-batch {i} has shape {tuple(mb['tokens'].shape)}; pipeline parallelism needs "
+                             f"every micro-batch at ({rows}, {seq_length})")
+    if hasattr(step, "grad_scale"):
+        step.grad_scale = float(len(microbatches) * ps.get_data_parallel_world_size())
+    iterators: Any = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
+    for c in chunks:
+        c.train(not forward_only)
+    with torch.set_grad_enabled(not forward_only):
+        return get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iterators, model=list(chunks),
+            num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=rows,
+            decoder_seq_length=seq_length, forward_only=forward_only)
+
+
+def global_normalizer(spec: Any, microbatches: Sequence[dict[str, Tensor]]) -> float:
+    """The loss normaliser of one optimizer step over all data-parallel ranks: groups, or response tokens."""
+    local = 0.0
+    for mb in microbatches:
+        keep = mb["group_ids"] != PAD_GROUP
+        if spec.normalizer_kind == "tokens":
+            local += float(mb["lengths"][keep].sum())
+        else:
+            local += float(mb["group_ids"][keep].unique().numel())
+    if ps.get_data_parallel_world_size() > 1:
+        t = torch.tensor([local], dtype=torch.float64)
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+        local = float(t.item())
+    if local <= 0:
+        raise ValueError("the batch holds no groups to train on")
+    return local
+
+
+def reduce_step_loss(outputs: list[dict[str, Any]]) -> float | None:
+    """The optimizer step's loss (sum of normalised micro-batch contributions over DP), on every rank.
+
+    Broadcast from the last pipeline stage so that all ranks log the same number.
+    """
+    value = torch.zeros(1, dtype=torch.float64)
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and outputs:
+        value += sum(float(o["loss"]) for o in outputs)
+    if ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(value, group=ps.get_data_parallel_group())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        last = ps.get_pipeline_model_parallel_last_rank()
+        dist.broadcast(value, src=last, group=ps.get_pipeline_model_parallel_group())
+    return float(value.item())

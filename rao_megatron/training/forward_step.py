@@ -1,0 +1,173 @@
+"""Forward-step functions for ``megatron.core.pipeline_parallel.get_forward_backward_func()``.
+
+Each step takes ``(data_iterator, model)``, runs the model on one micro-batch (a dict from
+:func:`rao_megatron.data.collate_sequences`) and returns ``(output, loss_func)``; Megatron calls
+``loss_func(output)`` on the last pipeline stage only.
+
+Normalisation: a loss returns Σ_(groups in this micro-batch) ℓ_g / N, with N the *global* normaliser
+(groups — or response tokens for SFT — in the whole optimizer step, over every micro-batch and
+data-parallel rank). Megatron divides the returned loss by the number of micro-batches M and
+Megatron DDP averages gradients over the D data-parallel ranks, so the tensor handed back for
+backward is multiplied by ``grad_scale = M·D``; the summed gradient is then exactly that of the
+whole-batch loss, whatever TP, PP, DP or the micro-batch split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from megatron.core import parallel_state as ps
+from torch import Tensor
+
+from rao_megatron.data.collate import PAD_GROUP
+from rao_megatron.logprobs import vocab_parallel_logprobs
+from rao_megatron.losses import SequenceStats, get_loss
+from rao_megatron.models.provider import output_weight, unwrap_model
+from rao_megatron.models.reward import reward_scores
+
+
+@dataclass
+class LogprobSettings:
+    """How per-token log-probs are computed from the final hidden states (see ``rao_megatron.logprobs``)."""
+
+    impl: str = "chunked"
+    precision: str = "fp32"
+    chunk_size: int | None = None
+
+
+def token_logprobs(model: torch.nn.Module, hidden: Tensor, labels: Tensor, *, vocab_size: int,
+                   settings: LogprobSettings) -> Tensor:
+    """Per-token log-probs ``[B, S]`` (0 at ignored labels) from hidden ``[B, S, H]`` and the vocab shard."""
+    b, s, h = hidden.shape
+    tp = ps.get_tensor_model_parallel_world_size()
+    logps = vocab_parallel_logprobs(
+        hidden.reshape(b * s, h), output_weight(model), labels.reshape(b * s),
+        tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None, vocab_size=vocab_size,
+        chunk_size=settings.chunk_size, impl=settings.impl, precision=settings.precision)
+    return logps.view(b, s)
+
+
+def sequence_sums(token_logps: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(P(x) [B], R(y) [B])``: prompt-after-t0 and response sums of per-token log-probs."""
+    prompt = (token_logps * batch["prompt_mask"]).sum(dim=1)
+    response = (token_logps * batch["response_mask"]).sum(dim=1)
+    return prompt, response
+
+
+def _optional(batch: dict[str, Tensor], name: str, keep: Tensor) -> Tensor | None:
+    return batch[name][keep] if name in batch else None
+
+
+def _forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    return model(batch["tokens"], batch["position_ids"], None)
+
+
+@dataclass
+class _LossStep:
+    """Shared plumbing: the loss by name, its hyper-parameters, the global normaliser and grad scale."""
+
+    loss_name: str
+    hparams: dict[str, Any] = field(default_factory=dict)
+    normalizer: float | None = None
+    grad_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.spec = get_loss(self.loss_name)
+        self.spec.check_hparams(self.hparams)
+
+    def _finish(self, stats: SequenceStats) -> tuple[Tensor, dict[str, Any]]:
+        loss, metrics = self.spec(stats, normalizer=self.normalizer, **self.hparams)
+        reduced = {"loss": loss.detach().clone(), "metrics": metrics,
+                   "groups": int(stats.group_ids.unique().numel()), "sequences": stats.num_sequences}
+        return loss * self.grad_scale, reduced
+
+
+@dataclass
+class PolicyStep(_LossStep):
+    """Policy training with any registry loss (and SFT): hidden states -> log-prob sums -> loss.
+
+    Reference log-probs come from the batch (``ref_logps`` / ``ref_prompt_logps``: the precomputed
+    cache, or a forward-only pass of a reference model on the same micro-batches).
+    """
+
+    vocab_size: int = 0
+    logprobs: LogprobSettings = field(default_factory=LogprobSettings)
+
+    def __call__(self, data_iterator: Any, model: torch.nn.Module) -> tuple[Tensor, Any]:
+        batch = next(data_iterator)
+        return _forward(model, batch), partial(self.loss_func, batch, model)
+
+    def loss_func(self, batch: dict[str, Tensor], model: torch.nn.Module,
+                  hidden: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        lp = token_logprobs(unwrap_model(model), hidden, batch["labels"], vocab_size=self.vocab_size,
+                            settings=self.logprobs)
+        prompt, response = sequence_sums(lp, batch)
+        keep = batch["group_ids"] != PAD_GROUP
+        stats = SequenceStats(
+            policy_logps=response[keep], policy_prompt_logps=prompt[keep],
+            ref_logps=_optional(batch, "ref_logps", keep),
+            ref_prompt_logps=_optional(batch, "ref_prompt_logps", keep),
+            lengths=batch["lengths"][keep], group_ids=batch["group_ids"][keep],
+            rewards=_optional(batch, "rewards", keep),
+            is_reference_answer=_optional(batch, "is_reference_answer", keep))
+        if self.spec.needs_reference and stats.ref_logps is None:
+            raise ValueError(f"loss '{self.loss_name}' needs reference log-probs: precompute them "
+                             "(python -m rao_megatron.precompute_reference) or use train.reference=on_the_fly")
+        loss, reduced = self._finish(stats)
+        reduced["policy_logps"] = response[keep].detach()
+        return loss, reduced
+
+
+@dataclass
+class RewardModelStep(_LossStep):
+    """Bradley–Terry reward-model training: scalar score at each sequence's last token -> ``bt`` loss."""
+
+    loss_name: str = "bt"
+
+    def __call__(self, data_iterator: Any, model: torch.nn.Module) -> tuple[Tensor, Any]:
+        batch = next(data_iterator)
+        return _forward(model, batch), partial(self.loss_func, batch)
+
+    def loss_func(self, batch: dict[str, Tensor], values: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        scores = reward_scores(values.float(), lengths=batch["seq_lengths"])
+        keep = batch["group_ids"] != PAD_GROUP
+        stats = SequenceStats(policy_logps=None, scores=scores[keep], lengths=batch["lengths"][keep],
+                              group_ids=batch["group_ids"][keep], rewards=_optional(batch, "rewards", keep))
+        loss, reduced = self._finish(stats)
+        reduced["scores"] = scores[keep].detach()
+        return loss, reduced
+
+
+@dataclass
+class LogprobStep:
+    """Forward only: per-sequence ``prompt_logps`` P(x) and ``response_logps`` R(y) (reference cache)."""
+
+    vocab_size: int
+    logprobs: LogprobSettings = field(default_factory=LogprobSettings)
+
+    def __call__(self, data_iterator: Any, model: torch.nn.Module) -> tuple[Tensor, Any]:
+        batch = next(data_iterator)
+        return _forward(model, batch), partial(self.loss_func, batch, model)
+
+    def loss_func(self, batch: dict[str, Tensor], model: torch.nn.Module,
+                  hidden: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        lp = token_logprobs(unwrap_model(model), hidden, batch["labels"], vocab_size=self.vocab_size,
+                            settings=self.logprobs)
+        prompt, response = sequence_sums(lp, batch)
+        return hidden.new_zeros(()), {"prompt_logps": prompt.detach(), "response_logps": response.detach()}
+
+
+@dataclass
+class ScoreStep:
+    """Forward only: reward-model scores ``[B]`` at each sequence's last token (annotation, evaluation)."""
+
+    def __call__(self, data_iterator: Any, model: torch.nn.Module) -> tuple[Tensor, Any]:
+        batch = next(data_iterator)
+        return _forward(model, batch), partial(self.loss_func, batch)
+
+    @staticmethod
+    def loss_func(batch: dict[str, Tensor], values: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        return values.new_zeros(()), {"scores": reward_scores(values.float(), lengths=batch["seq_lengths"]).detach()}
