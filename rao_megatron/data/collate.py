@@ -9,6 +9,8 @@ Rows are right-padded to ``seq_length``; causal attention keeps pads from touchi
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -25,10 +27,12 @@ def collate_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequ
                       is_reference_answer: Sequence[bool] | None = None,
                       ref_logps: Sequence[float] | None = None,
                       ref_prompt_logps: Sequence[float] | None = None,
+                      seq_keys: Sequence[int] | None = None,
                       num_rows: int | None = None) -> dict[str, Tensor]:
     """Build a micro-batch dict of ``[B, S]`` token tensors and ``[B]`` per-sequence tensors.
 
     ``num_rows`` pads the batch with empty rows (group id ``PAD_GROUP``) to a fixed row count.
+    ``seq_keys`` are the sequences' content hashes (:func:`sequence_key`), used by the reference cache.
     """
     n = len(prompts)
     rows = n if num_rows is None else num_rows
@@ -62,12 +66,22 @@ def collate_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequ
     for name, values, dtype in (("rewards", rewards, torch.float32),
                                 ("ref_logps", ref_logps, torch.float32),
                                 ("ref_prompt_logps", ref_prompt_logps, torch.float32),
-                                ("is_reference_answer", is_reference_answer, torch.bool)):
+                                ("is_reference_answer", is_reference_answer, torch.bool),
+                                ("seq_keys", seq_keys, torch.int64)):
         if values is not None:
             t = torch.zeros(rows, dtype=dtype)
             t[:n] = torch.as_tensor(list(values), dtype=dtype)
             batch[name] = t
     return batch
+
+
+def sequence_key(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> int:
+    """A stable signed 63-bit content hash of a tokenized (prompt, response) pair."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(struct.pack(f"<{len(prompt_ids)}q", *prompt_ids))
+    h.update(b"|")
+    h.update(struct.pack(f"<{len(response_ids)}q", *response_ids))
+    return int.from_bytes(h.digest(), "little") >> 1
 
 
 def num_valid_groups(batch: dict[str, Tensor]) -> int:

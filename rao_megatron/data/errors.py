@@ -1,0 +1,70 @@
+"""Data errors that name file, row and field, and the report that counts every dropped row or response."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+def row_label(row: int, *, one_based_line: bool) -> str:
+    """``line 17`` for a JSONL line (1-based), ``row 3 (0-based)`` for a Parquet / `datasets` row."""
+    return f"line {row}" if one_based_line else f"row {row} (0-based)"
+
+
+class DataError(ValueError):
+    """A malformed data row: the message names the file, the row and the field, then what is wrong.
+
+    ``where`` is a :func:`row_label` (``line 17`` / ``row 3 (0-based)``) or ``None`` for file-level errors.
+    """
+
+    def __init__(self, source: str, where: str | None, field_name: str | None, message: str):
+        self.source, self.where, self.field = source, where, field_name
+        parts = [source]
+        if where is not None:
+            parts.append(where)
+        if field_name is not None:
+            parts.append(f"field '{field_name}'")
+        super().__init__(": ".join(parts + [message]))
+
+
+#: human-readable text of each drop reason, in the order the report prints them
+DROP_REASONS: dict[str, str] = {
+    "response_no_rating": "responses dropped: no usable rating (all 'N/A')",
+    "response_overlength": "responses dropped: prompt + response longer than max_length",
+    "response_over_max_responses": "responses dropped: beyond max_responses (kept best, worst, then by reward)",
+    "group_prompt_overlength": "groups dropped: the prompt alone leaves no room for a response token",
+    "group_lost_preferred": "groups dropped: the preferred (first) response of an unscored group was dropped",
+    "group_lost_reference": "groups dropped: the reference answer was dropped",
+    "group_too_few_responses": "groups dropped: fewer than min_responses responses left",
+    "group_tied_rewards": "groups dropped: all rewards equal (no preference pair; drop_tied=True)",
+}
+
+
+@dataclass
+class DataReport:
+    """What became of the rows read: kept, dropped (per reason), truncated. Nothing is dropped uncounted."""
+
+    source: str = "<data>"
+    rows_read: int = 0
+    groups_kept: int = 0
+    responses_kept: int = 0
+    responses_truncated: int = 0
+    tied_groups_kept: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    t0: int | None = None
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        """Count ``count`` items dropped for ``reason`` (a key of :data:`DROP_REASONS`)."""
+        if reason not in DROP_REASONS:
+            raise KeyError(f"unknown drop reason {reason!r}")
+        if count:
+            self.dropped[reason] += count
+
+    def summary(self) -> str:
+        """One line for the totals, then one line per drop reason that occurred."""
+        lines = [f"{self.source}: {self.rows_read} rows read, {self.groups_kept} groups kept with "
+                 f"{self.responses_kept} responses, {self.responses_truncated} responses truncated"]
+        lines += [f"  {DROP_REASONS[r]}: {self.dropped[r]}" for r in DROP_REASONS if self.dropped[r]]
+        if self.tied_groups_kept:
+            lines.append(f"  groups kept with all rewards equal: {self.tied_groups_kept}")
+        return "\n".join(lines)

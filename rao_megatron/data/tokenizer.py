@@ -1,0 +1,102 @@
+"""Tokenizer loading (local directories only) and the tiny byte-level ChatML tokenizer shipped for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+#: the committed tiny tokenizer; regenerate with ``python -m rao_megatron.data.tokenizer``
+TINY_TOKENIZER_DIR = Path(__file__).resolve().parent / "tiny_tokenizer"
+
+TINY_SPECIAL_TOKENS = ("<|pad|>", "<|im_start|>", "<|im_end|>")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# A few frequent English merges so that token boundaries differ from bytes, as with a real BPE
+# (response tokens joined at the token level then differ from re-tokenizing the joined string).
+_TINY_MERGES = (("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("e", "r"), ("Ġ", "a"), ("o", "n"),
+                ("r", "e"), ("Ġ", "s"), ("a", "t"), ("e", "n"), ("Ġ", "i"), ("o", "u"), ("Ġ", "w"),
+                ("i", "s"), ("Ġ", "c"), ("e", "s"), ("in", "g"), ("Ġ", "o"), ("Ġ", "p"))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table used by byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def build_tiny_tokenizer(out_dir: str | os.PathLike[str]) -> Path:
+    """Write the tiny tokenizer (256 byte tokens, a few merges, 3 specials, ChatML) to ``out_dir``.
+
+    Token id ``b`` is byte ``b``, so tests can read ids directly. The files are written by hand (not
+    ``save_pretrained``) so they load with any transformers version and are byte-identical per build.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    b2u = _bytes_to_unicode()
+    vocab = {b2u[b]: b for b in range(256)}
+    for a, b in _TINY_MERGES:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(_TINY_MERGES)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TINY_SPECIAL_TOKENS])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"), pretty=True)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|pad|>",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 4096,
+        "chat_template": CHATML_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def load_tokenizer(path: str | os.PathLike[str] | None) -> PreTrainedTokenizerBase:
+    """Load a tokenizer with a chat template from a local directory; ``None`` gives the tiny tokenizer.
+
+    Never downloads. A tokenizer without a pad token gets ``pad = eos``: pad positions are masked out
+    of every loss, so the id only has to be valid.
+    """
+    directory = TINY_TOKENIZER_DIR if path is None else Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer directory '{directory}' does not exist: pass a local directory holding tokenizer.json "
+            "and tokenizer_config.json (e.g. the HF checkpoint dir; save it there with "
+            "`AutoTokenizer.from_pretrained(name).save_pretrained(dir)` on a machine with hub access)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise OSError(f"cannot load a tokenizer from '{directory}': {e}") from e
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"tokenizer at '{directory}' has no chat template: use the instruct/chat model's tokenizer, or set "
+            "`tokenizer.chat_template = ...` and `save_pretrained` it into that directory")
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer at '{directory}' has neither a pad nor an eos token; set a pad token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+if __name__ == "__main__":
+    print(build_tiny_tokenizer(TINY_TOKENIZER_DIR))
