@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 
 venv: $(STAMP)
 
+# The main job on the embedded tiny default: RAO on the tiny Llama at TP2 over gloo (2 processes).
 demo: $(STAMP)
-	$(PY) -m rao_megatron.demo
+	$(VENV)/bin/torchrun --nproc-per-node 2 --master-port $${MASTER_PORT:-29511} -m rao_megatron.train \
+		--config examples/configs/rao_tiny.yaml parallel.tp=2 train.output_dir=runs/demo
 
 test: $(STAMP)
 	$(PY) -m ruff check rao_megatron tests benchmarks tools examples

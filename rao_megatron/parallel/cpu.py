@@ -13,8 +13,12 @@ nothing else; on a machine with CUDA it does nothing. What it changes, and why:
    replaced; the rest of the process keeps the real module.
 4. Tied embeddings with PP>1: ``LanguageModule.setup_embeddings_and_output_layer`` calls ``.cuda()``
    on the shared weight; during that call only, ``Tensor.cuda`` returns the tensor itself.
-5. ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``; it is replaced
-   by the same scaling without the device assert (fp32 grads are still required).
+5. Gradient clipping: ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``
+   and the fallback l2-norm (``megatron.core.utils.local_multi_tensor_l2_norm``, used when TE and apex
+   are absent) returns its result on cuda. Both are replaced in ``megatron.core.optimizer`` by the same
+   computation without the device (fp32 grads are still required).
+6. The optimizers' constructors choose the fp32 / fp16 path by ``param.type() == 'torch.cuda.FloatTensor'``;
+   while (and only while) they run, ``Tensor.type()`` names a CPU tensor like its CUDA counterpart.
 
 With these, DDP + ``get_megatron_optimizer`` (fp32 Adam, clip_grad > 0, optionally the distributed
 optimizer) run on CPU without a global TorchFunctionMode. ``sequence_parallel`` still needs TE or apex.
@@ -47,6 +51,7 @@ _PATCHED_MODULES = (
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.grad_scaler",
     "megatron.core.rerun_state_machine",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
 )
 
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "as_tensor", "arange", "rand", "randn",
@@ -162,19 +167,77 @@ def _clip_grad_by_total_norm_fp32(parameters: Any, max_norm: float, total_norm: 
         parameters = [parameters]
     attr = "decoupled_grad" if use_decoupled_grad else "grad"
     grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    allowed = (torch.float32, torch.bfloat16) if use_decoupled_grad else (torch.float32,)
     for g in grads:
-        assert g.dtype in (torch.float32, torch.bfloat16) if use_decoupled_grad else g.dtype == torch.float32
+        assert g.dtype in allowed, f"gradient clipping expects {allowed} grads, got {g.dtype}"
     clip_coeff = max_norm / (total_norm + 1.0e-6)
     if clip_coeff < 1.0:
         for g in grads:
             g.detach().mul_(clip_coeff)
 
 
+def _l2_norm(chunk_size: int, noop_flag: Any, tensor_lists: list[list[torch.Tensor]], per_tensor: bool,
+             *args: Any) -> tuple[torch.Tensor, None]:
+    """Drop-in for ``amp_C.multi_tensor_l2norm``: (l2 norm of all tensors as ``[1]`` fp32, None)."""
+    norms = [torch.linalg.vector_norm(t.float()) for tensors in tensor_lists for t in tensors]
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    return total.reshape(1).float(), None
+
+
 def _patch_grad_clipping() -> None:
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    if clip_grads.l2_norm_impl is local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = _l2_norm
     for name in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
         mod = importlib.import_module(name)
         if hasattr(mod, "clip_grad_by_total_norm_fp32"):
             mod.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+
+
+@contextlib.contextmanager
+def _cuda_type_names() -> Iterator[None]:
+    """Within the block, ``tensor.type()`` of a CPU tensor reads as its CUDA counterpart.
+
+    Megatron's optimizers pick the fp32 / fp16 code path by ``param.type() == 'torch.cuda.FloatTensor'``.
+    """
+    saved = torch.Tensor.type
+
+    def type_(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        name = saved(self, *args, **kwargs)
+        if args or kwargs or not isinstance(name, str) or self.device.type != "cpu":
+            return name
+        return name.replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = type_  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = saved  # type: ignore[method-assign]
+
+
+def _patch_optimizer_type_checks() -> None:
+    """Run the optimizers' constructors (where the dtype checks live) under ``_cuda_type_names``."""
+    from megatron.core.optimizer import optimizer
+
+    classes = [optimizer.Float16OptimizerWithFloat16Params]
+    try:
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        classes.append(DistributedOptimizer)
+    except ImportError:
+        pass
+    def under_cuda_type_names(original: Any) -> Any:
+        @functools.wraps(original)
+        def init(self: Any, *args: Any, **kwargs: Any) -> None:
+            with _cuda_type_names():
+                original(self, *args, **kwargs)
+
+        return init
+
+    for cls in classes:
+        cls.__init__ = under_cuda_type_names(cls.__init__)
 
 
 def apply_cpu_patches() -> bool:
@@ -196,6 +259,7 @@ def apply_cpu_patches() -> bool:
             mod.torch = proxy
     _patch_tied_embedding_setup()
     _patch_grad_clipping()
+    _patch_optimizer_type_checks()
     _APPLIED = True
     return True
 

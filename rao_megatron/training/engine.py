@@ -8,12 +8,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
 from rao_megatron.data.collate import PAD_GROUP
-from rao_megatron.models.provider import as_chunks, build_gpt_model, enable_hidden_state_output
+from rao_megatron.models.provider import build_gpt_model, enable_hidden_state_output
 from rao_megatron.models.reward import build_reward_model
 
 
@@ -78,6 +82,28 @@ def forward_backward(chunks: Sequence[torch.nn.Module] | torch.nn.Module, step: 
             forward_step_func=step, data_iterator=iterators, model=list(chunks),
             num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=rows,
             decoder_seq_length=seq_length, forward_only=forward_only)
+
+
+def sequence_logps(chunks: Sequence[torch.nn.Module] | torch.nn.Module, microbatches: Sequence[dict[str, Tensor]],
+                   *, vocab_size: int, settings: Any = None) -> list[tuple[Tensor, Tensor]]:
+    """Forward only: ``(P(x) [B], R(y) [B])`` per micro-batch, on the last pipeline stage (else ``[]``)."""
+    from rao_megatron.training.forward_step import LogprobSettings, LogprobStep
+
+    step = LogprobStep(vocab_size=vocab_size, logprobs=settings or LogprobSettings())
+    outputs = forward_backward(chunks, step, microbatches, forward_only=True)
+    return [(o["prompt_logps"], o["response_logps"]) for o in outputs]
+
+
+def attach_reference_logps(ref_chunks: Sequence[torch.nn.Module], microbatches: Sequence[dict[str, Tensor]],
+                           *, vocab_size: int, settings: Any = None) -> None:
+    """On-the-fly reference: fill ``ref_prompt_logps`` / ``ref_logps`` of each micro-batch from a frozen model.
+
+    Only the last pipeline stage computes the loss, so only there are the entries set.
+    """
+    for mb, (prompt, response) in zip(microbatches, sequence_logps(ref_chunks, microbatches,
+                                                                   vocab_size=vocab_size, settings=settings)):
+        mb["ref_prompt_logps"] = prompt
+        mb["ref_logps"] = response
 
 
 def global_normalizer(spec: Any, microbatches: Sequence[dict[str, Tensor]]) -> float:

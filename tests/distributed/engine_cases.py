@@ -74,8 +74,12 @@ def run_step(tp: int, pp: int, loss: str, hparams: dict, groups_per_mb: int, hf_
     from rao_megatron.losses import get_loss
     from rao_megatron.models.provider import as_chunks
     from rao_megatron.parallel.state import initialize_model_parallel
-    from rao_megatron.training.engine import (build_model_chunks, forward_backward, global_normalizer,
-                                              reduce_step_loss)
+    from rao_megatron.training.engine import (
+        build_model_chunks,
+        forward_backward,
+        global_normalizer,
+        reduce_step_loss,
+    )
     from rao_megatron.training.forward_step import PolicyStep, RewardModelStep
 
     initialize_model_parallel(tp=tp, pp=pp)
@@ -103,3 +107,28 @@ def run_step(tp: int, pp: int, loss: str, hparams: dict, groups_per_mb: int, hf_
     grads = megatron_to_hf_state_dict(bare, hf_cfg)
     if dist.get_rank() == 0:
         torch.save({"loss": value, "grads": grads}, out_path)
+
+
+def run_logps(tp: int, pp: int, hf_cfg: Any, hf_sd: dict[str, torch.Tensor], groups: list[dict[str, Any]],
+              out_path: str) -> None:
+    """Worker: forward-only per-sequence sums, checked against the training forward's, saved by the last stage."""
+    from megatron.core import parallel_state as ps
+
+    from rao_megatron.conversion.state import load_hf_state_dict_into_megatron
+    from rao_megatron.parallel.state import initialize_model_parallel
+    from rao_megatron.training.engine import build_model_chunks, forward_backward, sequence_logps
+    from rao_megatron.training.forward_step import PolicyStep
+
+    initialize_model_parallel(tp=tp, pp=pp)
+    chunks = build_model_chunks(hf_cfg, task="policy")
+    load_hf_state_dict_into_megatron(chunks, hf_sd, hf_cfg)
+    mbs = microbatches(groups, 2)
+    sums = sequence_logps(chunks, mbs, vocab_size=hf_cfg.vocab_size)
+    step = PolicyStep(loss_name="rao", normalizer=float(len(groups)), vocab_size=hf_cfg.vocab_size)
+    outputs = forward_backward(chunks, step, mbs)
+    if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+        for (_, response), out in zip(sums, outputs):
+            torch.testing.assert_close(response, out["policy_logps"], rtol=0, atol=1e-5)
+        if ps.get_data_parallel_rank() == 0:
+            torch.save({"prompt": torch.cat([p for p, _ in sums]), "response": torch.cat([r for _, r in sums])},
+                       out_path)

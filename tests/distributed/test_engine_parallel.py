@@ -53,3 +53,37 @@ def test_microbatch_split_does_not_change_loss_or_grads(tmp_path, model):
     _assert_same(four, one, "rao 4 micro-batches of 1 group vs 1 of 4")
     two_pp = _run(tmp_path, "pp2-4x1", 1, 2, 1, "rao", groups, model, groups_per_mb=1)
     _assert_same(two_pp, one, "rao PP2 with 4 micro-batches vs 1 micro-batch at PP1")
+
+
+def _hf_sums(model, groups):
+    """P(x) and R(y) straight from the HF model's log-softmax: an independent check of the masks."""
+    from transformers import LlamaForCausalLM
+
+    cfg, sd = model
+    hf = LlamaForCausalLM(cfg).float().eval()
+    hf.load_state_dict({k: v for k, v in sd.items() if k != "score.weight"}, strict=False)
+    prompts, responses = [], []
+    for g in groups:
+        for y in g["responses"]:
+            seq = torch.tensor([g["prompt"] + y])
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(seq).logits[0, :-1].double(), dim=-1)
+            per_token = logp.gather(1, seq[0, 1:, None]).squeeze(1)
+            n = len(g["prompt"])
+            prompts.append(per_token[:n - 1].sum())  # tokens 1 .. |x|-1: the prompt after t0
+            responses.append(per_token[n - 1:].sum())  # tokens |x| .. |s|-1: the response
+    return torch.stack(prompts).float(), torch.stack(responses).float()
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
+def test_forward_only_logps_match_training_forward_and_hf(tmp_path, model, tp, pp):
+    from .engine_cases import run_logps
+
+    groups = synthetic_groups(4, 2, seed=3)
+    out = tmp_path / "logps.pt"
+    cfg, sd = model
+    run_distributed(run_logps, tp * pp, tp, pp, cfg, sd, groups, str(out))
+    got = torch.load(out, weights_only=True)
+    hf_prompt, hf_response = _hf_sums(model, groups)
+    torch.testing.assert_close(got["prompt"], hf_prompt, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got["response"], hf_response, rtol=1e-5, atol=1e-4)

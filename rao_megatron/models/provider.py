@@ -1,0 +1,191 @@
+"""Build a Megatron-Core ``GPTModel`` from an HF config; expose final hidden states and the output weight."""
+
+from __future__ import annotations
+
+import importlib.util
+import types
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from rao_megatron.models.hf_config import (
+    hf_config_to_dict,
+    llama3_inv_freq,
+    padded_vocab_size,
+    rope_spec,
+    transformer_config_from_hf,
+)
+
+
+def te_usable() -> bool:
+    """Transformer Engine layers can be used: TE importable and a CUDA device present."""
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def layer_spec(config: TransformerConfig, use_te: bool | None = None) -> Any:
+    """TE layer spec on GPU with TE, else the local (pure PyTorch) spec; same parameters either way."""
+    if use_te is None:
+        use_te = te_usable()
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization=config.normalization)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare ``GPTModel`` inside DDP / Float16Module wrappers."""
+    while not isinstance(model, GPTModel) and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def as_chunks(model_or_chunks: Any) -> list[torch.nn.Module]:
+    """A list of bare model chunks (one per virtual pipeline stage) from a model or a list of them."""
+    chunks = model_or_chunks if isinstance(model_or_chunks, (list, tuple)) else [model_or_chunks]
+    return [unwrap_model(c) for c in chunks]
+
+
+def _stage_flags(pre_process: bool | None, post_process: bool | None,
+                 vp_stage: int | None) -> tuple[bool, bool]:
+    ignore_virtual = vp_stage is None
+    kwargs = {} if ignore_virtual else {"ignore_virtual": False, "vp_stage": vp_stage}
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(**kwargs)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(**kwargs)
+    return pre_process, post_process
+
+
+def build_gpt_model(hf_config: Any, *, config: TransformerConfig | None = None,
+                    pre_process: bool | None = None, post_process: bool | None = None,
+                    vp_stage: int | None = None, use_te: bool | None = None,
+                    params_dtype: torch.dtype = torch.float32,
+                    share_embeddings_and_output_weights: bool | None = None) -> GPTModel:
+    """This rank's ``GPTModel`` (chunk ``vp_stage``) for an HF config; TP/PP/VPP from ``parallel_state``.
+
+    ``config`` overrides the TransformerConfig derived from ``hf_config`` and the current parallel layout.
+    """
+    cfg = hf_config_to_dict(hf_config)
+    tp = ps.get_tensor_model_parallel_world_size()
+    if config is None:
+        config = transformer_config_from_hf(
+            cfg, tp=tp, pp=ps.get_pipeline_model_parallel_world_size(),
+            vpp=ps.get_virtual_pipeline_model_parallel_world_size(), params_dtype=params_dtype)
+    pre_process, post_process = _stage_flags(pre_process, post_process, vp_stage)
+    rope = rope_spec(cfg)
+    tie = bool(cfg.get("tie_word_embeddings", False))
+    if share_embeddings_and_output_weights is not None:
+        tie = share_embeddings_and_output_weights
+    # Newer GPTModel versions read these from the config when it has such fields (NeMo-style configs).
+    for attr, value in (("position_embedding_type", "rope"), ("rotary_base", rope.theta)):
+        if hasattr(config, attr):
+            setattr(config, attr, value)
+    kwargs: dict[str, Any] = {}
+    if vp_stage is not None:
+        kwargs["vp_stage"] = vp_stage
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config, use_te),
+        vocab_size=padded_vocab_size(cfg["vocab_size"], tp),
+        max_sequence_length=cfg.get("max_position_embeddings", 4096),
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=tie,
+        position_embedding_type="rope",
+        rotary_base=rope.theta,
+        # HF "linear" scaling divides positions by factor, as Megatron's interpolation factor does.
+        seq_len_interpolation_factor=rope.factor if rope.rope_type == "linear" else None,
+        **kwargs,
+    )
+    if rope.rope_type == "llama3":
+        # Megatron's built-in llama3 scaling (rope_scaling=True) fixes low/high_freq_factor and
+        # original_max_position_embeddings; compute HF's formula with the checkpoint's values instead.
+        rotary = model.rotary_pos_emb
+        rotary.inv_freq = llama3_inv_freq(rotary.inv_freq, rope)
+    return model
+
+
+class _AllReduceGradOverTP(torch.autograd.Function):
+    """Identity forward; backward all-reduces the gradient over the TP group.
+
+    Megatron's ``copy_to_tensor_model_parallel_region`` all-reduces ``grad.contiguous()``, which is a
+    discarded copy when the gradient is non-contiguous -- as it is here, because ``GPTModel`` returns
+    ``hidden.transpose(0, 1)``. This version reduces a contiguous tensor it returns.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        group = ps.get_tensor_model_parallel_group()
+        if dist.get_world_size(group) == 1:
+            return grad
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+
+def _hidden_state_forward(self: torch.nn.Module, input_: torch.Tensor, weight: torch.Tensor | None = None,
+                          runtime_gather_output: bool | None = None, *, vocab_parallel_consumer: bool,
+                          **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Output layer in hidden mode: hidden[S, B, H] -> (hidden[S, B, H], None), entering the TP region."""
+    sequence_parallel = getattr(self, "sequence_parallel", False)
+    if vocab_parallel_consumer:
+        # What ColumnParallelLinear does to its input: the consumer multiplies by this rank's vocab
+        # shard, so the hidden-state grads of all TP ranks are summed (all-reduce / reduce-scatter).
+        if sequence_parallel:
+            return gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True), None
+        return _AllReduceGradOverTP.apply(input_), None
+    if sequence_parallel:
+        return gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False), None
+    return input_, None
+
+
+def enable_hidden_state_output(model_or_chunks: Any, enabled: bool = True,
+                               vocab_parallel_consumer: bool = True) -> None:
+    """Make the last stage return final hidden states ``[B, S, H]`` (after the final norm) instead of logits.
+
+    The output layer module stays in place (same parameters, state-dict keys and tied-embedding sync);
+    only its forward is swapped. With ``vocab_parallel_consumer`` (default) the hidden states enter the
+    tensor-parallel region as the output layer's input would: with TP>1 their gradient is all-reduced
+    over the TP group in backward (and gathered/reduce-scattered under sequence parallelism), so a
+    consumer that multiplies by ``output_weight(model)`` [V/tp, H] must NOT reduce grad_hidden itself.
+    Pass ``vocab_parallel_consumer=False`` for a consumer that is replicated over TP.
+    """
+    for chunk in as_chunks(model_or_chunks):
+        layer = getattr(chunk, "output_layer", None)
+        if layer is None:
+            continue  # not a post-process chunk
+        if enabled:
+            def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                return _hidden_state_forward(self, *args, vocab_parallel_consumer=vocab_parallel_consumer,
+                                             **kwargs)
+
+            layer.forward = types.MethodType(forward, layer)
+        else:
+            layer.__dict__.pop("forward", None)
+
+
+def hidden_state_output_enabled(model: torch.nn.Module) -> bool:
+    """Whether ``enable_hidden_state_output`` is active on this (post-process) chunk."""
+    layer = getattr(unwrap_model(model), "output_layer", None)
+    return layer is not None and "forward" in layer.__dict__
+
+
+def output_weight(model: torch.nn.Module) -> torch.Tensor:
+    """This rank's output (vocab) weight shard ``[V_pad/tp, H]``: the tied embedding or ``output_layer.weight``."""
+    model = unwrap_model(model)
+    if not model.post_process:
+        raise ValueError("output_weight() is only defined on the last pipeline stage")
+    if model.share_embeddings_and_output_weights:
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight

@@ -1,0 +1,37 @@
+"""Train a policy (RAO or a baseline loss), a reward model, or SFT from one YAML config.
+
+    torchrun --nproc-per-node 2 -m rao_megatron.train --config examples/configs/rao_tiny.yaml parallel.tp=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rao_megatron.cli import run_cli
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rao_megatron.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=False, help="YAML config (see examples/configs/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. loss.beta=0.1 train.lr=5e-7")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its help and exit")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from rao_megatron.config import describe, load_config
+
+    if args.help_config:
+        print(describe())
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    from rao_megatron.training.loop import Trainer
+
+    Trainer(cfg).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, parser()))
