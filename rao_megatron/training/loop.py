@@ -15,7 +15,6 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from rao_megatron.config import Config, ConfigError, dump_config
 from rao_megatron.losses import get_loss
-from rao_megatron.parallel.state import initialize_model_parallel
 from rao_megatron.training import setup
 from rao_megatron.training.engine import (
     attach_reference_logps,
@@ -78,10 +77,7 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        setup.init_distributed(cfg.parallel.backend)
-        setup.check_layout(cfg)
-        initialize_model_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp,
-                                  seed=cfg.train.seed)
+        setup.start(cfg)
         self.output_dir = Path(cfg.train.output_dir)
         self.spec = get_loss(cfg.loss.name)
         self.hparams = cfg.loss.hparams()
@@ -92,18 +88,11 @@ class Trainer:
         self.logprobs = LogprobSettings(impl=cfg.model.logprob_impl, precision=cfg.model.logprob_precision,
                                         chunk_size=cfg.model.logprob_chunk_size)
         task = "rm" if cfg.train.task == "rm" else "policy"
-        dtype = setup.params_dtype(cfg)
-        self.chunks = build_model_chunks(self.hf_config, task=task, params_dtype=dtype)
-        if cfg.model.init_checkpoint:
-            from rao_megatron.training.checkpoint import load_model_checkpoint
-
-            # a reward model starts from the SFT policy: its scalar head is new
-            load_model_checkpoint(self.chunks, cfg.model.init_checkpoint, strict=task != "rm")
-        else:
-            setup.init_random_weights(self.chunks, self.hf_config, cfg.train.seed)
+        self.chunks = setup.build_initial_model(cfg, self.hf_config, task)
         self.ref_chunks = None
         if self.spec.needs_reference and self.train_batcher.reference is None:
-            self.ref_chunks = build_model_chunks(self.hf_config, task="reference", params_dtype=dtype)
+            self.ref_chunks = build_model_chunks(self.hf_config, task="reference",
+                                                 params_dtype=setup.params_dtype(cfg))
             for ref, pol in zip(self.ref_chunks, self.chunks):
                 ref.load_state_dict(pol.module.state_dict())  # the reference is the initial policy
         self.optimizer, self.scheduler = build_optimizer(cfg, self.chunks)

@@ -124,7 +124,8 @@ def load_groups(cfg: Config, tokenizer: Any, spec: Any) -> RunGroups:
         raise ConfigError("config key 'data.train_path' is not set: give a JSONL/Parquet file or a dataset")
     groups, report = _tokenized(cfg.data.train_path, cfg, tokenizer, spec, None)
     if not groups:
-        raise ConfigError(f"no usable groups in {cfg.data.train_path}:\n{report.summary()}")
+        raise ConfigError(f"no usable groups in {cfg.data.train_path}: "
+                          + "; ".join(line.strip() for line in report.summary().splitlines()))
     if spec.needs_rewards and groups[0].rewards is None:
         raise ConfigError(f"loss '{spec.name}' needs rewards, but {cfg.data.train_path} has none "
                           "(annotate it: python -m rao_megatron.annotate)")
@@ -176,3 +177,26 @@ def init_random_weights(chunks: Any, hf_config: Any, seed: int) -> None:
         load_hf_state_dict_into_megatron(chunks, model.state_dict(), hf_config)
     finally:
         torch.random.set_rng_state(state)
+
+
+def build_initial_model(cfg: Config, hf_config: Any, task: str) -> list[torch.nn.Module]:
+    """This rank's model chunks for ``task``, initialised from ``model.init_checkpoint`` or at random."""
+    from rao_megatron.training.checkpoint import load_model_checkpoint
+    from rao_megatron.training.engine import build_model_chunks
+
+    chunks = build_model_chunks(hf_config, task=task, params_dtype=params_dtype(cfg))
+    if cfg.model.init_checkpoint:
+        # a reward model starts from the SFT policy: its scalar head is new
+        load_model_checkpoint(chunks, cfg.model.init_checkpoint, strict=task != "rm")
+    else:
+        init_random_weights(chunks, hf_config, cfg.train.seed)
+    return chunks
+
+
+def start(cfg: Config) -> None:
+    """Process groups and Megatron's TP/PP/DP layout for this run."""
+    from rao_megatron.parallel.state import initialize_model_parallel
+
+    init_distributed(cfg.parallel.backend)
+    check_layout(cfg)
+    initialize_model_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp, seed=cfg.train.seed)

@@ -94,3 +94,12 @@ def test_describe_lists_every_key_with_help():
         section, name = key.split(".")
         assert f"  {name} = " in text
     assert "prefix normaliser" in text
+
+
+def test_yaml_hparam_of_another_loss_is_dropped_when_the_loss_is_switched(tmp_path, capsys):
+    path = write(tmp_path, {"loss": {"name": "rao", "z0": 50.0, "beta": 0.2}})
+    cfg = load_config(path, ["loss.name=dpo"])
+    assert cfg.loss.name == "dpo" and cfg.loss.z0 is None and cfg.loss.beta == 0.2
+    assert "loss.z0" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="'loss.gamma' .*loss 'dpo' does not use it"):
+        load_config(path, ["loss.name=dpo", "loss.gamma=1"])

@@ -1,0 +1,125 @@
+"""Checks run before any conversion starts: architecture, TP/PP layout, and every HF tensor's name and shape.
+
+They read only config.json and the safetensors headers, so a bad input fails in a second with a
+message naming the tensor or setting, before any process is started or any file is written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rao_megatron.conversion.hf_io import ConversionError
+from rao_megatron.conversion.mappings import mappings_for
+from rao_megatron.models.hf_config import model_family, transformer_config_from_hf
+
+TASKS = ("policy", "rm")
+_SEQ_CLS, _CAUSAL = "ForSequenceClassification", "ForCausalLM"
+
+
+def task_of(cfg: dict[str, Any]) -> str:
+    """'rm' for a ``*ForSequenceClassification`` config, else 'policy'."""
+    return "rm" if any(a.endswith(_SEQ_CLS) for a in cfg.get("architectures") or []) else "policy"
+
+
+def config_for_task(cfg: dict[str, Any], task: str) -> dict[str, Any]:
+    """The HF config of the model to write: a one-label ``*ForSequenceClassification`` for 'rm'."""
+    if task not in TASKS:
+        raise ConversionError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
+    model_family(cfg)  # unsupported architecture -> ValueError naming it
+    cfg = {k: v for k, v in cfg.items() if k not in ("quantization_config", "_name_or_path")}
+    archs = list(cfg.get("architectures") or [])
+    if task == "policy" and task_of(cfg) == "rm":
+        raise ConversionError(f"{archs[0]} is a reward model; convert it with --task rm")
+    if task == "rm":
+        base = archs[0] if archs else f"{cfg['model_type'].capitalize()}{_CAUSAL}"
+        cfg["architectures"] = [base.replace(_CAUSAL, _SEQ_CLS)]
+        # the scalar head: one label
+        cfg["id2label"], cfg["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+        cfg.pop("num_labels", None)
+    return cfg
+
+
+def _valid_divisors(*values: int) -> list[int]:
+    return [d for d in range(1, min(values) + 1) if all(v % d == 0 for v in values)]
+
+
+def check_layout(cfg: dict[str, Any], tp: int, pp: int) -> None:
+    """TP must divide the heads and the KV groups, PP the layers; then the full TransformerConfig checks."""
+    heads = cfg["num_attention_heads"]
+    groups = cfg.get("num_key_value_heads") or heads
+    layers = cfg["num_hidden_layers"]
+    if tp < 1 or heads % tp or groups % tp:
+        raise ConversionError(
+            f"--tp {tp}: num_attention_heads={heads} and num_key_value_heads={groups} (query groups) must both "
+            f"be divisible by the tensor-parallel size; valid --tp values: "
+            f"{', '.join(map(str, _valid_divisors(heads, groups)))}")
+    if pp < 1 or layers % pp:
+        raise ConversionError(f"--pp {pp}: num_hidden_layers={layers} is not divisible by the pipeline-parallel "
+                              f"size; valid --pp values: {', '.join(map(str, _valid_divisors(layers)))}")
+    transformer_config_from_hf(cfg, tp=tp, pp=pp)  # activation, rope type, bias layout
+
+
+def expected_hf_shapes(cfg: dict[str, Any], task: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor an HF checkpoint of this config and task holds."""
+    h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or h // heads
+    q, kv = heads * head_dim, (cfg.get("num_key_value_heads") or heads) * head_dim
+    layer = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+             "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+             "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+             "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h), "mlp.down_proj.weight": (h, inter)}
+    if model_family(cfg) == "qwen2":
+        layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+    shapes = {f"model.layers.{i}.{k}": v for i in range(cfg["num_hidden_layers"]) for k, v in layer.items()}
+    shapes.update({"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)})
+    if task == "rm":
+        shapes["score.weight"] = (1, h)
+    elif not cfg.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (vocab, h)
+    return shapes
+
+
+def mapped_hf_names(cfg: dict[str, Any], task: str) -> set[str]:
+    """The HF names the mapping table reads (required ones): must equal ``expected_hf_shapes``' keys."""
+    names: set[str] = set()
+    for m in mappings_for(cfg, reward_head=task == "rm"):
+        if m.optional:
+            continue
+        for i in (range(cfg["num_hidden_layers"]) if "{layer}" in m.megatron else [None]):
+            names.update(m.hf_names(i))
+    return names
+
+
+def _ignorable(name: str, cfg: dict[str, Any], task: str) -> bool:
+    # A tied or reward model has no lm_head parameter (HF ignores a stored copy too); old checkpoints
+    # carry the rotary inv_freq buffer, which is recomputed from the config.
+    return name.endswith("rotary_emb.inv_freq") or (
+        name == "lm_head.weight" and (task == "rm" or cfg.get("tie_word_embeddings", False)))
+
+
+def check_hf_tensors(shapes: dict[str, tuple[int, ...]], cfg: dict[str, Any], task: str,
+                     where: str = "HF checkpoint") -> list[str]:
+    """Raise on a missing, extra or mis-shaped tensor; returns the optional tensors absent (a new RM head)."""
+    expected = expected_hf_shapes(cfg, task)
+    optional = {"score.weight"} if task == "rm" else set()
+    arch = (cfg.get("architectures") or [cfg.get("model_type")])[0]
+    missing = sorted(set(expected) - set(shapes) - optional, key=_natural)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConversionError(f"{where} lacks tensor {missing[0]!r}{more}, needed by {arch}")
+    extra = sorted((n for n in set(shapes) - set(expected) if not _ignorable(n, cfg, task)), key=_natural)
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise ConversionError(f"{where} has unexpected tensor {extra[0]!r}{more}, not part of {arch}")
+    for name, shape in sorted(shapes.items(), key=lambda kv: _natural(kv[0])):
+        if name in expected and tuple(shape) != expected[name]:
+            raise ConversionError(f"tensor {name!r} has shape {tuple(shape)} but the config needs "
+                                  f"{expected[name]} (hidden_size={cfg['hidden_size']}, "
+                                  f"vocab_size={cfg['vocab_size']}, intermediate_size={cfg['intermediate_size']})")
+    return sorted(optional - set(shapes))
+
+
+def _natural(name: str) -> list[Any]:
+    """Sort key putting layer 2 before layer 10."""
+    return [int(p) if p.isdigit() else p for p in name.split(".")]

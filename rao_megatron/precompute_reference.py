@@ -1,0 +1,111 @@
+"""Precompute the reference model's log-probs once, so training holds only the policy.
+
+    torchrun --nproc-per-node 2 -m rao_megatron.precompute_reference --config examples/configs/rao_tiny.yaml
+
+Uses the training config: the same data, tokenizer, length policy and initial model (the reference is
+the initial policy, ``model.init_checkpoint``). Forward only, at any TP/PP/DP. Writes P_ref(x) and
+R_ref(y) per sequence beside the data (``<data>.ref_logps.safetensors``, or ``data.reference_cache``),
+keyed by a hash of the tokenized sequence; training finds and checks it (``train.reference=auto``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from rao_megatron.cli import run_cli
+
+BLOCK = 8  # micro-batches per pipeline schedule call: amortises the pipeline bubble
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rao_megatron.precompute_reference", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="the training YAML config")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides (as for training)")
+    return p
+
+
+def compute_file_cache(cfg, tokenizer, chunks, hf_config, groups, data_path: str, out_path, *, heldout: bool) -> int:
+    """Forward-only pass over ``groups``; rank 0 writes the cache for ``data_path``. Returns sequences written."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from tqdm import tqdm
+
+    from rao_megatron.data import PAD_GROUP, GroupBatcher
+    from rao_megatron.training import setup
+    from rao_megatron.training.engine import sequence_logps
+    from rao_megatron.training.forward_step import LogprobSettings
+    from rao_megatron.training.reference_cache import write_cache
+
+    dp, gpm = ps.get_data_parallel_world_size(), cfg.data.groups_per_micro_batch
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batcher = GroupBatcher(groups, seq_length=cfg.data.max_length, pad_id=pad, groups_per_micro_batch=gpm,
+                           global_batch_groups=dp * gpm, dp_rank=ps.get_data_parallel_rank(), dp_size=dp,
+                           seed=cfg.data.seed)
+    settings = LogprobSettings(impl=cfg.model.logprob_impl, precision=cfg.model.logprob_precision,
+                               chunk_size=cfg.model.logprob_chunk_size)
+    keep_results = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+    keys: list[int] = []
+    prompt: list[float] = []
+    response: list[float] = []
+    microbatches = list(batcher.iter_eval_microbatches())
+    bar = tqdm(total=len(microbatches), disable=not setup.is_rank0(), desc=f"reference log-probs ({data_path})",
+               dynamic_ncols=True)
+    for start in range(0, len(microbatches), BLOCK):
+        block = microbatches[start:start + BLOCK]
+        sums = sequence_logps(chunks, block, vocab_size=hf_config.vocab_size, settings=settings)
+        if keep_results:
+            for mb, (p, r) in zip(block, sums):
+                real = mb["group_ids"] != PAD_GROUP
+                keys += mb["seq_keys"][real].tolist()
+                prompt += p[real].tolist()
+                response += r[real].tolist()
+        bar.update(len(block))
+    bar.close()
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (keys, prompt, response) if keep_results else None)
+    count = 0
+    if setup.is_rank0():
+        all_keys, all_p, all_r = [], [], []
+        for part in parts:
+            if part is not None:
+                all_keys += part[0]
+                all_p += part[1]
+                all_r += part[2]
+        fingerprints = setup.reference_fingerprints(cfg, tokenizer, data_path)
+        extra = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "layout": f"tp{cfg.parallel.tp}-pp{cfg.parallel.pp}-dp{dp}"}
+        write_cache(out_path, all_keys, all_p, all_r, fingerprints, extra)
+        count = len(set(all_keys))
+    dist.barrier()
+    return count
+
+
+def main(args: argparse.Namespace) -> int:
+    from rao_megatron.config import load_config
+    from rao_megatron.losses import get_loss
+    from rao_megatron.training import setup
+
+    cfg = load_config(args.config, args.overrides)
+    setup.start(cfg)
+    spec = get_loss(cfg.loss.name)
+    if not spec.needs_reference:
+        setup.log0(f"note: loss '{spec.name}' does not use reference log-probs; computing them anyway")
+    tokenizer = setup.load_run_tokenizer(cfg)
+    hf_config = setup.resolve_hf_config(cfg, tokenizer)
+    groups = setup.load_groups(cfg, tokenizer, spec)
+    setup.log0(groups.report.summary())
+    chunks = setup.build_initial_model(cfg, hf_config, "reference")
+    files = [(cfg.data.train_path, groups.train + groups.heldout if not cfg.data.eval_path else groups.train, False)]
+    if cfg.data.eval_path:
+        files.append((cfg.data.eval_path, groups.heldout, True))
+    for data_path, file_groups, heldout in files:
+        out = setup.reference_cache_path(cfg, data_path, heldout=heldout)
+        n = compute_file_cache(cfg, tokenizer, chunks, hf_config, file_groups, data_path, out, heldout=heldout)
+        setup.log0(f"wrote {n} reference log-prob pairs to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, parser()))

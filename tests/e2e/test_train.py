@@ -1,0 +1,150 @@
+"""The training workflow through its CLIs on the tiny config: layouts, reference cache, losses, bad data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rao_megatron.parallel.launch import run_distributed
+
+from .train_workers import run_cli_worker
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = str(ROOT / "examples/configs/rao_tiny.yaml")
+DATA = str(ROOT / "examples/data/tiny_groups.jsonl")
+
+
+def losses(out_dir: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+def train(tmp_path: Path, name: str, *overrides: str, world: int = 1, data: str = DATA) -> Path:
+    out = tmp_path / name
+    argv = ["--config", CONFIG, f"train.output_dir={out}", f"data.train_path={data}", *overrides]
+    run_distributed(run_cli_worker, world, "rao_megatron.train", argv)
+    return out
+
+
+def test_rao_tiny_same_losses_at_tp1_tp2_pp2(tmp_path):
+    steps = ["train.steps=4", "train.reference=on_the_fly", "checkpoint.save_at_end=false"]
+    tp1 = losses(train(tmp_path, "tp1", *steps))
+    tp2 = losses(train(tmp_path, "tp2", *steps, "parallel.tp=2", world=2))
+    pp2 = losses(train(tmp_path, "pp2", *steps, "parallel.pp=2", world=2))
+    assert len(tp1) == 4
+    assert tp2 == pytest.approx(tp1, rel=1e-4, abs=1e-6)
+    assert pp2 == pytest.approx(tp1, rel=1e-4, abs=1e-6)
+
+
+def test_cached_reference_equals_on_the_fly(tmp_path):
+    data = tmp_path / "groups.jsonl"
+    data.write_text(Path(DATA).read_text())
+    common = ["train.steps=3", "checkpoint.save_at_end=false", f"data.train_path={data}"]
+    on_the_fly = train(tmp_path, "otf", *common, "train.reference=on_the_fly", data=str(data))
+    run_distributed(run_cli_worker, 2, "rao_megatron.precompute_reference",
+                    ["--config", CONFIG, *common, "parallel.tp=2"])
+    cache = Path(str(data) + ".ref_logps.safetensors")
+    assert cache.is_file()
+    cached = train(tmp_path, "cached", *common, "train.reference=cached", data=str(data))
+    assert losses(cached) == pytest.approx(losses(on_the_fly), rel=1e-5, abs=1e-7)
+    # a cache made for other data is refused, naming the mismatch
+    data.write_text(Path(DATA).read_text().replace("Repeat", "Echo", 1))
+    result = tmp_path / "stale.txt"
+    run_distributed(run_cli_worker, 1, "rao_megatron.train",
+                    ["--config", CONFIG, *common, "train.reference=cached", f"train.output_dir={tmp_path / 's'}"],
+                    str(result))
+    code, err = result.read_text().split("\n", 1)
+    assert code == "2"
+    assert "was computed for other data" in err and str(cache) in err
+
+
+def test_thirty_steps_of_rao_lower_the_loss(tmp_path):
+    out = train(tmp_path, "rao30", "train.steps=30", "train.eval_every=10")
+    values = losses(out)
+    assert len(values) == 30
+    assert sum(values[-5:]) / 5 < 0.7 * sum(values[:5]) / 5
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("lr", "grad_norm", "tokens_per_s", "rewards/best", "rewards/worst", "rewards/gap", "log_z",
+                "residual", "ranking_accuracy", "displacement"):
+        assert key in records[-1], key
+    assert "eval/loss" in records[9] and "eval/loss" in records[29]
+    assert (out / "plots" / "loss.png").is_file()
+    assert (out / "checkpoints" / "final" / "rao_model.json").is_file()
+    assert (out / "tensorboard").is_dir()
+
+
+@pytest.mark.parametrize("loss,extra", [
+    ("dpo", []), ("ipo", []), ("slic", []), ("simpo", []), ("orpo", []), ("rpo", []), ("cal_dpo", []),
+    ("sft", ["train.task=sft"]), ("bt", ["train.task=rm"]),
+    ("grao", [f"data.train_path={ROOT / 'examples/data/tiny_grao.jsonl'}"]),
+])
+def test_every_loss_trains_through_the_cli(tmp_path, loss, extra):
+    data = next((e.split("=", 1)[1] for e in extra if e.startswith("data.train_path=")), DATA)
+    overrides = [e for e in extra if not e.startswith("data.train_path=")]
+    out = train(tmp_path, loss, f"loss.name={loss}", "loss.beta=0.5" if loss not in ("sft", "bt", "orpo") else
+                "train.seed=1", "train.steps=3", "checkpoint.save_at_end=false", *overrides, data=data)
+    values = losses(out)
+    assert len(values) == 3 and all(v == v for v in values)
+
+
+def _fail(tmp_path: Path, *overrides: str, data: str = DATA) -> str:
+    result = tmp_path / "result.txt"
+    run_distributed(run_cli_worker, 1, "rao_megatron.train",
+                    ["--config", CONFIG, f"data.train_path={data}", f"train.output_dir={tmp_path / 'o'}",
+                     "train.steps=1", *overrides], str(result))
+    code, err = result.read_text().split("\n", 1)
+    assert code == "2", err
+    assert "Traceback" not in err
+    return err
+
+
+def test_t0_violation_names_the_row(tmp_path):
+    # A base model's "role: content" template has no fixed first token: a row with a system turn starts
+    # with "s", the others with "u" -- the t0 rule must stop the run and name that row.
+    from rao_megatron.data import TINY_TOKENIZER_DIR
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    for f in Path(TINY_TOKENIZER_DIR).iterdir():
+        (tok_dir / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                            "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+    rows = Path(DATA).read_text().splitlines()[:8]
+    row = json.loads(rows[5])
+    row["messages"] = [{"role": "system", "content": "be brief"}, {"role": "user", "content": row.pop("prompt")}]
+    rows[5] = json.dumps(row)
+    bad = tmp_path / "t0.jsonl"
+    bad.write_text("\n".join(rows) + "\n")
+    err = _fail(tmp_path, f"model.tokenizer={tok_dir}", data=str(bad))
+    assert f"{bad}: line 6" in err and "t0" in err, err
+
+
+def test_overlength_rows_are_counted(tmp_path):
+    # sequences are 35-41 tokens long; at max_length 38 some responses are dropped and reported
+    out = tmp_path / "ol"
+    argv = ["--config", CONFIG, f"train.output_dir={out}", "data.max_length=38", "train.steps=1",
+            "checkpoint.save_at_end=false"]
+    proc = subprocess.run([sys.executable, "-m", "rao_megatron.train", *argv], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = proc.stdout
+    assert "examples/data/tiny_groups.jsonl: 64 rows read" in summary, summary
+    assert "longer than max_length" in summary or "overlength" in summary, summary
+    proc = subprocess.run([sys.executable, "-m", "rao_megatron.train", *argv, "data.overlength=truncate"],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert " 0 responses truncated" not in proc.stdout, proc.stdout
+
+
+def test_bad_config_is_one_line_error(tmp_path):
+    err = _fail(tmp_path, "loss.beta=-1")
+    assert "config key 'loss.beta'" in err and err.count("\n") <= 1
