@@ -129,14 +129,16 @@ class ShardedSafetensorsWriter:
         self._shards: list[list[str]] = []
         self.total_bytes = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor (copied: views of a shared parameter must not share storage in the file)."""
+    def add(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """Queue one tensor, cast to ``dtype`` (always copied: views of one parameter must not share storage)."""
         if name in self._pending or any(name in s for s in self._shards):
             raise ConversionError(f"tensor {name!r} written twice")
-        nbytes = tensor.numel() * tensor.element_size()
+        dtype = dtype or tensor.dtype
+        nbytes = tensor.numel() * torch.empty(0, dtype=dtype).element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+        self._pending[name] = tensor.detach().to("cpu", dtype=dtype, memory_format=torch.contiguous_format,
+                                                 copy=True)
         self._pending_bytes += nbytes
         self.total_bytes += nbytes
 

@@ -1,0 +1,265 @@
+# shellcheck shell=bash
+# Shared by every slurm/*.sbatch script: environment defaults, rendezvous address, NCCL settings,
+# optional pyxis/enroot container, the torchrun launcher, signal forwarding and requeue.
+# Source it, set RAO_DEFAULT_CONFIG (and friends) first, then call rao_setup and rao_launch.
+# Works with Slurm 22.05 and newer; uses no option newer than 22.05.
+#
+# Environment (every variable is optional; "unset" means the config file's value is kept):
+#   RAO_ROOT          repository checkout the job runs in (default: $SLURM_SUBMIT_DIR, i.e. submit
+#                     from the repository root; outside Slurm: the parent of this file's directory)
+#   PYTHON            interpreter (default: python inside a container, else $RAO_ROOT/.venv/bin/python
+#                     when it exists, else python3)
+#   CONFIG            YAML config (relative to RAO_ROOT or absolute; default: the script's own)
+#   EXTRA_ARGS        more `section.key=value` overrides, space-separated, applied last
+#   DEVICE            cuda (default) or cpu: cpu hides GPUs, uses gloo and skips the NCCL settings
+#   NNODES            nodes for torchrun (default: $SLURM_NNODES, else 1)
+#   GPUS_PER_NODE     processes per node (default 8; with DEVICE=cpu: CPU processes per node)
+#   MASTER_ADDR       rendezvous host (default: first host of $SLURM_JOB_NODELIST, else 127.0.0.1)
+#   MASTER_PORT       rendezvous port (default: 20000 + SLURM_JOB_ID % 20000, else 29500)
+#   TP PP VPP         -> parallel.tp / parallel.pp / parallel.vpp
+#   SEQ_PARALLEL      -> parallel.sequence_parallel (true|false)
+#   HF_MODEL          -> model.hf_config (HF directory: architecture and default tokenizer)
+#   TOKENIZER         -> model.tokenizer
+#   INIT_CHECKPOINT   -> model.init_checkpoint (Megatron checkpoint from rao_megatron.convert)
+#   DATA EVAL_DATA    -> data.train_path / data.eval_path
+#   REF_CACHE         -> data.reference_cache (precomputed reference log-probs)
+#   SEQ_LEN           -> data.max_length
+#   MICRO_BATCH       -> data.groups_per_micro_batch (whole prompt groups per micro-batch)
+#   GLOBAL_BATCH      -> train.global_batch_groups
+#   STEPS LR SEED     -> train.steps / train.lr / train.seed
+#   OUTPUT_DIR        -> train.output_dir (metrics.jsonl, checkpoints; a requeued job resumes here)
+#   SAVE_EVERY        -> checkpoint.save_every
+#   LOSS BETA         -> loss.name / loss.beta
+#   CONTAINER_IMAGE   pyxis/enroot image (e.g. nvcr.io#nvidia/pytorch:24.10-py3 or a .sqsh file);
+#                     when set, srun gets --container-image/--container-mounts/--container-workdir
+#   CONTAINER_MOUNTS  extra mounts, comma-separated src:dst[,...]; RAO_ROOT is always mounted at
+#                     the same path (so relative paths and the checkout work inside the container)
+#   REQUEUE_EXIT_CODE exit code meaning "preempted: checkpoint saved, requeue me" (default 75,
+#                     EX_TEMPFAIL from sysexits.h)
+#   MAX_REQUEUES      requeue at most this many times (default 20; compared with SLURM_RESTART_COUNT)
+#   SHUTDOWN_TIMEOUT  seconds torchrun waits for workers to save and exit after a forwarded signal
+#                     before it kills them (default 240; keep it below the --signal lead time, 300)
+#   SRUN_ARGS         more srun options, space-separated (e.g. "--mpi=none")
+#   DRY_RUN           1: print the command that would run and exit 0 (no srun, no training)
+#
+# NCCL / CUDA defaults (DEVICE=cuda only; each is exported only when not already set, so a site's
+# own values win):
+#   CUDA_DEVICE_MAX_CONNECTIONS=1          Megatron needs it to overlap TP communication with compute
+#   TORCH_NCCL_ASYNC_ERROR_HANDLING=1      a failed or hung collective aborts the job instead of hanging
+#   TORCH_NCCL_AVOID_RECORD_STREAMS=1      frees NCCL buffers promptly (less fragmentation)
+#   NCCL_IB_TIMEOUT=22                     InfiniBand retry timeout 4.096 us * 2^22 ~ 17 s (transient
+#                                          fabric hiccups do not kill a multi-node job)
+#   NCCL_DEBUG=WARN                        set INFO to see rings/trees and the chosen transports
+#   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True   less fragmentation with variable shapes
+#   Site-specific ones (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_NET_GDR_LEVEL, ...) are left alone:
+#   export them before sbatch (sbatch passes the submitting environment to the job).
+#
+# Preemption / time limit: the scripts carry `#SBATCH --signal=B:USR1@300` and `#SBATCH --requeue`.
+# Slurm sends SIGUSR1 to this batch shell 300 s before the time limit; the trap forwards it (and
+# SIGTERM) to srun, srun to torchrun on every node, and torchrun (told to handle SIGUSR1 through
+# PET_SIGNALS_TO_HANDLE) to its workers. The training process saves a checkpoint and exits with
+# REQUEUE_EXIT_CODE (75). torchrun itself reports a forwarded signal as a plain failure (exit 1), so
+# the job is requeued when the launcher exits with 75 OR when this shell received the signal and the
+# launcher did not exit 0. `scontrol requeue` puts the job back in the queue under the same job id;
+# the next run resumes from the newest checkpoint in train.output_dir (checkpoint.resume=auto).
+
+# ---------------------------------------------------------------------------------------------------
+rao_log() { printf '[rao %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+rao_die() { rao_log "error: $*"; exit 2; }
+
+# rao_setup: resolve RAO_ROOT, defaults, rendezvous and device settings; cd to RAO_ROOT.
+rao_setup() {
+  if [ -z "${RAO_ROOT:-}" ]; then
+    if [ -n "${SLURM_SUBMIT_DIR:-}" ]; then
+      RAO_ROOT=$SLURM_SUBMIT_DIR
+    else
+      RAO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    fi
+  fi
+  [ -f "$RAO_ROOT/slurm/common.sh" ] \
+    || rao_die "RAO_ROOT=$RAO_ROOT is not the rao_megatron checkout (submit from the repository root or set RAO_ROOT)"
+  cd "$RAO_ROOT"
+  export RAO_ROOT
+  export PYTHONPATH="$RAO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+  DEVICE=${DEVICE:-cuda}
+  case "$DEVICE" in cuda|cpu) ;; *) rao_die "DEVICE must be cuda or cpu, got '$DEVICE'";; esac
+  GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+  NNODES=${NNODES:-${SLURM_NNODES:-1}}
+  CONFIG=${CONFIG:-${RAO_DEFAULT_CONFIG:-}}
+  REQUEUE_EXIT_CODE=${REQUEUE_EXIT_CODE:-75}
+  MAX_REQUEUES=${MAX_REQUEUES:-20}
+  SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-240}
+  if [ -z "${PYTHON:-}" ]; then
+    if [ -n "${CONTAINER_IMAGE:-}" ]; then PYTHON=python
+    elif [ -x "$RAO_ROOT/.venv/bin/python" ]; then PYTHON=$RAO_ROOT/.venv/bin/python
+    else PYTHON=python3
+    fi
+  fi
+
+  if [ -z "${MASTER_ADDR:-}" ]; then
+    if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
+      MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+    else
+      MASTER_ADDR=127.0.0.1
+    fi
+  fi
+  if [ -z "${MASTER_PORT:-}" ]; then
+    if [ -n "${SLURM_JOB_ID:-}" ]; then MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+    else MASTER_PORT=29500
+    fi
+  fi
+  export MASTER_ADDR MASTER_PORT
+
+  if [ "$DEVICE" = cuda ]; then
+    : "${CUDA_DEVICE_MAX_CONNECTIONS:=1}"
+    : "${TORCH_NCCL_ASYNC_ERROR_HANDLING:=1}"
+    : "${TORCH_NCCL_AVOID_RECORD_STREAMS:=1}"
+    : "${NCCL_IB_TIMEOUT:=22}"
+    : "${NCCL_DEBUG:=WARN}"
+    : "${PYTORCH_CUDA_ALLOC_CONF:=expandable_segments:True}"
+    export CUDA_DEVICE_MAX_CONNECTIONS TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_AVOID_RECORD_STREAMS \
+      NCCL_IB_TIMEOUT NCCL_DEBUG PYTORCH_CUDA_ALLOC_CONF
+  else
+    export CUDA_VISIBLE_DEVICES=""
+    : "${OMP_NUM_THREADS:=1}"
+    export OMP_NUM_THREADS
+  fi
+  export TORCHDYNAMO_DISABLE=${TORCHDYNAMO_DISABLE:-1}
+  # torchrun >= 2.6 reads these (older versions ignore them): forward SIGUSR1 to the workers too,
+  # and give them SHUTDOWN_TIMEOUT seconds to checkpoint before SIGKILL.
+  export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT
+  RAO_OVERRIDES=()
+}
+
+# rao_check_config: fail fast (exit 2, before any process is launched) when CONFIG is missing.
+rao_check_config() {
+  [ -n "$CONFIG" ] || rao_die "CONFIG is not set"
+  [ -f "$CONFIG" ] || rao_die "config file not found: $CONFIG (relative paths are read from $RAO_ROOT)"
+}
+
+# rao_override KEY VAR: append `KEY=$VAR` to the overrides when the variable VAR is set and non-empty.
+rao_override() {
+  local key=$1 var=$2
+  if [ -n "${!var:-}" ]; then RAO_OVERRIDES+=("$key=${!var}"); fi
+}
+
+# rao_standard_overrides: the environment variables every training-type script maps to config keys.
+rao_standard_overrides() {
+  rao_override parallel.tp TP
+  rao_override parallel.pp PP
+  rao_override parallel.vpp VPP
+  rao_override parallel.sequence_parallel SEQ_PARALLEL
+  rao_override model.hf_config HF_MODEL
+  rao_override model.tokenizer TOKENIZER
+  rao_override model.init_checkpoint INIT_CHECKPOINT
+  rao_override data.train_path DATA
+  rao_override data.eval_path EVAL_DATA
+  rao_override data.reference_cache REF_CACHE
+  rao_override data.max_length SEQ_LEN
+  rao_override data.groups_per_micro_batch MICRO_BATCH
+  rao_override train.global_batch_groups GLOBAL_BATCH
+  rao_override train.steps STEPS
+  rao_override train.lr LR
+  rao_override train.seed SEED
+  rao_override train.output_dir OUTPUT_DIR
+  rao_override checkpoint.save_every SAVE_EVERY
+  rao_override loss.name LOSS
+  rao_override loss.beta BETA
+  if [ "$DEVICE" = cpu ]; then RAO_OVERRIDES+=("parallel.backend=gloo"); fi
+  local extra=()
+  read -r -a extra <<<"${EXTRA_ARGS:-}"
+  RAO_OVERRIDES+=("${extra[@]}")
+}
+
+# rao_srun_prefix: fills RAO_SRUN with `srun ...` (one task per node, container flags) inside a
+# Slurm allocation; empty outside one (then the command runs directly on this machine).
+rao_srun_prefix() {
+  RAO_SRUN=()
+  [ -n "${SLURM_JOB_ID:-}" ] || return 0
+  RAO_SRUN=(srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1)
+  # Since 22.05 srun no longer inherits --cpus-per-task from sbatch: pass it on explicitly,
+  # otherwise torchrun and all its workers may be confined to one CPU.
+  if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then RAO_SRUN+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
+  if [ -n "${CONTAINER_IMAGE:-}" ]; then
+    RAO_SRUN+=(--container-image="$CONTAINER_IMAGE"
+               --container-mounts="$RAO_ROOT:$RAO_ROOT${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}"
+               --container-workdir="$RAO_ROOT")
+  fi
+  local extra=()
+  read -r -a extra <<<"${SRUN_ARGS:-}"
+  RAO_SRUN+=("${extra[@]}")
+}
+
+# rao_torchrun_cmd MODULE: fills RAO_CMD with the torchrun command for `python -m MODULE --config
+# CONFIG overrides...` on NNODES x GPUS_PER_NODE processes (c10d rendezvous at MASTER_ADDR:PORT).
+rao_torchrun_cmd() {
+  local module=$1
+  RAO_CMD=("$PYTHON" -m torch.distributed.run
+           --nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE"
+           --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"
+           --rdzv-id="${SLURM_JOB_ID:-rao-local}" --max-restarts=0
+           -m "$module" --config "$CONFIG" "${RAO_OVERRIDES[@]}")
+}
+
+# rao_python_cmd MODULE ARGS...: fills RAO_CMD with a single-process `python -m MODULE ARGS...`.
+rao_python_cmd() {
+  local module=$1
+  shift
+  RAO_CMD=("$PYTHON" -m "$module" "$@")
+}
+
+_rao_forward_signal() {
+  RAO_SIGNALLED=$1
+  rao_log "received SIG$1: forwarding it to the training processes (they checkpoint and exit $REQUEUE_EXIT_CODE)"
+  if [ -n "${RAO_CHILD_PID:-}" ]; then kill -s "$1" "$RAO_CHILD_PID" 2>/dev/null || true; fi
+}
+
+# rao_launch: run "${RAO_SRUN[@]}" "${RAO_CMD[@]}" with signal forwarding; requeue the job when it
+# was preempted; exit with the launcher's exit code.
+rao_launch() {
+  rao_srun_prefix
+  local full=("${RAO_SRUN[@]}" "${RAO_CMD[@]}")
+  if [ "${DRY_RUN:-0}" = 1 ]; then
+    printf '%q ' "${full[@]}"
+    printf '\n'
+    exit 0
+  fi
+  rao_log "job ${SLURM_JOB_ID:-local} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-$(hostname)}:" \
+          "$NNODES node(s) x $GPUS_PER_NODE proc(s), DEVICE=$DEVICE, rendezvous $MASTER_ADDR:$MASTER_PORT"
+  rao_log "command: ${full[*]}"
+  RAO_SIGNALLED=""
+  trap '_rao_forward_signal USR1' USR1
+  trap '_rao_forward_signal TERM' TERM
+  # In the background, so that the traps run while it works (bash defers traps during a
+  # foreground command); `wait` returns early on a trapped signal, hence the loop.
+  "${full[@]}" &
+  RAO_CHILD_PID=$!
+  local rc=0
+  while kill -0 "$RAO_CHILD_PID" 2>/dev/null; do
+    wait "$RAO_CHILD_PID" || true
+  done
+  wait "$RAO_CHILD_PID" || rc=$?
+  trap - USR1 TERM
+  rao_log "launcher exited with $rc${RAO_SIGNALLED:+ after SIG$RAO_SIGNALLED}"
+  if [ "$rc" -ne 0 ] && { [ "$rc" -eq "$REQUEUE_EXIT_CODE" ] || [ -n "$RAO_SIGNALLED" ]; }; then
+    rao_requeue "$rc"
+  fi
+  exit "$rc"
+}
+
+# rao_requeue RC: put this job back in the queue (it keeps its id; the log is appended to).
+rao_requeue() {
+  local rc=$1
+  if [ -z "${SLURM_JOB_ID:-}" ]; then
+    rao_log "preempted (exit $rc) outside Slurm: nothing to requeue"
+    return 0
+  fi
+  if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
+    rao_log "preempted (exit $rc) but already requeued ${SLURM_RESTART_COUNT:-0} times (MAX_REQUEUES=$MAX_REQUEUES): giving up"
+    return 0
+  fi
+  rao_log "preempted (exit $rc): scontrol requeue $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID" || rao_log "scontrol requeue failed (is the partition requeue-able?)"
+}
