@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
+
+# Megatron-Core announces each CPU fallback (no Transformer Engine / apex) at import; on a CPU box that
+# is the expected set-up, and the dozen lines bury the tool's own output.
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex|apex).*(not installed|Falling back)")
+warnings.filterwarnings("ignore", message=r".*custom_layers.transformer_engine.*deprecated")
+warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 
 #: exit code for a user error (bad config, data, checkpoint or arguments)
 EXIT_USER_ERROR = 2

@@ -78,7 +78,7 @@ rao_setup() {
   fi
   [ -f "$RAO_ROOT/slurm/common.sh" ] \
     || rao_die "RAO_ROOT=$RAO_ROOT is not the rao_megatron checkout (submit from the repository root or set RAO_ROOT)"
-  cd "$RAO_ROOT"
+  cd "$RAO_ROOT" || rao_die "cannot cd to RAO_ROOT=$RAO_ROOT"
   export RAO_ROOT
   export PYTHONPATH="$RAO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
