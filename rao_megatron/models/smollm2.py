@@ -58,7 +58,7 @@ def extract_smollm2(out_dir: str | os.PathLike, gguf_path: str | os.PathLike | N
         # A GGUF-loaded model refuses save_pretrained (it counts as quantised): move the de-quantised
         # weights into a plain model built from the same config minus the GGUF bits.
         cfg = {k: v for k, v in gguf_model.config.to_dict().items()
-               if k not in ("quantization_config", "_name_or_path", "architectures")}
+               if k not in ("quantization_config", "_name_or_path", "_model_name_or_path", "architectures")}
         config = AutoConfig.for_model(**cfg, architectures=["LlamaForCausalLM"])
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict())
