@@ -16,6 +16,10 @@ warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 
 #: exit code for a user error (bad config, data, checkpoint or arguments)
 EXIT_USER_ERROR = 2
+#: training stopped after too many non-finite steps in a row
+EXIT_NON_FINITE = 3
+#: preempted (SIGTERM/SIGUSR1): a checkpoint was saved; the sbatch scripts requeue the job on this code
+EXIT_PREEMPTED = 75
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:

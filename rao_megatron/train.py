@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rao_megatron.cli import run_cli
+from rao_megatron.cli import EXIT_NON_FINITE, EXIT_PREEMPTED, run_cli
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,9 +27,16 @@ def main(args: argparse.Namespace) -> int:
         print(describe())
         return 0
     cfg = load_config(args.config, args.overrides)
-    from rao_megatron.training.loop import Trainer
+    from rao_megatron.training.loop import NonFiniteError, Preempted, Trainer
 
-    Trainer(cfg).run()
+    try:
+        Trainer(cfg).run()
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_PREEMPTED
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NON_FINITE
     return 0
 
 

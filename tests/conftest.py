@@ -5,15 +5,14 @@ Distributed tests fork their gloo workers, so the children reuse the parent's im
 """
 
 import os
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import megatron.core  # noqa: E402,F401
-
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_CACHE = REPO_ROOT / ".cache" / "smollm2-hf"

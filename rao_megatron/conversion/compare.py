@@ -123,8 +123,9 @@ def _megatron_outputs_worker(checkpoint: str, cfg: dict[str, Any], task: str, id
 
 def megatron_outputs(checkpoint: str | os.PathLike, ids: torch.Tensor, *, tp: int = 1, pp: int = 1) -> torch.Tensor:
     """fp32 logits ``[B, S, V]`` (padding columns dropped), or RM values ``[B, S, 1]``, at layout TP x PP."""
-    from rao_megatron.training.checkpoint import read_checkpoint_meta
+    from rao_megatron.training.checkpoint import read_checkpoint_meta, resolve_checkpoint
 
+    checkpoint = resolve_checkpoint(checkpoint)
     meta = read_checkpoint_meta(checkpoint)
     task = "rm" if meta.get("task") == "rm" else "policy"
     cfg = config_for_task(meta["hf_config"], task)
@@ -161,10 +162,12 @@ def compare_checkpoints(hf_dir: str | os.PathLike, checkpoint: str | os.PathLike
     Token ids: ``ids`` if given, else ``prompts`` (default ``DEFAULT_PROMPTS``) through the tokenizer of
     the HF directory or the checkpoint; without any tokenizer, 4 x 32 seeded random ids.
     """
+    from rao_megatron.training.checkpoint import resolve_checkpoint
+
     lengths = None
     source = "given token ids"
     if ids is None:
-        tokenizer = load_prompt_tokenizer(hf_dir, Path(checkpoint) / "tokenizer")
+        tokenizer = load_prompt_tokenizer(hf_dir, resolve_checkpoint(checkpoint) / "tokenizer")
         if tokenizer is not None:
             ids, lengths = prompt_token_ids(tokenizer, list(prompts or DEFAULT_PROMPTS))
             source = f"{len(ids)} prompts"

@@ -209,9 +209,9 @@ def megatron_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, dty
     The task (policy -> ``*ForCausalLM``, rm -> ``*ForSequenceClassification``) comes from the
     checkpoint's metadata; ``dtype`` auto keeps the stored dtype.
     """
-    from rao_megatron.training.checkpoint import read_checkpoint_meta
+    from rao_megatron.training.checkpoint import read_checkpoint_meta, resolve_checkpoint
 
-    checkpoint = Path(checkpoint).resolve()
+    checkpoint = resolve_checkpoint(checkpoint).resolve()  # also a training run's checkpoints root / latest
     meta = read_checkpoint_meta(checkpoint)
     if "hf_config" not in meta:
         raise ConversionError(f"{checkpoint}: the checkpoint metadata has no hf_config")

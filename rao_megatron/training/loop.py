@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,53 @@ class Trainer:
                 ref.load_state_dict(pol.module.state_dict())  # the reference is the initial policy
         self.optimizer, self.scheduler = build_optimizer(cfg, self.chunks)
         self.step = 0
+        self.skipped_steps = 0
+        self.bad_in_row = 0
+        self.resumed_from = self._resume()
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def _resume(self) -> Path | None:
+        """Restore the newest complete checkpoint (``checkpoint.resume``): auto, none, or a directory."""
+        from rao_megatron.training.checkpoint import (
+            CheckpointError,
+            find_resume_checkpoint,
+            load_training_checkpoint,
+            resolve_checkpoint,
+        )
+
+        mode = self.cfg.checkpoint.resume
+        if mode == "none":
+            return None
+        if mode == "auto":
+            path = find_resume_checkpoint(self.checkpoint_root, warn=setup.log0)
+            if path is None:
+                return None
+        else:
+            path = resolve_checkpoint(mode)
+            if not path.is_dir():
+                raise CheckpointError(f"config key 'checkpoint.resume': checkpoint directory not found: {mode}")
+        state = load_training_checkpoint(path, self.chunks, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_batcher.load_state_dict(state["data"])
+        self.step, self.skipped_steps = int(state["step"]), int(state.get("skipped_steps", 0))
+        setup.log0(f"resumed from {path} at step {self.step}")
+        return path
+
+    def save_checkpoint(self) -> Path:
+        """A training checkpoint of the current step (model, optimizer, scheduler, data position, RNG)."""
+        from rao_megatron.training.checkpoint import save_training_checkpoint
+
+        meta = {"hf_config": self.hf_config.to_dict(), "task": self.cfg.train.task, "step": self.step,
+                "tokenizer": self.cfg.model.tokenizer or setup.model_dir(self.cfg)}
+        state = {"step": self.step, "skipped_steps": self.skipped_steps, "scheduler": self.scheduler.state_dict(),
+                 "data": self.train_batcher.state_dict(), "config": self.cfg.to_dict()}
+        path = save_training_checkpoint(self.checkpoint_root, self.step, self.chunks, self.optimizer, state, meta,
+                                        keep_last=self.cfg.checkpoint.keep_last)
+        self._last_saved = self.step
+        return path
 
     def _reference_caches(self) -> tuple[Any, Any]:
         """The precomputed reference caches (train, held-out) this run uses, or (None, None)."""
@@ -146,7 +195,11 @@ class Trainer:
                                    settings=self.logprobs)
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over ``train.global_batch_groups`` groups; returns its metrics record."""
+        """One optimizer step over ``train.global_batch_groups`` groups; returns its metrics record.
+
+        A non-finite loss or gradient skips the update (counted in ``skipped_steps``); after
+        ``train.max_bad_steps`` in a row the run stops with :class:`NonFiniteError`.
+        """
         start = time.perf_counter()
         microbatches = self.train_batcher.next_step()
         self._prepare(microbatches)
@@ -156,15 +209,32 @@ class Trainer:
         self.optimizer.zero_grad()
         outputs = forward_backward(self.chunks, self._loss_step(normalizer), microbatches)
         loss = reduce_step_loss(outputs)
-        update_ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
         self.step += 1
+        if self.step in _fault_steps():
+            loss = float("nan")
+        finite = math.isfinite(loss) and _grads_finite(self.chunks)
+        record: dict[str, Any] = {"step": self.step}
+        if finite:
+            update_ok, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
+            self.bad_in_row = 0
+            record.update(loss=loss, grad_norm=float(grad_norm) if grad_norm is not None else None,
+                          update_ok=bool(update_ok))
+        else:
+            self.skipped_steps += 1
+            self.bad_in_row += 1
+            record.update(loss=None, grad_norm=None, update_ok=False)
+            setup.log0(f"warning: step {self.step}: non-finite loss or gradient; update skipped "
+                       f"({self.bad_in_row} in a row)")
+            if self.bad_in_row >= self.cfg.train.max_bad_steps:
+                raise NonFiniteError(f"{self.bad_in_row} steps in a row with a non-finite loss or gradient "
+                                     f"(last at step {self.step}); lower train.lr, check the data, or raise "
+                                     "train.max_bad_steps")
         elapsed = time.perf_counter() - start
-        tokens = _count_tokens(microbatches)
-        record = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                  "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                  "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "update_ok": bool(update_ok)}
-        record.update(_gather_step_metrics(outputs))
+        record.update(lr=self.optimizer.param_groups[0]["lr"], tokens_per_s=_count_tokens(microbatches) / elapsed,
+                      step_time_s=elapsed, skipped_steps=self.skipped_steps)
+        if finite:
+            record.update(_gather_step_metrics(outputs))
         return record
 
     @torch.no_grad()
@@ -181,37 +251,54 @@ class Trainer:
         return metrics
 
     def run(self) -> dict[str, Any]:
-        """Train, log, evaluate, save the final model and draw the plots; returns the last record."""
+        """Train, log, evaluate, checkpoint and draw the plots; returns the last record.
+
+        SIGTERM / SIGUSR1 (SLURM preemption) make the run save a checkpoint at the next step boundary and
+        raise :class:`Preempted` (the CLI exits with ``EXIT_PREEMPTED``, which the sbatch scripts requeue on).
+        """
         from tqdm import tqdm
 
         cfg = self.cfg
         rank0 = setup.is_rank0()
         if rank0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
             dump_config(cfg, self.output_dir / "config.yaml")
             setup.log0(self.groups.report.summary())
             if self.groups.heldout_report is not None:
                 setup.log0(self.groups.heldout_report.summary())
             setup.log0(f"{len(self.groups.train)} training groups, {len(self.groups.heldout)} held out; "
                        f"reference log-probs: {self._reference_mode()}")
-        writer = MetricsWriter(self.output_dir, enabled=rank0)
-        bar = tqdm(total=cfg.train.steps, disable=not rank0, desc=f"{cfg.loss.name} training", dynamic_ncols=True)
+        writer = MetricsWriter(self.output_dir, enabled=rank0, resume=self.resumed_from is not None)
+        writer.truncate_after(self.step)  # steps after the checkpoint are recomputed
+        self._last_saved = self.step if self.resumed_from is not None else -1
+        bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not rank0, desc=f"{cfg.loss.name} training",
+                   dynamic_ncols=True)
         record: dict[str, Any] = {}
-        try:
-            while self.step < cfg.train.steps:
-                record = self.train_step()
-                last = self.step == cfg.train.steps
-                if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last:
-                    record.update(self.evaluate())
-                if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(f"step {self.step}: loss is {record['loss']}")
-                writer.write(record)
-                bar.update(1)
-                bar.set_postfix(_postfix(record))
-        finally:
-            bar.close()
-            writer.close()
-        self.save_final()
+        with PreemptionHandler() as preemption:
+            try:
+                while self.step < cfg.train.steps:
+                    record = self.train_step()
+                    last = self.step == cfg.train.steps
+                    if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last:
+                        record.update(self.evaluate())
+                    writer.write(record)
+                    bar.update(1)
+                    bar.set_postfix(_postfix(record))
+                    if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0 and not last:
+                        self.save_checkpoint()
+                    if preemption.requested():
+                        path = self.save_checkpoint() if self._last_saved != self.step else None
+                        if rank0:  # torchrun reports any worker failure as exit 1: leave a marker too
+                            (self.output_dir / PREEMPTED_MARKER).write_text(f"{self.step}\n")
+                        raise Preempted(f"preempted at step {self.step}; checkpoint {path or 'already saved'}; "
+                                        "rerun the same command to resume")
+            finally:
+                bar.close()
+                writer.close()
+        if cfg.checkpoint.save_at_end and self._last_saved != self.step:
+            path = self.save_checkpoint()
+            setup.log0(f"checkpoint: {path}")
         if rank0:
             plots = plot_metrics(writer.path, self.output_dir / "plots")
             setup.log0(f"metrics: {writer.path}\nplots: {', '.join(str(p) for p in plots)}")
@@ -224,18 +311,73 @@ class Trainer:
             return "on the fly (frozen copy of the initial policy)"
         return f"cached ({self.train_batcher.reference.path})"
 
-    def save_final(self) -> None:
-        if not self.cfg.checkpoint.save_at_end:
-            return
-        from rao_megatron.training.checkpoint import save_model_checkpoint
-
-        path = self.output_dir / "checkpoints" / "final"
-        meta = {"hf_config": self.hf_config.to_dict(), "task": self.cfg.train.task, "step": self.step,
-                "tokenizer": self.cfg.model.tokenizer or setup.model_dir(self.cfg)}
-        save_model_checkpoint(self.chunks, path, meta)
-        setup.log0(f"model checkpoint: {path}")
-
 
 def _postfix(record: dict[str, Any]) -> dict[str, str]:
     keys = ("loss", "rewards/gap", "rewards/margin", "accuracy", "tokens_per_s")
-    return {k.split("/")[-1]: f"{record[k]:.4g}" for k in keys if k in record}
+    return {k.split("/")[-1]: f"{record[k]:.4g}" for k in keys if record.get(k) is not None}
+
+
+#: written to ``train.output_dir`` when a run stops for preemption (holds the step); removed on restart
+PREEMPTED_MARKER = "PREEMPTED"
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class Preempted(Exception):
+    """The run was asked to stop (SIGTERM/SIGUSR1) and saved a checkpoint."""
+
+
+def _fault_steps() -> set[int]:
+    """Steps whose loss is made NaN: ``RAO_FAULT_NAN_STEPS=3,4`` (a test aid for the non-finite guard)."""
+    raw = os.environ.get("RAO_FAULT_NAN_STEPS", "")
+    return {int(x) for x in raw.split(",") if x.strip()}
+
+
+def _grads_finite(chunks: list[torch.nn.Module]) -> bool:
+    """Whether every gradient of every rank is finite (one sum per tensor, one all-reduce)."""
+    bad = torch.zeros(1)
+    for chunk in chunks:
+        for p in chunk.parameters():
+            g = getattr(p, "main_grad", None)
+            if g is None:
+                g = p.grad
+            if g is not None and not bool(torch.isfinite(g.sum())):
+                bad.fill_(1.0)
+                break
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
+
+
+class PreemptionHandler:
+    """Turns SIGTERM / SIGUSR1 into a flag checked at step boundaries (agreed on by all ranks)."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._saved: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self._flag = True
+
+    def __enter__(self) -> PreemptionHandler:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._saved.items():
+            signal.signal(sig, old)
+
+    def requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._flag else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

@@ -64,9 +64,12 @@ def load_run_tokenizer(cfg: Config) -> Any:
 
     path = cfg.model.tokenizer or model_dir(cfg)
     if path is None and cfg.model.init_checkpoint:
-        from rao_megatron.training.checkpoint import read_checkpoint_meta
+        from rao_megatron.training.checkpoint import read_checkpoint_meta, resolve_checkpoint
 
         path = read_checkpoint_meta(cfg.model.init_checkpoint).get("tokenizer")
+        inside = resolve_checkpoint(cfg.model.init_checkpoint) / "tokenizer"
+        if (path is None or not Path(path).is_dir()) and inside.is_dir():
+            path = str(inside)  # the converter copies the tokenizer into the checkpoint: survives a move
     return load_tokenizer(path)
 
 

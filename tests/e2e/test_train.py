@@ -75,7 +75,8 @@ def test_thirty_steps_of_rao_lower_the_loss(tmp_path):
         assert key in records[-1], key
     assert "eval/loss" in records[9] and "eval/loss" in records[29]
     assert (out / "plots" / "loss.png").is_file()
-    assert (out / "checkpoints" / "final" / "rao_model.json").is_file()
+    assert (out / "checkpoints" / "step_0000030" / "rao_model.json").is_file()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000030"
     assert (out / "tensorboard").is_dir()
 
 
