@@ -88,8 +88,8 @@ class DataConfig:
     eval_path: str | None = _f(None, "Held-out data; None = split `eval_fraction` off the training data.")
     eval_fraction: float = _f(0.05, "Share of rows held out when eval_path is unset.", ge=0, lt=1)
     max_length: int = _f(512, "Fixed sequence length (prompt + response) in tokens.", gt=1)
-    overlength: str = _f("drop", "Rows longer than max_length: drop them or truncate the response.",
-                         choices=("drop", "truncate"))
+    overlength: str = _f("drop", "Responses longer than max_length: drop them (counted), truncate them, or "
+                                 "stop with an error naming the row.", choices=("drop", "truncate", "error"))
     groups_per_micro_batch: int = _f(1, "Whole prompt groups per micro-batch.", ge=1)
     max_responses: int | None = _f(None, "Keep at most this many responses per group (best and worst first).", ge=2)
     reference_cache: str | None = _f(None, "Precomputed reference log-probs; None = beside the data, if present.")

@@ -16,7 +16,7 @@ import os
 import sys
 
 
-def build_parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     """The argument parser of all three sub-commands."""
     parser = argparse.ArgumentParser(prog="python -m rao_megatron.convert", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,7 +85,7 @@ def cli(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     from rao_megatron.cli import run_cli
 
-    return run_cli(main, build_parser(), argv)
+    return run_cli(main, parser(), argv)
 
 
 if __name__ == "__main__":

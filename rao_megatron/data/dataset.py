@@ -16,7 +16,7 @@ from .collate import collate_sequences, sequence_key
 from .errors import DataError, DataReport
 from .formats import Example
 
-OVERLENGTH = ("drop", "truncate")
+OVERLENGTH = ("drop", "truncate", "error")
 _SENTINEL = "\u2063RESPONSE\u2063"  # invisible separators: cannot collide with template text
 
 
@@ -136,10 +136,15 @@ def _tokenize_group(ex: Example, x: list[int], ys: list[list[int]], *, max_lengt
                     report: DataReport) -> TokenizedGroup | None:
     """Apply the length and response-count policy to one group; None (counted) when it is dropped."""
     room = max_length - len(x)
+    fits = [j for j, y in enumerate(ys) if len(y) <= room]
+    if overlength == "error" and len(fits) < len(ys):
+        j = next(j for j in range(len(ys)) if j not in fits)
+        raise DataError(report.source, ex.where, f"responses[{j}]",
+                        f"prompt + response is {len(x) + len(ys[j])} tokens, longer than max_length={max_length} "
+                        "(data.overlength=error; use drop or truncate to keep going)")
     if room < 1:
         report.drop("group_prompt_overlength")
         return None
-    fits = [j for j, y in enumerate(ys) if len(y) <= room]
     if overlength == "drop":
         report.drop("response_overlength", len(ys) - len(fits))
         kept = fits

@@ -94,8 +94,12 @@ class ReferenceCache:
                                       "or set train.reference=on_the_fly")
         from safetensors import safe_open
 
-        with safe_open(str(self.path), "pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(self.path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:  # safetensors raises its own error type for a damaged header
+            raise ReferenceCacheError(f"reference cache {self.path} is not a readable safetensors file ({e}); "
+                                      "delete it and run rao_megatron.precompute_reference again") from None
         if meta.get("format") != FORMAT:
             raise ReferenceCacheError(f"{self.path} is not a reference log-prob cache (format {meta.get('format')!r})")
         for key, value in expected.items():
