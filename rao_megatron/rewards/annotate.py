@@ -162,7 +162,9 @@ def _finish(paths: dict[str, Path], summary: AnnotateSummary) -> None:
         import pyarrow.parquet as pq
 
         with paths["partial"].open(encoding="utf-8") as f:
-            table = pa.Table.from_pylist([json.loads(line) for line in f if line.strip()])
+            records = [json.loads(line) for line in f if line.strip()]
+        columns = list(dict.fromkeys(k for r in records for k in r))  # from_pylist reads only the first row's keys
+        table = pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in records])
         tmp = out.with_name(out.name + ".tmp")
         pq.write_table(table, tmp)
         os.replace(tmp, out)

@@ -105,7 +105,11 @@ class ModelScorer:
         from transformers import AutoConfig
 
         from rao_megatron.data.tokenizer import load_tokenizer
-        from rao_megatron.training.checkpoint import load_model_checkpoint, read_checkpoint_meta, resolve_checkpoint
+        from rao_megatron.training.checkpoint import (
+            load_model_checkpoint,
+            read_checkpoint_meta,
+            resolve_checkpoint,
+        )
         from rao_megatron.training.engine import build_model_chunks
 
         path = find_model_checkpoint(checkpoint)

@@ -1,0 +1,334 @@
+"""The whole RAO pipeline as one NeMo-Run experiment, locally or on a SLURM cluster.
+
+Steps, in order (each a ``run.Script`` running one of the project's module CLIs):
+
+    convert    python -m rao_megatron.convert hf-to-megatron   HF SFT model -> Megatron (TP x PP)
+    rm         python -m rao_megatron.train train.task=rm       Bradley-Terry reward model (torchrun)
+    annotate   python -m rao_megatron.annotate                  rewards for every response
+    reference  python -m rao_megatron.precompute_reference      reference log-probs, once (torchrun)
+    rao        python -m rao_megatron.train                     the RAO policy run (torchrun)
+    export     python -m rao_megatron.convert megatron-to-hf    the result back to HF
+
+A step that is left out is replaced by its input given on the command line: without ``convert`` the
+runs start from ``--init-checkpoint`` (or the config's), without ``annotate`` the policy data must
+already carry rewards, and so on. Examples::
+
+    # everything on this machine (torchrun), a dry run first
+    python examples/nemo_run/pipeline.py --executor local --dryrun --hf-model /models/llama3-8b-sft \\
+        --rm-data /data/pairs.jsonl --policy-data /data/prompts_responses.jsonl
+    # the RAO step alone on a SLURM cluster over SSH, in an NGC container
+    python examples/nemo_run/pipeline.py --executor slurm --tunnel ssh --ssh-host login.cluster \\
+        --ssh-user me --remote-job-dir /lustre/me/nemo_run --account acct --partition gpu --nodes 2 \\
+        --container-image nvcr.io#nvidia/pytorch:24.10-py3 --steps rao --policy-data /data/ann.jsonl
+    # CPU smoke test: tiny model and data, 2 gloo processes (what the tests run)
+    python examples/nemo_run/pipeline.py --executor local --steps rao --device cpu --gpus-per-node 2 \\
+        --tp 2 --rao-config examples/configs/rao_tiny.yaml --override train.steps=3
+
+The process exits 0 when every step SUCCEEDED, 1 otherwise (2 for a usage error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STEPS: tuple[str, ...] = ("convert", "rm", "annotate", "reference", "rao", "export")
+#: steps launched with torchrun on nodes x gpus_per_node processes; the others are one process
+DISTRIBUTED_STEPS = frozenset({"rm", "reference", "rao"})
+
+
+@dataclass
+class PipelineSettings:
+    """Everything the steps need; paths are made absolute (jobs do not run in the caller's directory)."""
+
+    work_dir: Path = Path("runs/pipeline")
+    steps: tuple[str, ...] = STEPS
+    hf_model: str | None = None
+    init_checkpoint: str | None = None
+    rm_data: str | None = None
+    policy_data: str | None = None
+    rm_config: str = str(REPO_ROOT / "examples/configs/rm_llama3_8b.yaml")
+    rao_config: str = str(REPO_ROOT / "examples/configs/rao_llama3_8b.yaml")
+    reward_fn: str | None = None
+    tp: int | None = None
+    pp: int | None = None
+    nodes: int = 1
+    gpus_per_node: int = 8
+    device: str = "cuda"
+    overrides: list[str] = field(default_factory=list)
+    python: str = "python"
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.steps if s not in STEPS]
+        if unknown:
+            raise ValueError(f"unknown step(s) {', '.join(unknown)}; choose from {', '.join(STEPS)}")
+        if not self.steps:
+            raise ValueError("no steps selected")
+        # keep the pipeline order whatever order they were given in
+        self.steps = tuple(s for s in STEPS if s in self.steps)
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be cuda or cpu, got {self.device!r}")
+        self.work_dir = _abs(self.work_dir)
+        for name in ("hf_model", "init_checkpoint", "rm_data", "policy_data"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, str(_abs(value)))
+        self.rm_config = str(_abs(self.rm_config))
+        self.rao_config = str(_abs(self.rao_config))
+
+    # ---- where each step reads and writes ----
+    @property
+    def megatron_init(self) -> str | None:
+        return str(self.work_dir / "megatron_init") if "convert" in self.steps else self.init_checkpoint
+
+    @property
+    def rm_dir(self) -> Path:
+        return self.work_dir / "rm"
+
+    @property
+    def annotated_data(self) -> str | None:
+        return str(self.work_dir / "annotated.jsonl") if "annotate" in self.steps else self.policy_data
+
+    @property
+    def rao_dir(self) -> Path:
+        return self.work_dir / "rao"
+
+    @property
+    def hf_out(self) -> Path:
+        return self.work_dir / "hf_rao"
+
+
+def _abs(path: str | Path) -> Path:
+    """Absolute path: relative ones are read from the current directory (as any CLI does)."""
+    return Path(path).expanduser().resolve()
+
+
+#: config keys holding paths; the sbatch scripts run from the checkout, NeMo-Run jobs do not
+PATH_KEYS = ("model.hf_config", "model.init_checkpoint", "model.tokenizer", "data.train_path",
+             "data.eval_path", "data.reference_cache")
+
+
+def config_path_overrides(config: str | Path) -> list[str]:
+    """Overrides that make the config's relative paths absolute (read from the repository root)."""
+    import yaml
+
+    data = yaml.safe_load(Path(config).read_text()) or {}
+    out = []
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = (data.get(section) or {}).get(name)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            out.append(f"{key}={REPO_ROOT / value}")
+    return out
+
+
+def _model_overrides(s: PipelineSettings) -> list[str]:
+    out = []
+    if s.hf_model:
+        out.append(f"model.hf_config={s.hf_model}")
+    if s.megatron_init:
+        out.append(f"model.init_checkpoint={s.megatron_init}")
+    if s.tp is not None:
+        out.append(f"parallel.tp={s.tp}")
+    if s.pp is not None:
+        out.append(f"parallel.pp={s.pp}")
+    if s.device == "cpu":
+        out.append("parallel.backend=gloo")
+    return out
+
+
+def step_commands(s: PipelineSettings) -> dict[str, tuple[str, list[str]]]:
+    """``{step: (module, args)}`` for the selected steps: the CLI each step runs."""
+    cmds: dict[str, tuple[str, list[str]]] = {}
+    for step in s.steps:
+        if step == "convert":
+            if not s.hf_model:
+                raise ValueError("step 'convert' needs --hf-model")
+            cmds[step] = ("rao_megatron.convert",
+                          ["hf-to-megatron", "--hf", s.hf_model, "--out", str(s.megatron_init),
+                           "--tp", str(s.tp or 1), "--pp", str(s.pp or 1)])
+        elif step == "rm":
+            if not s.rm_data:
+                raise ValueError("step 'rm' needs --rm-data")
+            cmds[step] = ("rao_megatron.train",
+                          ["--config", s.rm_config, *config_path_overrides(s.rm_config),
+                           "train.task=rm", "loss.name=bt",
+                           f"data.train_path={s.rm_data}", f"train.output_dir={s.rm_dir}",
+                           *_model_overrides(s), *s.overrides])
+        elif step == "annotate":
+            if not s.policy_data:
+                raise ValueError("step 'annotate' needs --policy-data")
+            scorer = (["--reward-fn", s.reward_fn] if s.reward_fn
+                      else ["--reward-model", str(s.rm_dir / "checkpoints")])  # its `latest`
+            cmds[step] = ("rao_megatron.annotate",
+                          ["--data", s.policy_data, "--out", str(s.annotated_data), *scorer])
+        elif step in ("reference", "rao"):
+            data = [f"data.train_path={s.annotated_data}"] if s.annotated_data else []
+            module = "rao_megatron.precompute_reference" if step == "reference" else "rao_megatron.train"
+            cmds[step] = (module, ["--config", s.rao_config, *config_path_overrides(s.rao_config),
+                                   *data, f"train.output_dir={s.rao_dir}",
+                                   *_model_overrides(s), *s.overrides])
+        elif step == "export":
+            cmds[step] = ("rao_megatron.convert",
+                          ["megatron-to-hf", "--megatron", str(s.rao_dir / "checkpoints"),  # its `latest`
+                           "--out", str(s.hf_out)])
+    return cmds
+
+
+def job_env(s: PipelineSettings) -> dict[str, str]:
+    """Environment of every step: the checkout importable, CPU-only settings for --device cpu."""
+    env = {"PYTHONPATH": str(REPO_ROOT), "TORCHDYNAMO_DISABLE": "1"}
+    if s.device == "cpu":
+        env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    else:
+        env.update(CUDA_DEVICE_MAX_CONNECTIONS="1", TORCH_NCCL_ASYNC_ERROR_HANDLING="1")
+    return env
+
+
+@dataclass
+class SlurmOptions:
+    account: str | None = None
+    partition: str | None = None
+    time: str = "04:00:00"
+    cpus_per_task: int | None = None
+    container_image: str | None = None
+    container_mounts: list[str] = field(default_factory=list)
+    tunnel: str = "local"
+    ssh_host: str | None = None
+    ssh_user: str | None = None
+    remote_job_dir: str | None = None
+    job_dir: str | None = None
+
+
+def make_executor(kind: str, s: PipelineSettings, distributed: bool, slurm: SlurmOptions | None = None) -> Any:
+    """A ``run.LocalExecutor`` or ``run.SlurmExecutor`` for one step (torchrun for distributed steps)."""
+    import nemo_run as run
+
+    env = job_env(s)
+    if kind == "local":
+        if distributed:
+            return run.LocalExecutor(ntasks_per_node=s.gpus_per_node, launcher="torchrun", env_vars=env)
+        return run.LocalExecutor(ntasks_per_node=1, env_vars=env)
+    if kind != "slurm":
+        raise ValueError(f"executor must be local or slurm, got {kind!r}")
+    o = slurm or SlurmOptions()
+    if o.tunnel == "ssh":
+        if not (o.ssh_host and o.ssh_user and o.remote_job_dir):
+            raise ValueError("--tunnel ssh needs --ssh-host, --ssh-user and --remote-job-dir")
+        tunnel: Any = run.SSHTunnel(host=o.ssh_host, user=o.ssh_user, job_dir=o.remote_job_dir)
+    else:
+        tunnel = run.LocalTunnel(job_dir=o.job_dir or os.path.join(run.config.get_nemorun_home(), "experiments"))
+    mounts = list(o.container_mounts)
+    if o.container_image:
+        mounts.append(f"{REPO_ROOT}:{REPO_ROOT}")
+    gpus = s.gpus_per_node if (distributed and s.device == "cuda") else None
+    ex = run.SlurmExecutor(
+        account=o.account or "", partition=o.partition, time=o.time,
+        nodes=s.nodes if distributed else 1, ntasks_per_node=1, cpus_per_task=o.cpus_per_task,
+        gpus_per_node=gpus, container_image=o.container_image, container_mounts=mounts,
+        tunnel=tunnel, packager=run.Packager(), env_vars=env)
+    if distributed:
+        ex.launcher = "torchrun"
+        ex.torchrun_nproc_per_node = s.gpus_per_node
+    return ex
+
+
+def build_experiment(s: PipelineSettings, executor: str, slurm: SlurmOptions | None = None,
+                     name: str = "rao-pipeline") -> Any:
+    """The ``run.Experiment`` with one task per selected step (run it inside ``with exp:``)."""
+    import nemo_run as run
+
+    exp = run.Experiment(name, log_level="WARN")
+    with exp:
+        for step, (module, args) in step_commands(s).items():
+            script = run.Script(path=module, args=args, m=True, entrypoint="python")
+            exp.add(script, executor=make_executor(executor, s, step in DISTRIBUTED_STEPS, slurm), name=step)
+    return exp
+
+
+def run_experiment(exp: Any, dryrun: bool = False) -> dict[str, str]:
+    """Dry-run (print the scripts) or run the steps one after the other; ``{step: final state}``."""
+    with exp:
+        if dryrun:
+            exp.dryrun()
+            return {job.id: "DRYRUN" for job in exp.jobs}
+        exp.run(sequential=True, detach=False, tail_logs=False)
+    # run() waited for every job (detach=False), so each job's state is final
+    return {job.id: getattr(job.state, "name", str(job.state)) for job in exp.jobs}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python examples/nemo_run/pipeline.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--executor", choices=("local", "slurm"), default="local")
+    p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
+    p.add_argument("--dryrun", action="store_true", help="print each step's script and submit nothing")
+    p.add_argument("--name", default="rao-pipeline", help="experiment name")
+    g = p.add_argument_group("model, data and parallelism")
+    g.add_argument("--work-dir", default="runs/pipeline", help="every step's outputs go here")
+    g.add_argument("--hf-model", help="HF directory of the SFT model (architecture, tokenizer, weights)")
+    g.add_argument("--init-checkpoint", help="Megatron checkpoint to start from when 'convert' is not run")
+    g.add_argument("--rm-data", help="preference pairs for the reward model")
+    g.add_argument("--policy-data", help="prompts with responses: annotated by 'annotate', else used as is")
+    g.add_argument("--reward-fn", help="module:function rule-based reward instead of the trained RM")
+    g.add_argument("--rm-config", default=PipelineSettings.rm_config)
+    g.add_argument("--rao-config", default=PipelineSettings.rao_config)
+    g.add_argument("--tp", type=int)
+    g.add_argument("--pp", type=int)
+    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--gpus-per-node", type=int, default=8, help="processes per node (CPU processes with --device cpu)")
+    g.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    g.add_argument("--override", action="append", default=[], metavar="section.key=value",
+                   help="config override for the rm, reference and rao steps (repeatable)")
+    g = p.add_argument_group("SLURM executor")
+    g.add_argument("--account")
+    g.add_argument("--partition")
+    g.add_argument("--time", default="04:00:00")
+    g.add_argument("--cpus-per-task", type=int)
+    g.add_argument("--container-image", help="pyxis/enroot image; none = run on the host")
+    g.add_argument("--container-mounts", default="", help="comma-separated src:dst (the checkout is added)")
+    g.add_argument("--tunnel", choices=("local", "ssh"), default="local",
+                   help="local: submit with this machine's sbatch; ssh: through a login node")
+    g.add_argument("--ssh-host")
+    g.add_argument("--ssh-user")
+    g.add_argument("--remote-job-dir")
+    g.add_argument("--job-dir", help="LocalTunnel job directory (default $NEMORUN_HOME/experiments)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = PipelineSettings(
+            work_dir=Path(args.work_dir), steps=tuple(x.strip() for x in args.steps.split(",") if x.strip()),
+            hf_model=args.hf_model, init_checkpoint=args.init_checkpoint, rm_data=args.rm_data,
+            policy_data=args.policy_data, rm_config=args.rm_config, rao_config=args.rao_config,
+            reward_fn=args.reward_fn, tp=args.tp, pp=args.pp, nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node, device=args.device, overrides=list(args.override))
+        slurm = SlurmOptions(
+            account=args.account, partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task,
+            container_image=args.container_image,
+            container_mounts=[m for m in args.container_mounts.split(",") if m],
+            tunnel=args.tunnel, ssh_host=args.ssh_host, ssh_user=args.ssh_user,
+            remote_job_dir=args.remote_job_dir, job_dir=args.job_dir)
+        exp = build_experiment(settings, args.executor, slurm, name=args.name)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    states = run_experiment(exp, dryrun=args.dryrun)
+    for step, state in states.items():
+        print(f"{step}: {state}")
+    ok = all(state in ("SUCCEEDED", "DRYRUN") for state in states.values())
+    return 0 if ok else 1
+
+
+__all__ = ["STEPS", "PipelineSettings", "SlurmOptions", "build_experiment", "main",
+           "make_executor", "run_experiment", "step_commands"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""examples/nemo_run/pipeline.py: the experiment's steps, a dry run of the whole pipeline on both
+executors, and the RAO step for real through LocalExecutor (torchrun, 2 gloo processes).
+(The SlurmExecutor run is in test_slurm.py, beside the cluster it needs.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tests.e2e import REPO, job_env, read_metrics, require_nemo_run
+
+STEPS = 3
+
+
+def _pipeline() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("rao_nemo_pipeline", REPO / "examples/nemo_run/pipeline.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_step_commands_chain_outputs_to_inputs(tmp_path: Path) -> None:
+    p = _pipeline()
+    s = p.PipelineSettings(work_dir=tmp_path, hf_model=str(tmp_path / "hf"), rm_data=str(tmp_path / "pairs.jsonl"),
+                           policy_data=str(tmp_path / "resp.jsonl"), tp=2, pp=1)
+    cmds = s and p.step_commands(s)
+    assert list(cmds) == list(p.STEPS)
+    assert cmds["convert"] == ("rao_megatron.convert", ["hf-to-megatron", "--hf", str(tmp_path / "hf"), "--out",
+                                                        str(tmp_path / "megatron_init"), "--tp", "2", "--pp", "1"])
+    module, rm = cmds["rm"]
+    assert module == "rao_megatron.train" and {"train.task=rm", "loss.name=bt",
+                                               f"model.init_checkpoint={tmp_path / 'megatron_init'}"} <= set(rm)
+    assert cmds["annotate"][1][-2:] == ["--reward-model", str(tmp_path / "rm/checkpoints")]
+    for step in ("reference", "rao"):
+        assert f"data.train_path={tmp_path / 'annotated.jsonl'}" in cmds[step][1]
+    assert cmds["reference"][0] == "rao_megatron.precompute_reference"
+    assert cmds["export"][1][:3] == ["megatron-to-hf", "--megatron", str(tmp_path / "rao/checkpoints")]
+
+
+def test_steps_subset_uses_given_inputs_and_rejects_unknown(tmp_path: Path) -> None:
+    p = _pipeline()
+    s = p.PipelineSettings(work_dir=tmp_path, steps=("rao",), rao_config=str(REPO / "examples/configs/rao_tiny.yaml"),
+                           device="cpu", tp=2)
+    (module, args), = p.step_commands(s).values()
+    # the config's relative data path is made absolute: NeMo-Run jobs do not run in the checkout
+    assert f"data.train_path={REPO / 'examples/data/tiny_groups.jsonl'}" in args
+    assert "parallel.backend=gloo" in args and not any(a.startswith("model.init_checkpoint") for a in args)
+    with pytest.raises(ValueError, match="unknown step"):
+        p.PipelineSettings(steps=("rao", "dance"))
+    with pytest.raises(ValueError, match="needs --hf-model"):
+        p.step_commands(p.PipelineSettings(steps=("convert",)))
+
+
+def _cli(*args: str, home: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "examples/nemo_run/pipeline.py", *args], cwd=REPO,
+                          env=job_env(NEMORUN_HOME=str(home), COLUMNS="400"), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("executor", ["local", "slurm"])
+def test_dryrun_whole_pipeline(executor: str, tmp_path: Path) -> None:
+    require_nemo_run()
+    p = _cli("--executor", executor, "--dryrun", "--work-dir", str(tmp_path / "w"), "--hf-model", str(tmp_path),
+             "--rm-data", "examples/data/tiny_groups.jsonl", "--policy-data", "examples/data/tiny_groups.jsonl",
+             "--tp", "2", "--account", "ci", home=tmp_path / "home")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for step in ("convert", "rm", "annotate", "reference", "rao", "export"):
+        assert f"{step}: DRYRUN" in p.stdout
+    text = " ".join((p.stdout + p.stderr).split())
+    for module in ("rao_megatron.convert", "rao_megatron.annotate", "rao_megatron.precompute_reference",
+                   "rao_megatron.train"):
+        assert module in text
+    assert "torchrun" in text
+    if executor == "slurm":
+        assert "#SBATCH" in text
+    assert not (tmp_path / "w").exists()  # nothing ran
+
+
+def test_cli_usage_error_exits_2(tmp_path: Path) -> None:
+    require_nemo_run()
+    p = _cli("--steps", "convert", "--dryrun", home=tmp_path)
+    assert p.returncode == 2 and "needs --hf-model" in p.stderr
+
+
+@pytest.mark.slow
+def test_rao_step_through_local_executor(tmp_path: Path) -> None:
+    require_nemo_run()
+    work = tmp_path / "work"
+    p = _cli("--executor", "local", "--steps", "rao", "--work-dir", str(work),
+             "--rao-config", "examples/configs/rao_tiny.yaml", "--tp", "2", "--device", "cpu", "--gpus-per-node", "2",
+             "--override", f"train.steps={STEPS}", "--override", "train.eval_every=0", home=tmp_path / "home",
+             timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "rao: SUCCEEDED" in p.stdout
+    records = read_metrics(work / "rao" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    latest = (work / "rao" / "checkpoints" / "latest").read_text().strip()
+    assert (work / "rao" / "checkpoints" / latest).is_dir()
