@@ -92,6 +92,9 @@ class DataConfig:
                                  "stop with an error naming the row.", choices=("drop", "truncate", "error"))
     groups_per_micro_batch: int = _f(1, "Whole prompt groups per micro-batch.", ge=1)
     max_responses: int | None = _f(None, "Keep at most this many responses per group (best and worst first).", ge=2)
+    ultrafeedback_rating: str = _f("overall", "Raw UltraFeedback rows: the reward is completions[].overall_score, "
+                                   "or the mean of the fine-grained annotation ratings (N/A skipped).",
+                                   choices=("overall", "fine_grained"))
     reference_cache: str | None = _f(None, "Precomputed reference log-probs; None = beside the data, if present.")
     seed: int = _f(1234, "Shuffle seed.")
 
@@ -290,8 +293,9 @@ def validate(cfg: Config, where: str = "", cli_keys: frozenset[str] = frozenset(
         raise ConfigError(f"config key 'loss.name'{where}: 'bt' trains a reward model; set train.task=rm")
     if cfg.train.min_lr > cfg.train.lr:
         raise ConfigError(f"config key 'train.min_lr'{where} ({cfg.train.min_lr}) must be <= train.lr ({cfg.train.lr})")
-    if cfg.model.hf_config is None and cfg.model.preset is None:
-        raise ConfigError(f"config key 'model.hf_config'{where}: set it or model.preset")
+    if cfg.model.hf_config is None and cfg.model.preset is None and cfg.model.init_checkpoint is None:
+        # a converted checkpoint records its HF architecture (rao_model.json); otherwise one is needed
+        raise ConfigError(f"config key 'model.hf_config'{where}: set it, model.preset or model.init_checkpoint")
     return cfg
 
 

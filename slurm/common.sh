@@ -57,10 +57,15 @@
 # Preemption / time limit: the scripts carry `#SBATCH --signal=B:USR1@300` and `#SBATCH --requeue`.
 # Slurm sends SIGUSR1 to this batch shell 300 s before the time limit; the trap forwards it (and
 # SIGTERM) to srun, srun to torchrun on every node, and torchrun (told to handle SIGUSR1 through
-# PET_SIGNALS_TO_HANDLE) to its workers. The training process saves a checkpoint and exits with
-# REQUEUE_EXIT_CODE (75). torchrun itself reports a forwarded signal as a plain failure (exit 1), so
-# the job is requeued when the launcher exits with 75 OR when this shell received the signal and the
-# launcher did not exit 0. `scontrol requeue` puts the job back in the queue under the same job id;
+# PET_SIGNALS_TO_HANDLE) to its workers. The training process saves a checkpoint, writes the marker
+# file $OUTPUT_DIR/PREEMPTED and exits with REQUEUE_EXIT_CODE (75). torchrun reports any worker exit
+# as a plain failure (exit 1), so the job is requeued when the launcher did not exit 0 and
+#   - it exited with REQUEUE_EXIT_CODE (a launcher that passes the code through), or
+#   - the run directory holds the PREEMPTED marker (the run directory is OUTPUT_DIR, or the last
+#     train.output_dir=... in EXTRA_ARGS; a stale marker is removed before the launch), or
+#   - this shell received USR1/TERM (the workers may have been killed before writing the marker;
+#     the requeued run then resumes from the last periodic checkpoint).
+# `scontrol requeue` puts the job back in the queue under the same job id (the log is appended to);
 # the next run resumes from the newest checkpoint in train.output_dir (checkpoint.resume=auto).
 
 # ---------------------------------------------------------------------------------------------------
@@ -229,6 +234,11 @@ rao_launch() {
   rao_log "job ${SLURM_JOB_ID:-local} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-$(hostname)}:" \
           "$NNODES node(s) x $GPUS_PER_NODE proc(s), DEVICE=$DEVICE, rendezvous $MASTER_ADDR:$MASTER_PORT"
   rao_log "command: ${full[*]}"
+  local marker=""
+  if [ -n "$(rao_run_dir)" ]; then
+    marker=$(rao_run_dir)/PREEMPTED
+    rm -f "$marker"  # a stale marker must not make a failure look like a preemption
+  fi
   RAO_SIGNALLED=""
   trap '_rao_forward_signal USR1' USR1
   trap '_rao_forward_signal TERM' TERM
@@ -243,23 +253,38 @@ rao_launch() {
   wait "$RAO_CHILD_PID" || rc=$?
   trap - USR1 TERM
   rao_log "launcher exited with $rc${RAO_SIGNALLED:+ after SIG$RAO_SIGNALLED}"
-  if [ "$rc" -ne 0 ] && { [ "$rc" -eq "$REQUEUE_EXIT_CODE" ] || [ -n "$RAO_SIGNALLED" ]; }; then
-    rao_requeue "$rc"
+  local reason=""
+  if [ "$rc" -ne 0 ]; then
+    if [ "$rc" -eq "$REQUEUE_EXIT_CODE" ]; then reason="exit $rc"
+    elif [ -n "$marker" ] && [ -f "$marker" ]; then reason="exit $rc, $marker at step $(head -c 32 "$marker")"
+    elif [ -n "$RAO_SIGNALLED" ]; then reason="exit $rc after SIG$RAO_SIGNALLED, no PREEMPTED marker"
+    fi
   fi
+  if [ -n "$reason" ]; then rao_requeue "$reason"; fi
   exit "$rc"
 }
 
-# rao_requeue RC: put this job back in the queue (it keeps its id; the log is appended to).
+# rao_run_dir: prints the run directory (train.output_dir) when the environment sets it: the last
+# train.output_dir=... override (OUTPUT_DIR or EXTRA_ARGS); prints nothing when only the config does.
+rao_run_dir() {
+  local o dir=""
+  for o in "${RAO_OVERRIDES[@]}"; do
+    case "$o" in train.output_dir=*) dir=${o#train.output_dir=} ;; esac
+  done
+  printf '%s' "$dir"
+}
+
+# rao_requeue REASON: put this job back in the queue (it keeps its id; the log is appended to).
 rao_requeue() {
-  local rc=$1
+  local reason=$1
   if [ -z "${SLURM_JOB_ID:-}" ]; then
-    rao_log "preempted (exit $rc) outside Slurm: nothing to requeue"
+    rao_log "preempted ($reason) outside Slurm: nothing to requeue"
     return 0
   fi
   if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
-    rao_log "preempted (exit $rc) but already requeued ${SLURM_RESTART_COUNT:-0} times (MAX_REQUEUES=$MAX_REQUEUES): giving up"
+    rao_log "preempted ($reason) but already requeued ${SLURM_RESTART_COUNT:-0} times (MAX_REQUEUES=$MAX_REQUEUES): giving up"
     return 0
   fi
-  rao_log "preempted (exit $rc): scontrol requeue $SLURM_JOB_ID"
+  rao_log "preempted ($reason): scontrol requeue $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID" || rao_log "scontrol requeue failed (is the partition requeue-able?)"
 }

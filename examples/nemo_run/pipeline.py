@@ -18,8 +18,10 @@ already carry rewards, and so on. Examples::
         --rm-data /data/pairs.jsonl --policy-data /data/prompts_responses.jsonl
     # the RAO step alone on a SLURM cluster over SSH, in an NGC container
     python examples/nemo_run/pipeline.py --executor slurm --tunnel ssh --ssh-host login.cluster \\
-        --ssh-user me --remote-job-dir /lustre/me/nemo_run --account acct --partition gpu --nodes 2 \\
-        --container-image nvcr.io#nvidia/pytorch:24.10-py3 --steps rao --policy-data /data/ann.jsonl
+        --ssh-user me --remote-job-dir /lustre/me/nemo_run --repo-dir /lustre/me/rao_megatron \\
+        --account acct --partition gpu --nodes 2 \\
+        --container-image nvcr.io#nvidia/pytorch:24.10-py3 --steps rao --hf-model /models/llama3-8b-sft \\
+        --init-checkpoint /ckpt/llama3-8b-sft-tp2 --policy-data /data/ann.jsonl
     # CPU smoke test: tiny model and data, 2 gloo processes (what the tests run)
     python examples/nemo_run/pipeline.py --executor local --steps rao --device cpu --gpus-per-node 2 \\
         --tp 2 --rao-config examples/configs/rao_tiny.yaml --override train.steps=3
@@ -61,7 +63,9 @@ class PipelineSettings:
     gpus_per_node: int = 8
     device: str = "cuda"
     overrides: list[str] = field(default_factory=list)
-    python: str = "python"
+    #: this checkout as the jobs see it (``--repo-dir``); None: the same path as here. With an SSH tunnel
+    #: the cluster's copy usually lives elsewhere: configs and the PYTHONPATH are rewritten to it
+    repo_dir: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.steps if s not in STEPS]
@@ -80,6 +84,16 @@ class PipelineSettings:
                 setattr(self, name, str(_abs(value)))
         self.rm_config = str(_abs(self.rm_config))
         self.rao_config = str(_abs(self.rao_config))
+
+    @property
+    def job_root(self) -> Path:
+        """The checkout's path inside the jobs."""
+        return Path(self.repo_dir) if self.repo_dir else REPO_ROOT
+
+    def job_path(self, path: str | Path) -> str:
+        """``path`` as the jobs see it: files inside this checkout are moved to :attr:`job_root`."""
+        p = Path(path)
+        return str(self.job_root / p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p)
 
     # ---- where each step reads and writes ----
     @property
@@ -113,8 +127,8 @@ PATH_KEYS = ("model.hf_config", "model.init_checkpoint", "model.tokenizer", "dat
              "data.eval_path", "data.reference_cache")
 
 
-def config_path_overrides(config: str | Path) -> list[str]:
-    """Overrides that make the config's relative paths absolute (read from the repository root)."""
+def config_path_overrides(config: str | Path, root: Path = REPO_ROOT) -> list[str]:
+    """Overrides that make the config's relative paths absolute (relative to the checkout ``root``)."""
     import yaml
 
     data = yaml.safe_load(Path(config).read_text()) or {}
@@ -123,7 +137,7 @@ def config_path_overrides(config: str | Path) -> list[str]:
         section, name = key.split(".")
         value = (data.get(section) or {}).get(name)
         if isinstance(value, str) and value and not Path(value).is_absolute():
-            out.append(f"{key}={REPO_ROOT / value}")
+            out.append(f"{key}={root / value}")
     return out
 
 
@@ -156,7 +170,7 @@ def step_commands(s: PipelineSettings) -> dict[str, tuple[str, list[str]]]:
             if not s.rm_data:
                 raise ValueError("step 'rm' needs --rm-data")
             cmds[step] = ("rao_megatron.train",
-                          ["--config", s.rm_config, *config_path_overrides(s.rm_config),
+                          ["--config", s.job_path(s.rm_config), *config_path_overrides(s.rm_config, s.job_root),
                            "train.task=rm", "loss.name=bt",
                            f"data.train_path={s.rm_data}", f"train.output_dir={s.rm_dir}",
                            *_model_overrides(s), *s.overrides])
@@ -170,7 +184,8 @@ def step_commands(s: PipelineSettings) -> dict[str, tuple[str, list[str]]]:
         elif step in ("reference", "rao"):
             data = [f"data.train_path={s.annotated_data}"] if s.annotated_data else []
             module = "rao_megatron.precompute_reference" if step == "reference" else "rao_megatron.train"
-            cmds[step] = (module, ["--config", s.rao_config, *config_path_overrides(s.rao_config),
+            cmds[step] = (module, ["--config", s.job_path(s.rao_config),
+                                   *config_path_overrides(s.rao_config, s.job_root),
                                    *data, f"train.output_dir={s.rao_dir}",
                                    *_model_overrides(s), *s.overrides])
         elif step == "export":
@@ -182,7 +197,7 @@ def step_commands(s: PipelineSettings) -> dict[str, tuple[str, list[str]]]:
 
 def job_env(s: PipelineSettings) -> dict[str, str]:
     """Environment of every step: the checkout importable, CPU-only settings for --device cpu."""
-    env = {"PYTHONPATH": str(REPO_ROOT), "TORCHDYNAMO_DISABLE": "1"}
+    env = {"PYTHONPATH": str(s.job_root), "TORCHDYNAMO_DISABLE": "1"}
     if s.device == "cpu":
         env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     else:
@@ -225,7 +240,7 @@ def make_executor(kind: str, s: PipelineSettings, distributed: bool, slurm: Slur
         tunnel = run.LocalTunnel(job_dir=o.job_dir or os.path.join(run.config.get_nemorun_home(), "experiments"))
     mounts = list(o.container_mounts)
     if o.container_image:
-        mounts.append(f"{REPO_ROOT}:{REPO_ROOT}")
+        mounts.append(f"{s.job_root}:{s.job_root}")
     gpus = s.gpus_per_node if (distributed and s.device == "cuda") else None
     ex = run.SlurmExecutor(
         account=o.account or "", partition=o.partition, time=o.time,
@@ -298,6 +313,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--ssh-user")
     g.add_argument("--remote-job-dir")
     g.add_argument("--job-dir", help="LocalTunnel job directory (default $NEMORUN_HOME/experiments)")
+    g.add_argument("--repo-dir", help="this checkout's path on the cluster, when it differs from here (SSH tunnel); "
+                                      "configs inside the checkout and PYTHONPATH are taken from there")
     return p
 
 
@@ -309,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             hf_model=args.hf_model, init_checkpoint=args.init_checkpoint, rm_data=args.rm_data,
             policy_data=args.policy_data, rm_config=args.rm_config, rao_config=args.rao_config,
             reward_fn=args.reward_fn, tp=args.tp, pp=args.pp, nodes=args.nodes,
-            gpus_per_node=args.gpus_per_node, device=args.device, overrides=list(args.override))
+            gpus_per_node=args.gpus_per_node, device=args.device, overrides=list(args.override),
+            repo_dir=args.repo_dir)
         slurm = SlurmOptions(
             account=args.account, partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task,
             container_image=args.container_image,

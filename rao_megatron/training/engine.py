@@ -21,6 +21,11 @@ from rao_megatron.models.provider import build_gpt_model, enable_hidden_state_ou
 from rao_megatron.models.reward import build_reward_model
 
 
+def use_distributed_optimizer() -> bool:
+    """Shard optimizer states over DP ranks (Megatron's distributed optimizer): on GPU; plain Adam on CPU."""
+    return torch.cuda.is_available()
+
+
 def build_model_chunks(hf_config: Any, *, task: str = "policy", params_dtype: torch.dtype = torch.float32,
                        wrap_ddp: bool = True, use_te: bool | None = None) -> list[torch.nn.Module]:
     """This rank's model chunks (one per virtual pipeline stage) for ``task`` in policy / sft / rm / reference.
@@ -45,8 +50,9 @@ def build_model_chunks(hf_config: Any, *, task: str = "policy", params_dtype: to
             if task == "reference":
                 m.eval()
         return chunks
+    # the DDP buffers must be laid out for the optimizer that will own them (Megatron asserts they agree)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=False)
+                                               use_distributed_optimizer=use_distributed_optimizer())
     wrapped = [DistributedDataParallel(m.config, ddp_config, m) for m in chunks]
     cfg = wrapped[0].config
     cfg.finalize_model_grads_func = finalize_model_grads

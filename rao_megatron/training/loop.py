@@ -24,6 +24,7 @@ from rao_megatron.training.engine import (
     forward_backward,
     global_normalizer,
     reduce_step_loss,
+    use_distributed_optimizer,
 )
 from rao_megatron.training.forward_step import LogprobSettings, PolicyStep, RewardModelStep
 from rao_megatron.training.metrics import MetricsWriter, mean_metrics, plot_metrics
@@ -36,7 +37,7 @@ def build_optimizer(cfg: Config, chunks: list[torch.nn.Module]) -> tuple[Any, Op
     opt_cfg = OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                               adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, clip_grad=t.clip_grad,
                               bf16=bf16, params_dtype=setup.params_dtype(cfg),
-                              use_distributed_optimizer=torch.cuda.is_available())
+                              use_distributed_optimizer=use_distributed_optimizer())
     optimizer = get_megatron_optimizer(opt_cfg, chunks)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if t.warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
@@ -64,6 +65,20 @@ def _gather_step_metrics(outputs: list[dict[str, Any]]) -> dict[str, float]:
     metrics = dict(box[0][0]) if box[0] else {}
     metrics.pop("loss", None)  # the step loss is the normalised global sum, reported separately
     return metrics
+
+
+def _sum_over_data(outputs: list[dict[str, Any]], key: str) -> list[int]:
+    """Sum of the integer tuples ``o[key]`` over micro-batches and DP ranks, on every rank."""
+    width = len(outputs[0][key]) if outputs else 0
+    local = [sum(o[key][i] for o in outputs) for i in range(width)]
+    box = [local if ps.is_pipeline_last_stage(ignore_virtual=True) else None]
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                                   group=ps.get_pipeline_model_parallel_group())
+    total = torch.tensor(box[0], dtype=torch.int64)
+    if ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+    return [int(x) for x in total.tolist()]
 
 
 def _count_tokens(microbatches: list[dict[str, torch.Tensor]]) -> int:
@@ -139,7 +154,7 @@ class Trainer:
         from rao_megatron.training.checkpoint import save_training_checkpoint
 
         meta = {"hf_config": self.hf_config.to_dict(), "task": self.cfg.train.task, "step": self.step,
-                "tokenizer": self.cfg.model.tokenizer or setup.model_dir(self.cfg)}
+                "tokenizer": setup.run_tokenizer_path(self.cfg)}
         state = {"step": self.step, "skipped_steps": self.skipped_steps, "scheduler": self.scheduler.state_dict(),
                  "data": self.train_batcher.state_dict(), "config": self.cfg.to_dict()}
         path = save_training_checkpoint(self.checkpoint_root, self.step, self.chunks, self.optimizer, state, meta,
@@ -248,6 +263,11 @@ class Trainer:
         outputs = forward_backward(self.chunks, self._loss_step(normalizer), microbatches, forward_only=True)
         metrics = {"eval/loss": reduce_step_loss(outputs)}
         metrics.update({f"eval/{k}": v for k, v in _gather_step_metrics(outputs).items()})
+        if self.cfg.train.task == "rm":
+            # pooled over all held-out pairs (the mean above weights micro-batches by groups)
+            correct, pairs = _sum_over_data(outputs, "pair_counts")
+            metrics.update({"eval/accuracy": correct / pairs if pairs else float("nan"), "eval/pairs": pairs,
+                            "eval/groups": len(self.groups.heldout)})
         return metrics
 
     def run(self) -> dict[str, Any]:
@@ -302,6 +322,11 @@ class Trainer:
         if rank0:
             plots = plot_metrics(writer.path, self.output_dir / "plots")
             setup.log0(f"metrics: {writer.path}\nplots: {', '.join(str(p) for p in plots)}")
+            if cfg.train.task == "rm":
+                from rao_megatron.rewards.report import write_rm_report
+
+                path, table = write_rm_report(self.output_dir)
+                setup.log0(f"\n{table}\n\nreport: {path}")
         return record
 
     def _reference_mode(self) -> str:

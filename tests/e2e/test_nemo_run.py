@@ -58,6 +58,17 @@ def test_steps_subset_uses_given_inputs_and_rejects_unknown(tmp_path: Path) -> N
         p.step_commands(p.PipelineSettings(steps=("convert",)))
 
 
+def test_repo_dir_moves_checkout_paths_to_the_clusters_copy(tmp_path: Path) -> None:
+    p = _pipeline()
+    s = p.PipelineSettings(work_dir=tmp_path, steps=("rao",), rao_config=str(REPO / "examples/configs/rao_tiny.yaml"),
+                           policy_data="/data/ann.jsonl", repo_dir="/lustre/me/rao_megatron")
+    (_, args), = p.step_commands(s).values()
+    assert args[:2] == ["--config", "/lustre/me/rao_megatron/examples/configs/rao_tiny.yaml"]
+    assert "data.train_path=/data/ann.jsonl" in args  # given paths are kept as they are
+    assert p.job_env(s)["PYTHONPATH"] == "/lustre/me/rao_megatron"
+    assert not any(str(REPO) in a for a in args)
+
+
 def _cli(*args: str, home: Path, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "examples/nemo_run/pipeline.py", *args], cwd=REPO,
                           env=job_env(NEMORUN_HOME=str(home), COLUMNS="400"), capture_output=True, text=True,

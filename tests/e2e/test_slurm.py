@@ -13,6 +13,7 @@ import shlex
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,22 @@ def _wait_for(pred, timeout_s: float, what: str) -> None:
         time.sleep(0.25)
 
 
+def _release_requeued(jid: str) -> None:
+    """Make a requeued job eligible now instead of after Slurm's ~2 min requeue delay, once it is safe.
+
+    The delay exists for a reason: slurmd revokes the old run's job credential with a one-second
+    timestamp and rejects a new credential of the same job id created in that same second ("Job
+    credential revoked"). So wait until the job is PENDING, the node has finished the old run, and
+    two seconds have passed since the requeue (SubmitTime is reset to it)."""
+    _wait_for(lambda: job_info(jid)["JobState"] == "PENDING", 30, "the requeued job to be pending")
+    node = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
+    _wait_for(lambda: subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], capture_output=True,
+                                     text=True).stdout.strip() == "idle", 60, "the node to finish the old run")
+    requeued_at = datetime.fromisoformat(job_info(jid)["SubmitTime"])
+    _wait_for(lambda: datetime.now() >= requeued_at + timedelta(seconds=2), 10, "the credential's second to pass")
+    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=True)
+
+
 @pytest.mark.slow
 def test_preempted_job_forwards_signal_and_requeues(slurm: None, tmp_path: Path) -> None:
     fake = tmp_path / "fake_python"
@@ -113,9 +130,7 @@ def test_preempted_job_forwards_signal_and_requeues(slurm: None, tmp_path: Path)
         # what `#SBATCH --signal=B:USR1@300` does 300 s before the time limit: SIGUSR1 to the batch shell
         subprocess.run(["scancel", "--batch", "--signal=USR1", jid], check=True)
         _wait_for(lambda: job_info(jid).get("Restarts") == "1", 60, "the job to requeue itself")
-        # a requeued job waits ~2 min before it is eligible again; make it eligible now
-        _wait_for(lambda: job_info(jid)["JobState"] == "PENDING", 30, "the requeued job to be pending")
-        subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=True)
+        _release_requeued(jid)
         _wait_for(lambda: job_info(jid)["JobState"] not in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING"),
                   90, "the requeued job to finish")
     finally:
@@ -127,6 +142,58 @@ def test_preempted_job_forwards_signal_and_requeues(slurm: None, tmp_path: Path)
     assert "fake trainer: got SIGUSR1, saving" in log  # srun forwarded it to the task
     assert f"preempted (exit 75): scontrol requeue {jid}" in log
     assert "fake trainer: restart=1" in log and "resumed and finished" in log  # --open-mode=append
+
+
+@pytest.mark.slow
+def test_preempted_training_checkpoints_requeues_and_resumes(slurm: None, tmp_path: Path) -> None:
+    """The real chain: SIGUSR1 to the batch shell -> srun -> torchrun -> both gloo workers, which save a
+    checkpoint and write PREEMPTED; torchrun exits 1, the script requeues on the marker, the job runs
+    again under the same id, resumes from the checkpoint and completes."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "examples/configs/rao_tiny.yaml").read_text())
+    cfg["train"]["steps"] = 100_000  # "forever": the run only ends by preemption
+    config = tmp_path / "rao_tiny_long.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    env = job_env(**{**{k: v for k, v in CPU_ENV.items() if k != "STEPS"}, "CONFIG": str(config)},
+                  OUTPUT_DIR=str(out))
+    jid = subprocess.run(["sbatch", "--parsable", *CPU_SBATCH, "--job-name=rao-preempt",
+                          f"--output={tmp_path}/%x-%j.out", "slurm/rao_llama3.sbatch"],
+                         cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    metrics = out / "metrics.jsonl"
+    log_path = tmp_path / f"rao-preempt-{jid}.out"
+
+    def log() -> str:
+        return log_path.read_text() if log_path.exists() else ""
+
+    try:
+        _wait_for(lambda: metrics.exists() and metrics.read_text().strip() != "", 180, "the first training step")
+        subprocess.run(["scancel", "--batch", "--signal=USR1", jid], check=True)
+        _wait_for(lambda: job_info(jid).get("Restarts") == "1", 120, "the job to requeue itself")
+        _wait_for(lambda: job_info(jid)["JobState"] == "PENDING", 30, "the requeued job to be pending")
+        stopped_at = int((out / "PREEMPTED").read_text())
+        latest = (out / "checkpoints" / "latest").read_text().strip()
+        assert latest == f"step_{stopped_at:07d}", (latest, stopped_at)
+        # the requeued run finishes two steps after the checkpoint it resumes from
+        cfg["train"]["steps"] = stopped_at + 2
+        config.write_text(yaml.safe_dump(cfg))
+        _release_requeued(jid)
+        _wait_for(lambda: job_info(jid)["JobState"] not in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING"),
+                  180, "the requeued job to finish")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{log()[-4000:]}") from e
+    finally:
+        subprocess.run(["scancel", jid], capture_output=True)
+    info = job_info(jid)
+    text = log()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1" and info["ExitCode"] == "0:0", text[-4000:]
+    assert "received SIGUSR1" in text
+    assert f"PREEMPTED at step {stopped_at}): scontrol requeue {jid}" in text
+    assert f"resumed from {out / 'checkpoints' / f'step_{stopped_at:07d}'} at step {stopped_at}" in text
+    assert [r["step"] for r in read_metrics(metrics)] == list(range(1, stopped_at + 3))
+    assert not (out / "PREEMPTED").exists()  # removed by the run that resumed
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at + 2:07d}"
 
 
 @pytest.mark.slow

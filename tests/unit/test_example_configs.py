@@ -42,3 +42,16 @@ def test_placeholders_are_overridable() -> None:
                                                        "parallel.sequence_parallel=false"])
     assert (cfg.model.hf_config, cfg.model.init_checkpoint, cfg.data.train_path, cfg.parallel.tp) == \
         ("/m", "/c", "/d.jsonl", 4)
+
+
+def test_every_config_the_docs_and_scripts_name_exists_and_loads() -> None:
+    import re
+
+    repo = CONFIGS.parents[1]
+    sources = [repo / "README.md", repo / "docs/cluster.md", repo / "examples/nemo_run/pipeline.py",
+               *sorted((repo / "slurm").glob("*.sbatch"))]
+    named = {m for src in sources for m in re.findall(r"examples/configs/[\w.-]+\.yaml", src.read_text())}
+    assert {"examples/configs/rao_llama3_8b.yaml", "examples/configs/rao_qwen25_7b.yaml"} <= named
+    for rel in sorted(named):
+        assert (repo / rel).is_file(), f"{rel} is referenced but missing"
+        load_config(repo / rel)

