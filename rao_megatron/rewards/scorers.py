@@ -111,6 +111,7 @@ class ModelScorer:
             resolve_checkpoint,
         )
         from rao_megatron.training.engine import build_model_chunks
+        from rao_megatron.training.setup import checkpoint_tokenizer
 
         path = find_model_checkpoint(checkpoint)
         meta = read_checkpoint_meta(path)
@@ -119,7 +120,7 @@ class ModelScorer:
                              "reward model (train one with train.task=rm loss.name=bt)")
         if batch_size < 1 or max_length < 2:
             raise ValueError("--batch-size must be >= 1 and --max-length >= 2")
-        self.tokenizer = load_tokenizer(tokenizer or meta.get("tokenizer"))
+        self.tokenizer = load_tokenizer(tokenizer or checkpoint_tokenizer(path))
         self.chunks = build_model_chunks(AutoConfig.for_model(**meta["hf_config"]), task="rm", wrap_ddp=False)
         load_model_checkpoint(self.chunks, path)
         self.batch_size, self.max_length = batch_size, max_length
@@ -201,7 +202,7 @@ def find_model_checkpoint(path: str | os.PathLike) -> Path:
     from rao_megatron.training.checkpoint import META_FILE, resolve_checkpoint
 
     p = Path(path)
-    for candidate in (p, p / "checkpoints", p / "checkpoints" / "final"):
+    for candidate in (p, p / "checkpoints"):
         resolved = resolve_checkpoint(candidate)
         if (resolved / META_FILE).is_file():
             return resolved

@@ -93,15 +93,23 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def load_model_checkpoint(chunks: Any, path: str | os.PathLike, *, strict: bool = True) -> None:
-    """Load a model checkpoint into this rank's chunks (any TP/PP/VPP layout)."""
+def load_model_checkpoint(chunks: Any, path: str | os.PathLike, *, strict: bool = True,
+                          skip_prefixes: tuple[str, ...] = ()) -> None:
+    """Load a model checkpoint into this rank's chunks (any TP/PP/VPP layout).
+
+    Parameters whose names start with one of ``skip_prefixes`` are neither read nor required: they keep
+    their current values (a reward model initialised from a policy keeps its fresh ``output_layer.``).
+    """
     path = resolve_checkpoint(path)
     read_checkpoint_meta(path)
     sharded = model_sharded_state_dict(chunks)
+    if skip_prefixes:
+        sharded = {name: {k: v for k, v in chunk.items() if not k.startswith(skip_prefixes)}
+                   for name, chunk in sharded.items()}
     loaded = dist_checkpointing.load(sharded, str(path))
     for i, chunk in enumerate(as_chunks(chunks)):
         missing, _ = chunk.load_state_dict(loaded[f"model{i}"], strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
+        missing = [k for k in missing if not k.endswith("_extra_state") and not k.startswith(skip_prefixes)]
         if strict and missing:
             raise KeyError(f"checkpoint {path} lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 

@@ -25,6 +25,7 @@ from torch import Tensor
 from rao_megatron.data.collate import PAD_GROUP
 from rao_megatron.logprobs import vocab_parallel_logprobs
 from rao_megatron.losses import SequenceStats, get_loss
+from rao_megatron.losses.groups import make_groups, preference_pairs
 from rao_megatron.models.provider import output_weight, unwrap_model
 from rao_megatron.models.reward import reward_scores
 
@@ -78,6 +79,11 @@ class _LossStep:
         self.spec = get_loss(self.loss_name)
         self.spec.check_hparams(self.hparams)
 
+    def _empty(self, output: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        """An all-padding micro-batch (a DP rank's share of a short held-out set): no loss, no metrics."""
+        zero = output.sum() * 0.0  # keeps the graph connected for a backward pass
+        return zero, {"loss": zero.detach(), "metrics": {}, "groups": 0, "sequences": 0}
+
     def _finish(self, stats: SequenceStats) -> tuple[Tensor, dict[str, Any]]:
         loss, metrics = self.spec(stats, normalizer=self.normalizer, **self.hparams)
         reduced = {"loss": loss.detach().clone(), "metrics": metrics,
@@ -106,6 +112,10 @@ class PolicyStep(_LossStep):
                             settings=self.logprobs)
         prompt, response = sequence_sums(lp, batch)
         keep = batch["group_ids"] != PAD_GROUP
+        if not bool(keep.any()):
+            loss, reduced = self._empty(hidden)
+            reduced["policy_logps"] = response[keep].detach()
+            return loss, reduced
         stats = SequenceStats(
             policy_logps=response[keep], policy_prompt_logps=prompt[keep],
             ref_logps=_optional(batch, "ref_logps", keep),
@@ -134,11 +144,23 @@ class RewardModelStep(_LossStep):
     def loss_func(self, batch: dict[str, Tensor], values: Tensor) -> tuple[Tensor, dict[str, Any]]:
         scores = reward_scores(values.float(), lengths=batch["seq_lengths"])
         keep = batch["group_ids"] != PAD_GROUP
+        if not bool(keep.any()):
+            loss, reduced = self._empty(values)
+            reduced.update(scores=scores[keep].detach(), pair_counts=(0, 0))
+            return loss, reduced
         stats = SequenceStats(policy_logps=None, scores=scores[keep], lengths=batch["lengths"][keep],
                               group_ids=batch["group_ids"][keep], rewards=_optional(batch, "rewards", keep))
         loss, reduced = self._finish(stats)
         reduced["scores"] = scores[keep].detach()
+        reduced["pair_counts"] = self._pair_counts(stats)
         return loss, reduced
+
+    def _pair_counts(self, stats: SequenceStats) -> tuple[int, int]:
+        """(correctly ordered, all) preference pairs of this micro-batch: exact held-out pair accuracy."""
+        chosen, rejected = preference_pairs(make_groups(stats.group_ids), stats.rewards,
+                                            self.hparams.get("pairing", "best_vs_rest"), self.loss_name)
+        s = stats.scores.detach()
+        return int((s[chosen] > s[rejected]).sum()), int(chosen.numel())
 
 
 @dataclass

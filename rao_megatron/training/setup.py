@@ -58,19 +58,30 @@ def model_dir(cfg: Config) -> str | None:
     return str(p.parent if p.name == "config.json" else p)
 
 
-def load_run_tokenizer(cfg: Config) -> Any:
-    """``model.tokenizer``, else the HF model directory, else the checkpoint's, else the tiny test tokenizer."""
-    from rao_megatron.data.tokenizer import load_tokenizer
+def checkpoint_tokenizer(checkpoint: str | os.PathLike) -> str | None:
+    """The tokenizer directory a model checkpoint records, else the copy inside it, else None (tiny tokenizer)."""
+    from rao_megatron.training.checkpoint import read_checkpoint_meta, resolve_checkpoint
 
+    path = read_checkpoint_meta(checkpoint).get("tokenizer")
+    inside = resolve_checkpoint(checkpoint) / "tokenizer"
+    if (path is None or not Path(path).is_dir()) and inside.is_dir():
+        path = str(inside)  # the converter copies the tokenizer into the checkpoint: survives a move
+    return path
+
+
+def run_tokenizer_path(cfg: Config) -> str | None:
+    """``model.tokenizer``, else the HF model directory, else the initial checkpoint's; None: the tiny tokenizer."""
     path = cfg.model.tokenizer or model_dir(cfg)
     if path is None and cfg.model.init_checkpoint:
-        from rao_megatron.training.checkpoint import read_checkpoint_meta, resolve_checkpoint
+        path = checkpoint_tokenizer(cfg.model.init_checkpoint)
+    return str(Path(path).resolve()) if path is not None else None
 
-        path = read_checkpoint_meta(cfg.model.init_checkpoint).get("tokenizer")
-        inside = resolve_checkpoint(cfg.model.init_checkpoint) / "tokenizer"
-        if (path is None or not Path(path).is_dir()) and inside.is_dir():
-            path = str(inside)  # the converter copies the tokenizer into the checkpoint: survives a move
-    return load_tokenizer(path)
+
+def load_run_tokenizer(cfg: Config) -> Any:
+    """The run's tokenizer (see :func:`run_tokenizer_path`)."""
+    from rao_megatron.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(run_tokenizer_path(cfg))
 
 
 def resolve_hf_config(cfg: Config, tokenizer: Any) -> Any:
@@ -112,7 +123,7 @@ class RunGroups:
 def _tokenized(path: str, cfg: Config, tokenizer: Any, spec: Any, t0: int | None) -> tuple[list[Any], Any]:
     from rao_megatron.data import read_examples, tokenize_examples
 
-    examples = read_examples(path)
+    examples = read_examples(path, reward_field=cfg.data.ultrafeedback_rating)
     return tokenize_examples(
         examples, tokenizer, max_length=cfg.data.max_length, overlength=cfg.data.overlength,
         max_responses=cfg.data.max_responses, min_responses=2 if spec.pairwise else 1,
@@ -182,6 +193,27 @@ def init_random_weights(chunks: Any, hf_config: Any, seed: int) -> None:
         torch.random.set_rng_state(state)
 
 
+def init_skip_prefixes(init_checkpoint: str, task: str) -> tuple[str, ...]:
+    """What not to load from ``init_checkpoint`` into a ``task`` model: a policy's vocab head into a reward model.
+
+    A policy checkpoint's ``output_layer`` is the ``[V, H]`` vocab projection (or absent, when tied to
+    the embedding); the reward model's is a ``[1, H]`` scalar head. Read as is, dist_checkpointing would
+    copy vocab row 0 into the head, so the head keeps its fresh initialisation instead. A reward-model
+    checkpoint (``task: rm``) loads whole, head included.
+    """
+    from rao_megatron.training.checkpoint import read_checkpoint_meta
+
+    source = read_checkpoint_meta(init_checkpoint).get("task", "policy")
+    if task == "rm" and source != "rm":
+        log0(f"reward model from the '{source}' checkpoint {init_checkpoint}: transformer weights loaded, "
+             "its vocab output layer dropped, scalar head freshly initialised")
+        return ("output_layer.",)
+    if task != "rm" and source == "rm":
+        raise ConfigError(f"config key 'model.init_checkpoint': {init_checkpoint} is a reward model "
+                          f"(task rm); a {task} model needs a policy checkpoint")
+    return ()
+
+
 def build_initial_model(cfg: Config, hf_config: Any, task: str) -> list[torch.nn.Module]:
     """This rank's model chunks for ``task``, initialised from ``model.init_checkpoint`` or at random."""
     from rao_megatron.training.checkpoint import load_model_checkpoint
@@ -189,8 +221,8 @@ def build_initial_model(cfg: Config, hf_config: Any, task: str) -> list[torch.nn
 
     chunks = build_model_chunks(hf_config, task=task, params_dtype=params_dtype(cfg))
     if cfg.model.init_checkpoint:
-        # a reward model starts from the SFT policy: its scalar head is new
-        load_model_checkpoint(chunks, cfg.model.init_checkpoint, strict=task != "rm")
+        load_model_checkpoint(chunks, cfg.model.init_checkpoint,
+                              skip_prefixes=init_skip_prefixes(cfg.model.init_checkpoint, task))
     else:
         init_random_weights(chunks, hf_config, cfg.train.seed)
     return chunks

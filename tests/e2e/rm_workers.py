@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 
-def head_vs_policy_worker(config: str, init_checkpoint: str, result_path: str) -> None:
-    """Build the RM as training does from a policy checkpoint; record whether its head is the policy's row 0."""
+def rm_init_worker(config: str, init_checkpoint: str, result_path: str) -> None:
+    """Build the RM as training does from ``init_checkpoint``; record where its head and embedding came from."""
+    import json
+
     import torch
 
     from rao_megatron.config import load_config
+    from rao_megatron.models.provider import as_chunks
     from rao_megatron.training import setup
-    from rao_megatron.training.checkpoint import load_model_checkpoint
+    from rao_megatron.training.checkpoint import load_model_checkpoint, read_checkpoint_meta
+    from rao_megatron.training.engine import build_model_chunks
 
     cfg = load_config(config, [f"model.init_checkpoint={init_checkpoint}"])
     setup.start(cfg)
-    tokenizer = setup.load_run_tokenizer(cfg)
-    hf_config = setup.resolve_hf_config(cfg, tokenizer)
-    rm = setup.build_initial_model(cfg, hf_config, "rm")
-    policy = setup.build_initial_model(cfg, hf_config, "policy")
-    load_model_checkpoint(policy, init_checkpoint)
-    head = rm[0].module.output_layer.weight
-    vocab_row0 = policy[0].module.output_layer.weight[:1]
+    hf_config = setup.resolve_hf_config(cfg, setup.load_run_tokenizer(cfg))
+    rm = as_chunks(setup.build_initial_model(cfg, hf_config, "rm"))[0]
+    fresh = build_model_chunks(hf_config, task="rm", wrap_ddp=False)[0]
+    saved_task = "rm" if read_checkpoint_meta(init_checkpoint)["task"] == "rm" else "policy"
+    saved = build_model_chunks(hf_config, task=saved_task, wrap_ddp=False)
+    load_model_checkpoint(saved, init_checkpoint)
+    saved = saved[0]
+    head = rm.output_layer.weight
+    result = {
+        "head_shape": list(head.shape),
+        "head_is_fresh": torch.equal(head, fresh.output_layer.weight),
+        "head_is_saved_row0": torch.equal(head, saved.output_layer.weight[:1]),
+        "embedding_is_saved": torch.equal(rm.embedding.word_embeddings.weight, saved.embedding.word_embeddings.weight),
+    }
     with open(result_path, "w") as f:
-        f.write("copied" if torch.allclose(head, vocab_row0) else "fresh")
+        json.dump(result, f)

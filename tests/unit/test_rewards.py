@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rao_megatron.data import read_examples
-from rao_megatron.rewards.report import count_pairs, rm_report
+from rao_megatron.rewards.report import count_pairs, rm_report, write_rm_report
 from rao_megatron.rewards.rule import (
     RowError,
     exact_final_number,
@@ -103,19 +103,25 @@ def test_load_reward_fn():
 
 # -- report --------------------------------------------------------------------------------------------
 
-def test_rm_report_table():
-    records = [{"step": 1, "loss": 0.7}, {"step": 10, "eval/accuracy": 0.75, "eval/loss": 0.5},
-               {"step": 20, "eval/accuracy": 0.96875, "eval/loss": 0.125, "eval/rewards/chosen": 2.5,
-                "eval/rewards/rejected": -2.0, "eval/rewards/margin": 4.5}]
-    table = rm_report(records, heldout_pairs=64)
+def test_rm_report_table(tmp_path):
+    records = [{"step": 1, "loss": 0.7}, {"step": 10, "loss": 0.6, "eval/accuracy": 0.75, "eval/loss": 0.5},
+               {"step": 20, "loss": 0.0625, "eval/accuracy": 0.96875, "eval/loss": 0.125, "eval/rewards/chosen": 2.5,
+                "eval/rewards/rejected": -2.0, "eval/rewards/margin": 4.5, "eval/pairs": 64, "eval/groups": 32}]
+    table = rm_report(records, title="RM-SFT")
     lines = table.splitlines()
-    assert lines[2].split("|")[1:-1] == [" evaluation ", " step ", " held-out pairs ", " accuracy ", " loss ", " chosen score ",
-                                         " rejected score ", " margin "]
-    assert lines[4] == "| final | 20 | 64 | 0.9688 | 0.1250 | 2.5000 | -2.0000 | 4.5000 |"
+    assert lines[0] == "RM-SFT: held-out preference pairs (64 pairs, 32 groups)"
+    assert lines[2].split("|")[1:-1] == [" evaluation ", " step ", " train loss ", " held-out loss ",
+                                         " held-out accuracy ", " chosen score ", " rejected score ", " margin "]
+    assert lines[4] == "| final | 20 | 0.0625 | 0.1250 | 0.9688 | 2.5000 | -2.0000 | 4.5000 |"
     assert len(lines) == 5  # the final evaluation is also the best: one row
     assert "no held-out evaluation" in rm_report([{"step": 1, "loss": 0.7}])
-    worse_last = records + [{"step": 30, "eval/accuracy": 0.9, "eval/loss": 0.3}]
-    assert rm_report(worse_last).splitlines()[-1].startswith("| best | 20 | – | 0.9688")
+    worse_last = records + [{"step": 30, "loss": 0.05, "eval/accuracy": 0.9, "eval/loss": 0.3}]
+    assert rm_report(worse_last).splitlines()[-1] == "| best | 20 | 0.0625 | 0.1250 | 0.9688 | 2.5000 | -2.0000 | 4.5000 |"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    path, written = write_rm_report(run, title="RM-SFT")
+    assert path == run / "rm_report.md" and path.read_text() == written + "\n" == table + "\n"
 
 
 def test_count_pairs():
@@ -258,3 +264,89 @@ def test_cli_errors_are_one_line(tmp_path):
     assert code == 2 and "no such file" in err and "Traceback" not in err
     code, _, err = annotate_cli("--data", str(MIXED), "--out", str(tmp_path / "o.jsonl"), "--reward-fn", "x")
     assert code == 2 and "module:function" in err
+
+
+# -- malformed input files: each bad row is reported with file, row and field --------------------------
+
+@pytest.mark.parametrize("name,kept,row,field,reason", [
+    ("bad_missing_field.jsonl", 1, "line 2", "prompt", "missing"),
+    ("bad_score_type.jsonl", 1, "line 2", "score_chosen", "expected a number, got str 'high'"),
+    ("bad_nan_reward.jsonl", 2, "line 3", "rewards[0]", "expected a finite number, got nan"),
+    ("bad_empty_response.jsonl", 0, "line 1", "responses[1]", "empty string"),
+    ("bad_json.jsonl", 1, "line 2", None, "invalid JSON"),
+])
+def test_annotate_reports_each_malformed_row(tmp_path, name, kept, row, field, reason):
+    out = tmp_path / "out.jsonl"
+    code, stdout, err = annotate_cli("--data", str(DATA / name), "--out", str(out), "--reward-fn", f"{THIS}:length_reward")
+    assert code == 0, err
+    assert f"{kept} kept" in stdout and "1 rejected -> " in stdout
+    (bad,) = rows(Path(f"{out}.rejected.jsonl"))
+    assert (bad["source"], bad["row"], bad["field"]) == (str(DATA / name), row, field)
+    assert bad["reason"].startswith(reason)
+    assert len(rows(out)) == kept
+
+
+# -- UltraFeedback example data and the training-side options ------------------------------------------
+
+def test_synthetic_ultrafeedback_reads_as_groups_of_three_with_the_marker_best():
+    from rao_megatron.rewards.synthetic import MARKER, marker_ultrafeedback
+
+    data = marker_ultrafeedback(16, k=3, seed=5)
+    assert data == marker_ultrafeedback(16, k=3, seed=5)  # seeded
+    for path in (ROOT / "examples/data/tiny_rm_ultrafeedback.jsonl", ROOT / "examples/data/tiny_rm_ultrafeedback_heldout.jsonl"):
+        for reward_field in ("overall", "fine_grained"):
+            for ex in read_examples(path, reward_field=reward_field):
+                assert len(ex.responses) == 3 and ex.kind == "group"
+                best = max(range(3), key=ex.rewards.__getitem__)
+                assert [MARKER in y for y in ex.responses] == [j == best for j in range(3)]
+                assert sorted(ex.rewards)[1] < ex.rewards[best]  # no tie with the best
+
+
+def test_ultrafeedback_rating_option_reaches_training(tmp_path):
+    from rao_megatron.config import load_config
+    from rao_megatron.data.tokenizer import load_tokenizer
+    from rao_megatron.losses import get_loss
+    from rao_megatron.training.setup import load_groups
+
+    def rewards(rating: str) -> list[list[float]]:
+        cfg = load_config(ROOT / "examples/configs/rm_tiny.yaml", [
+            f"data.train_path={DATA / 'ultrafeedback_raw.jsonl'}", "data.eval_path=null", "data.eval_fraction=0",
+            f"data.ultrafeedback_rating={rating}", "data.max_length=256"])
+        return [g.rewards for g in load_groups(cfg, load_tokenizer(None), get_loss("bt")).train]
+
+    # tests/data/ultrafeedback_raw.jsonl: overall_score, or the mean of the non-"N/A" aspect ratings
+    assert sorted(map(sorted, rewards("overall"))) == [[2.0, 9.0], [4.0, 7.0, 8.5]]
+    assert sorted(map(sorted, rewards("fine_grained"))) == [[2.0, 5.0], [2.5, 4.5]]
+
+
+def test_rm_init_skips_the_policy_head_only(tmp_path):
+    from rao_megatron.config import ConfigError
+    from rao_megatron.training.setup import init_skip_prefixes
+
+    def checkpoint(task: str) -> str:
+        d = tmp_path / task
+        d.mkdir()
+        (d / "rao_model.json").write_text(json.dumps({"task": task, "hf_config": {}}))
+        return str(d)
+
+    policy, sft, rm = checkpoint("policy"), checkpoint("sft"), checkpoint("rm")
+    assert init_skip_prefixes(policy, "rm") == init_skip_prefixes(sft, "rm") == ("output_layer.",)
+    assert init_skip_prefixes(rm, "rm") == () and init_skip_prefixes(sft, "policy") == ()
+    with pytest.raises(ConfigError, match="is a reward model"):
+        init_skip_prefixes(rm, "policy")
+
+
+def test_annotate_reads_a_saved_datasets_directory_by_split(tmp_path):
+    """ultrafeedback_binarized as `datasets` ships it (split ``train_prefs``), from a saved directory."""
+    import datasets
+
+    raw = rows(DATA / "ultrafeedback_binarized.jsonl")
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(raw)}).save_to_disk(str(tmp_path / "ufb"))
+    out = tmp_path / "out.jsonl"
+    code, stdout, err = annotate_cli("--data", str(tmp_path / "ufb"), "--split", "train_prefs", "--out", str(out),
+                                     "--reward-fn", f"{THIS}:length_reward")
+    assert code == 0, err
+    assert f"{len(raw)} rows read: {len(raw)} kept" in stdout
+    got = rows(out)
+    assert [r["responses"] for r in got] == [[r["chosen"][-1]["content"], r["rejected"][-1]["content"]] for r in raw]
+    assert all(r["rewards"] == [float(len(y)) for y in r["responses"]] for r in got)
