@@ -227,9 +227,12 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, chunks: Any, op
     if _rank0():
         if tmp.exists():
             shutil.rmtree(tmp)
-        (tmp / RNG_DIR).mkdir(parents=True)
+        tmp.mkdir(parents=True)  # empty: dist_checkpointing warns about "corrupted" content otherwise
     _barrier()
     dist_checkpointing.save(_training_sharded_state_dict(chunks, optimizer, is_loading=False), str(tmp))
+    if _rank0():
+        (tmp / RNG_DIR).mkdir()
+    _barrier()
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(_rng_state(), tmp / RNG_DIR / f"rank_{rank:05d}.pt")
     _barrier()
