@@ -56,7 +56,23 @@ def _last_loss(run_dir: Path) -> float | None:
     return losses[-1] if losses else None
 
 
+def check_prompts(path: str) -> int:
+    """Every prompt row needs a non-empty ``reference`` answer (GRAO's reference term): fail before any work."""
+    from rao_megatron.data.errors import DataError
+    from rao_megatron.generate import read_prompts
+
+    prompts = read_prompts(path)
+    for i, p in enumerate(prompts):
+        ref = p.row.get("reference")
+        if not isinstance(ref, str) or not ref.strip():
+            raise DataError(path, f"prompt {i + 1} (id {p.id!r})", "reference",
+                            "GRAO needs a reference answer in every prompt row (a final assistant turn in "
+                            f"'messages' also counts), got {ref!r}")
+    return len(prompts)
+
+
 def run_online(args: argparse.Namespace) -> Path:
+    check_prompts(args.prompts)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     scorer = ["--reward-fn", args.reward_fn] if args.reward_fn else ["--reward-model", args.reward_model]

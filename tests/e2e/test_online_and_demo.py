@@ -153,3 +153,16 @@ def test_online_grao_rounds_sample_with_the_previous_rounds_policy(tiny_start, t
     again = subprocess.run(argv, env=command_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "$ " not in again.stdout
     assert read_jsonl(out / "rounds.jsonl") == rounds
+
+
+def test_online_refuses_prompts_without_a_reference_answer_before_any_work(tmp_path, capsys):
+    from rao_megatron import online
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "Repeat the letter a.", "reference": "aaaaa"}) + "\n"
+                       + json.dumps({"id": "b", "prompt": "Repeat the letter b."}) + "\n")
+    code = online.cli(["--config", "unused.yaml", "--prompts", str(prompts), "--hf", "x", "--start", "y",
+                       "--out", str(tmp_path / "out"), "--reward-fn", "rao_megatron.rewards.rule:letter_share"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(prompts) in err and "field 'reference'" in err and "'b'" in err
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from rao_megatron.parallel.launch import free_port, run_distributed
@@ -62,10 +63,17 @@ def test_sigkill_then_resume_gives_the_same_losses_at_tp2(tmp_path):
     full = tmp_path / "full"
     forked(full, *steps, world=2)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(killed, *steps, nproc=2), cwd=ROOT, env=ENV, start_new_session=True,
+    proc = subprocess.Popen(command(killed, *steps, nproc=2), cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for_steps(proc, killed / "metrics.jsonl", 10)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, no chance to clean up
+    # torchrun starts each worker in a session of its own, so killing its process group would leave the
+    # ranks training on (and saving into the same directory): SIGKILL the whole tree, no chance to clean up
+    tree = psutil.Process(proc.pid)
+    victims = [tree, *tree.children(recursive=True)]
+    assert len(victims) >= 3, "torchrun and its two workers"
+    for p in victims:
+        p.kill()
+    psutil.wait_procs(victims, timeout=30)
     proc.wait()
     done = len(losses(killed))
     assert done < 24, "the run finished before it could be killed"
