@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,3 +49,13 @@ def fresh_dir(path: Path) -> Path:
     if path.exists():
         shutil.rmtree(path)
     return path
+
+
+def run_chain(fn: Callable[[], object]) -> int:
+    """Run a chain of commands: 0, or 1 with one line naming the failed command (a rerun resumes the chain)."""
+    try:
+        fn()
+    except CommandError as e:
+        print(f"error: {e}\nfix it and run the same command again: finished steps are skipped", file=sys.stderr)
+        return 1
+    return 0

@@ -33,7 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rao_megatron.cli import run_cli
-from rao_megatron.commands import REPO, CommandError, fresh_dir, python_module, run_command, torchrun_module
+from rao_megatron.commands import (
+    REPO,
+    CommandError,
+    fresh_dir,
+    python_module,
+    run_chain,
+    run_command,
+    torchrun_module,
+)
 
 DEFAULT_CONFIG = REPO / "examples" / "configs" / "rao_smollm2_demo.yaml"
 DEFAULT_HF = REPO / ".cache" / "smollm2-hf"
@@ -260,12 +268,7 @@ def main(args: argparse.Namespace) -> int:
     s = Settings(out=Path(args.out).resolve(), hf=Path(args.hf).resolve(), config=Path(args.config).resolve(),
                  heldout=args.heldout, k=args.k, procs=args.procs, online_rounds=args.rounds,
                  overrides=tuple(args.overrides))
-    try:
-        run_demo(s, start_from=args.start_from, online=args.online, until=args.until)
-    except CommandError as e:
-        print(f"error: {e}\nfix it and run the same command again: finished stages are skipped", file=sys.stderr)
-        return 1
-    return 0
+    return run_chain(lambda: run_demo(s, start_from=args.start_from, online=args.online, until=args.until))
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from rao_megatron.cli import run_cli
-from rao_megatron.commands import CommandError, fresh_dir, python_module, run_command, torchrun_module
+from rao_megatron.commands import fresh_dir, python_module, run_chain, run_command, torchrun_module
 
 
 def _done(marker: Path) -> bool:
@@ -150,12 +150,7 @@ def parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
-    try:
-        run_online(args)
-    except CommandError as e:
-        print(f"error: {e}\nfix it and run the same command again: finished steps are skipped", file=sys.stderr)
-        return 1
-    return 0
+    return run_chain(lambda: run_online(args))
 
 
 def cli(argv: list[str] | None = None) -> int:
