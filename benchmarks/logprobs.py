@@ -43,14 +43,15 @@ def _inputs(t: int, h: int, v: int, device: str, dtype: torch.dtype):
     return hidden, weight, labels
 
 
-def _step(impl: str, precision: str, hidden, weight, labels) -> None:
+def _step(impl: str, precision: str, hidden, weight, labels, chunk_size: int | None = None) -> None:
     from rao_megatron.logprobs import vocab_parallel_logprobs
 
-    out = vocab_parallel_logprobs(hidden, weight, labels, impl=impl, precision=precision)
+    kw = {"chunk_size": chunk_size} if chunk_size else {}
+    out = vocab_parallel_logprobs(hidden, weight, labels, impl=impl, precision=precision, **kw)
     out.sum().backward()
 
 
-def worker(impl: str, t: int, h: int, v: int, precision: str) -> dict:
+def worker(impl: str, t: int, h: int, v: int, precision: str, chunk_size: int | None = None) -> dict:
     """One CPU measurement in this (fresh) process; prints a JSON line."""
     small = _inputs(64, 64, 512, "cpu", torch.float32)
     _step(impl, precision, *small)  # warm up thread pools / lazy imports outside the measurement
@@ -63,10 +64,11 @@ def worker(impl: str, t: int, h: int, v: int, precision: str) -> dict:
     except OSError:
         pass
     t0 = time.perf_counter()
-    _step(impl, precision, hidden, weight, labels)
+    _step(impl, precision, hidden, weight, labels, chunk_size if impl != "reference" else None)
     dt = time.perf_counter() - t0
     peak = _rss_kib("VmHWM")
-    return {"impl": impl, "T": t, "H": h, "V": v, "time_s": dt, "extra_bytes": (peak - base) * 1024}
+    label = f"{impl} (chunk {chunk_size})" if chunk_size and impl != "reference" else impl
+    return {"impl": label, "T": t, "H": h, "V": v, "time_s": dt, "extra_bytes": (peak - base) * 1024}
 
 
 def mm_gflops(device: str, dtype: torch.dtype, h: int) -> float:
@@ -106,10 +108,10 @@ def cuda_measure(impl: str, t: int, h: int, v: int, precision: str) -> dict:
             "extra_bytes": torch.cuda.max_memory_allocated() - base, "elem_bytes": hidden.element_size()}
 
 
-def run_cpu(impl: str, t: int, h: int, v: int, precision: str, threads: int) -> dict:
+def run_cpu(impl: str, t: int, h: int, v: int, precision: str, threads: int, chunk_size: int | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TORCHDYNAMO_DISABLE="1")
     cmd = [sys.executable, __file__, "--worker", impl, "--sizes", f"{t}x{h}", "--vocab", str(v),
-           "--precision", precision]
+           "--precision", precision] + (["--chunk-size", str(chunk_size)] if chunk_size else [])
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         return {"impl": impl, "T": t, "H": h, "V": v, "error": res.stderr.strip().splitlines()[-1:]}
@@ -155,13 +157,15 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp8"])
     p.add_argument("--impls", default=None, help="default: reference,chunked (+triton on CUDA)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads per worker")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="tokens per chunk of the fused paths (default: the library's default_chunk_size(V))")
     p.add_argument("--rows", default=None, help="re-render the table from saved JSON result lines")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     sizes = [tuple(int(x) for x in s.split("x")) for s in a.sizes.split(",")]
     if a.worker:
         t, h = sizes[0]
-        print(json.dumps(worker(a.worker, t, h, a.vocab, a.precision)))
+        print(json.dumps(worker(a.worker, t, h, a.vocab, a.precision, a.chunk_size)))
         return
     cuda = torch.cuda.is_available()
     impls = a.impls.split(",") if a.impls else (["reference", "chunked"] + (["triton"] if cuda else []))
@@ -184,7 +188,7 @@ def main() -> None:
     for t, h in sizes:
         for impl in impls:
             r = cuda_measure(impl, t, h, a.vocab, a.precision) if cuda else \
-                run_cpu(impl, t, h, a.vocab, a.precision, a.threads)
+                run_cpu(impl, t, h, a.vocab, a.precision, a.threads, a.chunk_size)
             print(json.dumps(r), flush=True)
             rows.append(r)
     print(table(rows, gflops))
