@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rao_megatron.commands import fresh_dir, python_module, run_command, torchrun_module  # noqa: E402
+from rao_megatron.rewards.synthetic import write_jsonl  # noqa: E402
 
 CONFIG = REPO / "examples/configs/rao_smollm2_demo.yaml"
 REWARD_FN = "rao_megatron.rewards.rule:exact_final_number"
@@ -47,11 +48,6 @@ METHOD_ARGS = {
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
-def write_jsonl(rows: list[dict], path: Path) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def grao_groups(groups: list[dict], prompts: dict[str, dict]) -> list[dict]:

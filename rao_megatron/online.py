@@ -40,7 +40,7 @@ def _mark(marker: Path, payload: dict | None = None) -> None:
 
 
 def _sample_rewards(groups: Path) -> float:
-    """Mean reward of the sampled answers only (the reference answer, appended last, is not a sample)."""
+    """Mean reward of the policy's sampled answers (annotate keeps the reference answer's in ``reference_reward``)."""
     total, count = 0.0, 0
     for line in groups.read_text().splitlines():
         if line.strip():

@@ -91,6 +91,13 @@ class _LossStep:
         return loss * self.grad_scale, reduced
 
 
+def _logp_sums(model: torch.nn.Module, hidden: Tensor, batch: dict[str, Tensor], vocab_size: int,
+               settings: LogprobSettings) -> tuple[Tensor, Tensor]:
+    """Per-sequence (prompt after t0, response) sums of token log-probs from the output layer."""
+    lp = token_logprobs(unwrap_model(model), hidden, batch["labels"], vocab_size=vocab_size, settings=settings)
+    return sequence_sums(lp, batch)
+
+
 @dataclass
 class PolicyStep(_LossStep):
     """Policy training with any registry loss (and SFT): hidden states -> log-prob sums -> loss.
@@ -108,25 +115,22 @@ class PolicyStep(_LossStep):
 
     def loss_func(self, batch: dict[str, Tensor], model: torch.nn.Module,
                   hidden: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        lp = token_logprobs(unwrap_model(model), hidden, batch["labels"], vocab_size=self.vocab_size,
-                            settings=self.logprobs)
-        prompt, response = sequence_sums(lp, batch)
+        prompt, response = _logp_sums(model, hidden, batch, self.vocab_size, self.logprobs)
         keep = batch["group_ids"] != PAD_GROUP
         if not bool(keep.any()):
             loss, reduced = self._empty(hidden)
-            reduced["policy_logps"] = response[keep].detach()
-            return loss, reduced
-        stats = SequenceStats(
-            policy_logps=response[keep], policy_prompt_logps=prompt[keep],
-            ref_logps=_optional(batch, "ref_logps", keep),
-            ref_prompt_logps=_optional(batch, "ref_prompt_logps", keep),
-            lengths=batch["lengths"][keep], group_ids=batch["group_ids"][keep],
-            rewards=_optional(batch, "rewards", keep),
-            is_reference_answer=_optional(batch, "is_reference_answer", keep))
-        if self.spec.needs_reference and stats.ref_logps is None:
-            raise ValueError(f"loss '{self.loss_name}' needs reference log-probs: precompute them "
-                             "(python -m rao_megatron.precompute_reference) or use train.reference=on_the_fly")
-        loss, reduced = self._finish(stats)
+        else:
+            stats = SequenceStats(
+                policy_logps=response[keep], policy_prompt_logps=prompt[keep],
+                ref_logps=_optional(batch, "ref_logps", keep),
+                ref_prompt_logps=_optional(batch, "ref_prompt_logps", keep),
+                lengths=batch["lengths"][keep], group_ids=batch["group_ids"][keep],
+                rewards=_optional(batch, "rewards", keep),
+                is_reference_answer=_optional(batch, "is_reference_answer", keep))
+            if self.spec.needs_reference and stats.ref_logps is None:
+                raise ValueError(f"loss '{self.loss_name}' needs reference log-probs: precompute them "
+                                 "(python -m rao_megatron.precompute_reference) or use train.reference=on_the_fly")
+            loss, reduced = self._finish(stats)
         reduced["policy_logps"] = response[keep].detach()
         return loss, reduced
 
@@ -176,9 +180,7 @@ class LogprobStep:
 
     def loss_func(self, batch: dict[str, Tensor], model: torch.nn.Module,
                   hidden: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        lp = token_logprobs(unwrap_model(model), hidden, batch["labels"], vocab_size=self.vocab_size,
-                            settings=self.logprobs)
-        prompt, response = sequence_sums(lp, batch)
+        prompt, response = _logp_sums(model, hidden, batch, self.vocab_size, self.logprobs)
         return hidden.new_zeros(()), {"prompt_logps": prompt.detach(), "response_logps": response.detach()}
 
 
