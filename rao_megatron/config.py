@@ -55,9 +55,14 @@ class ParallelConfig:
     tp: int = _f(1, "Tensor-parallel size (must divide attention heads and KV groups).", ge=1)
     pp: int = _f(1, "Pipeline-parallel size (must divide the number of layers).", ge=1)
     vpp: int | None = _f(None, "Virtual pipeline stages per rank (interleaved schedule); None = off.", ge=1)
-    sequence_parallel: bool = _f(False, "Megatron sequence parallelism (GPU with TE only).")
+    sequence_parallel: bool = _f(False, "Megatron sequence parallelism: needs tp > 1 and the Transformer Engine "
+                                        "layer spec (CUDA); refused otherwise.")
     backend: str | None = _f(None, "torch.distributed backend; None = nccl with CUDA, gloo without.",
                              choices=("nccl", "gloo", None))
+    device: str = _f("auto", "cuda: stop unless this interpreter's torch sees a GPU; cpu: CPU only (gloo); "
+                             "auto: CUDA when visible, else CPU.", choices=("auto", "cuda", "cpu"))
+    distributed_optimizer: bool | None = _f(None, "Megatron's distributed optimizer (optimizer state sharded over "
+                                                  "DP ranks); None = on with CUDA, off on CPU.")
 
 
 @dataclass
@@ -291,6 +296,11 @@ def validate(cfg: Config, where: str = "", cli_keys: frozenset[str] = frozenset(
                           f"'{expected}', got '{cfg.loss.name}'")
     if cfg.train.task == "policy" and cfg.loss.name == "bt":
         raise ConfigError(f"config key 'loss.name'{where}: 'bt' trains a reward model; set train.task=rm")
+    if cfg.parallel.sequence_parallel and cfg.parallel.tp < 2:
+        raise ConfigError(f"config key 'parallel.sequence_parallel'{where}: needs parallel.tp > 1 (it splits the "
+                          f"sequence over the tensor-parallel group), got tp={cfg.parallel.tp}")
+    if cfg.parallel.device == "cpu" and cfg.parallel.backend == "nccl":
+        raise ConfigError(f"config key 'parallel.backend'{where}: nccl needs CUDA, but parallel.device=cpu")
     if cfg.train.min_lr > cfg.train.lr:
         raise ConfigError(f"config key 'train.min_lr'{where} ({cfg.train.min_lr}) must be <= train.lr ({cfg.train.lr})")
     if cfg.model.hf_config is None and cfg.model.preset is None and cfg.model.init_checkpoint is None:

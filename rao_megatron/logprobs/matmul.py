@@ -10,6 +10,8 @@ never multiplied) and then serves, per token chunk ``h`` ``[c, H]``:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 #: Vocab rows per slice when a product's output must be cast before accumulating (bf16/fp8): bounds the
@@ -37,14 +39,18 @@ class Fp32Plan:
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for bf16 operands with an fp32 result.
 
-    On CUDA ``torch.mm(..., out_dtype=float32)`` keeps the fp32 accumulator un-rounded; CPU has no such
-    kernel, so the product is rounded to bf16 first (documented in the bf16 test tolerance).
+    On CUDA ``torch.mm(..., out_dtype=float32)`` keeps the fp32 accumulator un-rounded; a torch without it
+    is refused there (bf16-rounded logits would quietly cost accuracy on the hot path). CPU has no such
+    kernel: the product is rounded to bf16 first, with a warning (the bf16 test tolerance allows for it).
     """
     if a.is_cuda:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            pass
+        except TypeError as e:
+            raise RuntimeError(f"torch {torch.__version__} has no torch.mm(..., out_dtype=): bf16 log-probs need "
+                               "fp32 accumulation on CUDA; upgrade torch or set model.logprob_precision=fp32") from e
+    warnings.warn("bf16 log-prob matmul on CPU: products are rounded to bf16 before the fp32 softmax "
+                  "(no fp32-output bf16 matmul on CPU)", stacklevel=2)
     return (a @ b).float()
 
 

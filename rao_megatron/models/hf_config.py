@@ -133,7 +133,7 @@ def transformer_config_from_hf(hf_config: Any, *, tp: int = 1, pp: int = 1, vpp:
             raise ValueError(f"virtual pipeline size vpp={vpp} needs pp > 1, got pp={pp}")
         _check_divisible("num_hidden_layers", layers, "pp*vpp", pp * vpp)
     if sequence_parallel and tp == 1:
-        sequence_parallel = False  # Megatron rejects SP without TP; it would be a no-op anyway
+        raise ValueError("sequence_parallel needs tp > 1 (it splits the sequence over the TP group)")
     on_gpu = torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(
         num_layers=layers,

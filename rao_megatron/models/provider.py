@@ -66,18 +66,26 @@ def _stage_flags(pre_process: bool | None, post_process: bool | None,
 def build_gpt_model(hf_config: Any, *, config: TransformerConfig | None = None,
                     pre_process: bool | None = None, post_process: bool | None = None,
                     vp_stage: int | None = None, use_te: bool | None = None,
-                    params_dtype: torch.dtype = torch.float32,
+                    params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
                     share_embeddings_and_output_weights: bool | None = None) -> GPTModel:
     """This rank's ``GPTModel`` (chunk ``vp_stage``) for an HF config; TP/PP/VPP from ``parallel_state``.
 
     ``config`` overrides the TransformerConfig derived from ``hf_config`` and the current parallel layout.
+    ``sequence_parallel`` needs TP > 1 and the Transformer Engine spec (the local spec's torch norms
+    cannot split the sequence); it is refused otherwise rather than silently dropped.
     """
     cfg = hf_config_to_dict(hf_config)
     tp = ps.get_tensor_model_parallel_world_size()
+    if use_te is None:
+        use_te = te_usable()
     if config is None:
         config = transformer_config_from_hf(
             cfg, tp=tp, pp=ps.get_pipeline_model_parallel_world_size(),
-            vpp=ps.get_virtual_pipeline_model_parallel_world_size(), params_dtype=params_dtype)
+            vpp=ps.get_virtual_pipeline_model_parallel_world_size(), params_dtype=params_dtype,
+            sequence_parallel=sequence_parallel)
+    if config.sequence_parallel and not use_te:
+        raise ValueError("sequence parallelism needs the Transformer Engine layer spec (CUDA with "
+                         "transformer_engine installed: pip install -e '.[gpu]'); set parallel.sequence_parallel=false")
     pre_process, post_process = _stage_flags(pre_process, post_process, vp_stage)
     rope = rope_spec(cfg)
     tie = bool(cfg.get("tie_word_embeddings", False))

@@ -10,6 +10,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from rao_megatron.models.provider import build_gpt_model
+from rao_megatron.parallel.device import compute_device
 
 
 class ScalarHead(torch.nn.Module):
@@ -26,10 +27,12 @@ class ScalarHead(torch.nn.Module):
         self.sequence_parallel = sequence_parallel
         std = init_std if init_std is not None else 1.0 / math.sqrt(hidden_size + 1)
         # A dedicated generator: every TP/DP rank builds the same head without any communication.
+        # Drawn on the CPU (a CUDA generator would give other numbers), then placed on the compute device.
         gen = torch.Generator().manual_seed(seed)
         weight = torch.randn(1, hidden_size, generator=gen, dtype=torch.float32) * std
-        self.weight = torch.nn.Parameter(weight.to(dtype))
-        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype)) if bias else None
+        device = compute_device()
+        self.weight = torch.nn.Parameter(weight.to(device=device, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype, device=device)) if bias else None
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor | None = None,
                 runtime_gather_output: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -42,11 +45,12 @@ class ScalarHead(torch.nn.Module):
 
 def build_reward_model(hf_config: Any, *, pre_process: bool | None = None, post_process: bool | None = None,
                        vp_stage: int | None = None, use_te: bool | None = None,
-                       params_dtype: torch.dtype = torch.float32, head_bias: bool = False,
+                       params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
+                       head_bias: bool = False,
                        head_init_std: float | None = None, head_seed: int = 0, **kwargs: Any) -> GPTModel:
     """A ``GPTModel`` whose last stage outputs one value per token, ``[B, S, 1]``, from a ``ScalarHead``."""
     model = build_gpt_model(hf_config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
-                            use_te=use_te, params_dtype=params_dtype,
+                            use_te=use_te, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
                             share_embeddings_and_output_weights=False, **kwargs)
     if model.post_process:
         model.output_layer = ScalarHead(

@@ -121,7 +121,10 @@ class ModelScorer:
         if batch_size < 1 or max_length < 2:
             raise ValueError("--batch-size must be >= 1 and --max-length >= 2")
         self.tokenizer = load_tokenizer(tokenizer or checkpoint_tokenizer(path))
-        self.chunks = build_model_chunks(AutoConfig.for_model(**meta["hf_config"]), task="rm", wrap_ddp=False)
+        # the dtype the checkpoint was trained in (fp32 for converted and older checkpoints)
+        dtype = torch.bfloat16 if meta.get("dtype") == "bf16" else torch.float32
+        self.chunks = build_model_chunks(AutoConfig.for_model(**meta["hf_config"]), task="rm", wrap_ddp=False,
+                                         params_dtype=dtype)
         load_model_checkpoint(self.chunks, path)
         self.batch_size, self.max_length = batch_size, max_length
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id

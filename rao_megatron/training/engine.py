@@ -19,31 +19,37 @@ from torch import Tensor
 from rao_megatron.data.collate import PAD_GROUP
 from rao_megatron.models.provider import build_gpt_model, enable_hidden_state_output
 from rao_megatron.models.reward import build_reward_model
+from rao_megatron.parallel.device import compute_device, move_modules, to_device
 
 
-def use_distributed_optimizer() -> bool:
-    """Shard optimizer states over DP ranks (Megatron's distributed optimizer): on GPU; plain Adam on CPU."""
-    return torch.cuda.is_available()
+def use_distributed_optimizer(setting: bool | None = None) -> bool:
+    """Shard optimizer states over DP ranks (Megatron's distributed optimizer)? None: on CUDA yes, on CPU no."""
+    return compute_device().type == "cuda" if setting is None else setting
 
 
 def build_model_chunks(hf_config: Any, *, task: str = "policy", params_dtype: torch.dtype = torch.float32,
-                       wrap_ddp: bool = True, use_te: bool | None = None) -> list[torch.nn.Module]:
+                       wrap_ddp: bool = True, use_te: bool | None = None, sequence_parallel: bool = False,
+                       distributed_optimizer: bool | None = None) -> list[torch.nn.Module]:
     """This rank's model chunks (one per virtual pipeline stage) for ``task`` in policy / sft / rm / reference.
 
     Policy-like models return final hidden states at the last stage (the log-prob kernel multiplies by
     the vocab shard itself and all-reduces its hidden-state gradient over TP); the reward model returns
-    one value per token. Training models are wrapped in Megatron DDP; a reference model is not.
+    one value per token. Chunks are moved to the compute device once built. Training models are wrapped
+    in Megatron DDP (buffers laid out for ``distributed_optimizer``); a reference model is not.
     """
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     stages = [None] if vpp is None else list(range(vpp))
     chunks: list[torch.nn.Module] = []
     for v in stages:
         if task == "rm":
-            model = build_reward_model(hf_config, vp_stage=v, use_te=use_te, params_dtype=params_dtype)
+            model = build_reward_model(hf_config, vp_stage=v, use_te=use_te, params_dtype=params_dtype,
+                                       sequence_parallel=sequence_parallel)
         else:
-            model = build_gpt_model(hf_config, vp_stage=v, use_te=use_te, params_dtype=params_dtype)
+            model = build_gpt_model(hf_config, vp_stage=v, use_te=use_te, params_dtype=params_dtype,
+                                    sequence_parallel=sequence_parallel)
             enable_hidden_state_output(model, vocab_parallel_consumer=False)
         chunks.append(model)
+    move_modules(chunks)
     if task == "reference" or not wrap_ddp:
         for m in chunks:
             m.requires_grad_(task != "reference")
@@ -52,7 +58,8 @@ def build_model_chunks(hf_config: Any, *, task: str = "policy", params_dtype: to
         return chunks
     # the DDP buffers must be laid out for the optimizer that will own them (Megatron asserts they agree)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=use_distributed_optimizer())
+                                               use_distributed_optimizer=use_distributed_optimizer(
+                                                   distributed_optimizer))
     wrapped = [DistributedDataParallel(m.config, ddp_config, m) for m in chunks]
     cfg = wrapped[0].config
     cfg.finalize_model_grads_func = finalize_model_grads
@@ -73,6 +80,7 @@ def forward_backward(chunks: Sequence[torch.nn.Module] | torch.nn.Module, step: 
     chunks = list(chunks) if isinstance(chunks, (list, tuple)) else [chunks]  # keep the DDP wrappers
     if not microbatches:
         raise ValueError("no micro-batches to run")
+    microbatches = to_device(list(microbatches))  # no copy for batches already there
     rows, seq_length = microbatches[0]["tokens"].shape
     for i, mb in enumerate(microbatches):
         if tuple(mb["tokens"].shape) != (rows, seq_length):
@@ -122,7 +130,7 @@ def global_normalizer(spec: Any, microbatches: Sequence[dict[str, Tensor]]) -> f
         else:
             local += float(mb["group_ids"][keep].unique().numel())
     if ps.get_data_parallel_world_size() > 1:
-        t = torch.tensor([local], dtype=torch.float64)
+        t = torch.tensor([local], dtype=torch.float64, device=compute_device())
         dist.all_reduce(t, group=ps.get_data_parallel_group())
         local = float(t.item())
     if local <= 0:
@@ -135,7 +143,7 @@ def reduce_step_loss(outputs: list[dict[str, Any]]) -> float | None:
 
     Broadcast from the last pipeline stage so that all ranks log the same number.
     """
-    value = torch.zeros(1, dtype=torch.float64)
+    value = torch.zeros(1, dtype=torch.float64, device=compute_device())
     if ps.is_pipeline_last_stage(ignore_virtual=True) and outputs:
         value += sum(float(o["loss"]) for o in outputs)
     if ps.get_data_parallel_world_size() > 1:

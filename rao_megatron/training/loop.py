@@ -17,6 +17,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from rao_megatron.config import Config, ConfigError, dump_config
 from rao_megatron.losses import get_loss
+from rao_megatron.parallel.device import compute_device, to_device
 from rao_megatron.training import setup
 from rao_megatron.training.engine import (
     attach_reference_logps,
@@ -31,13 +32,13 @@ from rao_megatron.training.metrics import MetricsWriter, mean_metrics, plot_metr
 
 
 def build_optimizer(cfg: Config, chunks: list[torch.nn.Module]) -> tuple[Any, OptimizerParamScheduler]:
-    """Adam (distributed optimizer on GPU) with warm-up + cosine decay."""
+    """Adam (the distributed optimizer per ``parallel.distributed_optimizer``) with warm-up + cosine decay."""
     t = cfg.train
     bf16 = cfg.model.dtype == "bf16"
     opt_cfg = OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                               adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, clip_grad=t.clip_grad,
                               bf16=bf16, params_dtype=setup.params_dtype(cfg),
-                              use_distributed_optimizer=use_distributed_optimizer())
+                              use_distributed_optimizer=use_distributed_optimizer(cfg.parallel.distributed_optimizer))
     optimizer = get_megatron_optimizer(opt_cfg, chunks)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if t.warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
@@ -75,17 +76,19 @@ def _sum_over_data(outputs: list[dict[str, Any]], key: str) -> list[int]:
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
                                    group=ps.get_pipeline_model_parallel_group())
-    total = torch.tensor(box[0], dtype=torch.int64)
+    total = torch.tensor(box[0], dtype=torch.int64, device=compute_device())
     if ps.get_data_parallel_world_size() > 1:
         dist.all_reduce(total, group=ps.get_data_parallel_group())
     return [int(x) for x in total.tolist()]
 
 
 def _count_tokens(microbatches: list[dict[str, torch.Tensor]]) -> int:
-    total = torch.tensor([sum(int(mb["seq_lengths"][mb["group_ids"] >= 0].sum()) for mb in microbatches)],
-                         dtype=torch.float64)
-    if ps.get_data_parallel_world_size() > 1:
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
+    """Real tokens of this step over all DP ranks (call it on the host-side batches: no device sync)."""
+    local = sum(int(mb["seq_lengths"][mb["group_ids"] >= 0].sum()) for mb in microbatches)
+    if ps.get_data_parallel_world_size() == 1:
+        return local
+    total = torch.tensor([local], dtype=torch.int64, device=compute_device())
+    dist.all_reduce(total, group=ps.get_data_parallel_group())
     return int(total.item())
 
 
@@ -109,7 +112,8 @@ class Trainer:
         self.ref_chunks = None
         if self.spec.needs_reference and self.train_batcher.reference is None:
             self.ref_chunks = build_model_chunks(self.hf_config, task="reference",
-                                                 params_dtype=setup.params_dtype(cfg))
+                                                 params_dtype=setup.params_dtype(cfg),
+                                                 sequence_parallel=cfg.parallel.sequence_parallel)
             for ref, pol in zip(self.ref_chunks, self.chunks):
                 ref.load_state_dict(pol.module.state_dict())  # the reference is the initial policy
         self.optimizer, self.scheduler = build_optimizer(cfg, self.chunks)
@@ -154,6 +158,7 @@ class Trainer:
         from rao_megatron.training.checkpoint import save_training_checkpoint
 
         meta = {"hf_config": self.hf_config.to_dict(), "task": self.cfg.train.task, "step": self.step,
+                "dtype": self.cfg.model.dtype,
                 "tokenizer": setup.run_tokenizer_path(self.cfg)}
         state = {"step": self.step, "skipped_steps": self.skipped_steps, "scheduler": self.scheduler.state_dict(),
                  "data": self.train_batcher.state_dict(), "config": self.cfg.to_dict()}
@@ -216,9 +221,14 @@ class Trainer:
         ``train.max_bad_steps`` in a row the run stops with :class:`NonFiniteError`.
         """
         start = time.perf_counter()
-        microbatches = self.train_batcher.next_step()
+        cuda = compute_device().type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        host = self.train_batcher.next_step()
+        normalizer = global_normalizer(self.spec, host)  # from the host copies: no device sync
+        tokens = _count_tokens(host)
+        microbatches = to_device(host)
         self._prepare(microbatches)
-        normalizer = global_normalizer(self.spec, microbatches)
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -246,8 +256,10 @@ class Trainer:
                                      f"(last at step {self.step}); lower train.lr, check the data, or raise "
                                      "train.max_bad_steps")
         elapsed = time.perf_counter() - start
-        record.update(lr=self.optimizer.param_groups[0]["lr"], tokens_per_s=_count_tokens(microbatches) / elapsed,
+        record.update(lr=self.optimizer.param_groups[0]["lr"], tokens_per_s=tokens / elapsed,
                       step_time_s=elapsed, skipped_steps=self.skipped_steps)
+        if cuda:
+            record["gpu_max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if finite:
             record.update(_gather_step_metrics(outputs))
         return record
@@ -257,9 +269,10 @@ class Trainer:
         """Loss and metrics over the held-out groups (forward only)."""
         if self.eval_batcher is None:
             return {}
-        microbatches = list(self.eval_batcher.iter_eval_microbatches())
+        host = list(self.eval_batcher.iter_eval_microbatches())
+        normalizer = global_normalizer(self.spec, host)
+        microbatches = to_device(host)
         self._prepare(microbatches)
-        normalizer = global_normalizer(self.spec, microbatches)
         outputs = forward_backward(self.chunks, self._loss_step(normalizer), microbatches, forward_only=True)
         metrics = {"eval/loss": reduce_step_loss(outputs)}
         metrics.update({f"eval/{k}": v for k, v in _gather_step_metrics(outputs).items()})
@@ -361,16 +374,18 @@ def _fault_steps() -> set[int]:
 
 
 def _grads_finite(chunks: list[torch.nn.Module]) -> bool:
-    """Whether every gradient of every rank is finite (one sum per tensor, one all-reduce)."""
-    bad = torch.zeros(1)
+    """Whether every gradient of every rank is finite: sums stay on the device, one all-reduce, one host sync."""
+    sums = []
     for chunk in chunks:
         for p in chunk.parameters():
             g = getattr(p, "main_grad", None)
             if g is None:
                 g = p.grad
-            if g is not None and not bool(torch.isfinite(g.sum())):
-                bad.fill_(1.0)
-                break
+            if g is not None:
+                sums.append(g.detach().sum(dtype=torch.float32).reshape(1))
+    bad = torch.zeros(1, device=compute_device())
+    if sums:  # the sum of a tensor with an inf or nan is not finite
+        bad = (~torch.isfinite(torch.cat(sums).to(bad.device).sum())).float().reshape(1)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return not bool(bad.item())
@@ -402,7 +417,7 @@ class PreemptionHandler:
             signal.signal(sig, old)
 
     def requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._flag else 0.0])
+        flag = torch.tensor([1.0 if self._flag else 0.0], device=compute_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

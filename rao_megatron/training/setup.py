@@ -17,8 +17,12 @@ from rao_megatron.parallel.launch import free_port
 PRESET_FAMILIES = {"tiny-llama": "llama", "tiny-qwen2": "qwen2"}
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> None:
-    """Join torchrun's process group (env RANK, WORLD_SIZE, ...), or start a 1-rank one for ``python -m``."""
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0, device: str = "auto") -> None:
+    """Join torchrun's process group (env RANK, WORLD_SIZE, ...), or start a 1-rank one for ``python -m``.
+
+    ``device`` (``parallel.device``) is checked against the machine first (:func:`check_device`).
+    """
+    check_device(device)
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
@@ -29,6 +33,34 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> N
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def check_device(device: str = "auto") -> None:
+    """``parallel.device`` as the machine allows: cuda needs a CUDA torch that sees a GPU, and CUDA needs TE.
+
+    A GPU job must never fall back to training on the CPU: a CPU-only wheel in the job's venv (``make``
+    on a login node without GPUs installs one) or a node without visible GPUs stops here, naming the
+    interpreter. On CUDA the Transformer Engine spec is required (the local spec's torch norms are not
+    built for CUDA / bf16 by Megatron; a silent fallback would fail at the first forward).
+    """
+    import importlib.util
+    import sys
+
+    cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        if torch.version.cuda is None:
+            why = f"torch {torch.__version__}, a CPU-only build"
+        else:
+            why = (f"torch {torch.__version__} (CUDA {torch.version.cuda}) but no visible GPU "
+                   f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r})")
+        raise ConfigError(f"config key 'parallel.device' is cuda, but {sys.executable} has {why}; install the CUDA "
+                          "build of torch in this environment, run on a GPU node, or set parallel.device=cpu")
+    if device == "cpu" and cuda:
+        raise ConfigError("config key 'parallel.device' is cpu, but this process sees CUDA devices; hide them "
+                          "with CUDA_VISIBLE_DEVICES= (the sbatch scripts do with DEVICE=cpu)")
+    if cuda and importlib.util.find_spec("transformer_engine") is None:
+        raise ConfigError(f"CUDA run without Transformer Engine: {sys.executable} cannot import transformer_engine; "
+                          "install it (pip install -e '.[gpu]', or use an NGC PyTorch container)")
 
 
 def check_layout(cfg: Config) -> None:
@@ -219,7 +251,9 @@ def build_initial_model(cfg: Config, hf_config: Any, task: str) -> list[torch.nn
     from rao_megatron.training.checkpoint import load_model_checkpoint
     from rao_megatron.training.engine import build_model_chunks
 
-    chunks = build_model_chunks(hf_config, task=task, params_dtype=params_dtype(cfg))
+    chunks = build_model_chunks(hf_config, task=task, params_dtype=params_dtype(cfg),
+                                sequence_parallel=cfg.parallel.sequence_parallel,
+                                distributed_optimizer=cfg.parallel.distributed_optimizer)
     if cfg.model.init_checkpoint:
         load_model_checkpoint(chunks, cfg.model.init_checkpoint,
                               skip_prefixes=init_skip_prefixes(cfg.model.init_checkpoint, task))
@@ -232,6 +266,6 @@ def start(cfg: Config) -> None:
     """Process groups and Megatron's TP/PP/DP layout for this run."""
     from rao_megatron.parallel.state import initialize_model_parallel
 
-    init_distributed(cfg.parallel.backend)
+    init_distributed(cfg.parallel.backend, device=cfg.parallel.device)
     check_layout(cfg)
     initialize_model_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp, seed=cfg.train.seed)

@@ -4,6 +4,7 @@ and nothing left behind in the output directory."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,13 @@ CASES = [
          data="\n".join(ROWS[:2] + ["{not json"]) + "\n"),
     Case("convert-missing-hf", ("{tmp}/hf",), module="rao_megatron.convert",
          argv=("hf-to-megatron", "--hf", "{tmp}/hf", "--out", "{tmp}/out")),
+    # cluster settings take effect or are refused: never a silent CPU run or an ignored key
+    Case("sequence-parallel-without-tp", ("'parallel.sequence_parallel'", "parallel.tp > 1"),
+         ("parallel.sequence_parallel=true",)),
+    Case("sequence-parallel-without-te", ("sequence parallelism needs the Transformer Engine",),
+         ("parallel.sequence_parallel=true", "parallel.tp=2"), world=2),
+    Case("device-cuda-without-gpu", ("'parallel.device' is cuda", sys.executable),
+         ("parallel.device=cuda",)),
 ]
 
 
