@@ -86,6 +86,12 @@ class LossConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name != "name" and getattr(self, f.name) is not None}
 
+    def build(self) -> Any:
+        """The registry loss with these hyper-parameters, checked (a ``BoundLoss``)."""
+        from rao_megatron.losses import get_loss
+
+        return get_loss(self.name).bind(self.hparams())
+
 
 @dataclass
 class DataConfig:

@@ -27,7 +27,8 @@ def main(args: argparse.Namespace) -> int:
         print(describe())
         return 0
     cfg = load_config(args.config, args.overrides)
-    from rao_megatron.training.loop import NonFiniteError, Preempted, Trainer
+    from rao_megatron.training.loop import Trainer
+    from rao_megatron.training.reliability import NonFiniteError, Preempted
 
     try:
         Trainer(cfg).run()

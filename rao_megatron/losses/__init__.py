@@ -6,7 +6,7 @@
 
 from . import grao, pairwise, rao, sft  # noqa: F401  (registration side effects)
 from .groups import PAIRINGS, make_groups, preference_pairs
-from .registry import LOSSES, LossSpec, get_loss
+from .registry import LOSSES, BoundLoss, LossSpec, get_loss
 from .stats import SequenceStats
 
-__all__ = ["LOSSES", "PAIRINGS", "LossSpec", "SequenceStats", "get_loss", "make_groups", "preference_pairs"]
+__all__ = ["LOSSES", "PAIRINGS", "BoundLoss", "LossSpec", "SequenceStats", "get_loss", "make_groups", "preference_pairs"]

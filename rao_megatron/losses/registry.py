@@ -50,15 +50,24 @@ class LossSpec:
                 raise ValueError(f"loss '{self.name}' has no hyper-parameter '{key}' "
                                  f"(it takes: {', '.join(self.hparams) or 'none'}){hint}")
 
-    def local_normalizer(self, stats: SequenceStats) -> float:
-        """This batch's share of the normaliser: its group count, or its response-token count."""
+    def normalizer(self, lengths: Tensor, group_ids: Tensor) -> float:
+        """These sequences' share of the normaliser: their group count, or their response-token count."""
         if self.normalizer_kind == "tokens":
-            return float(stats.lengths.sum())
-        return float(stats.group_ids.unique().numel())
+            return float(lengths.sum())
+        return float(group_ids.unique().numel())
+
+    def bind(self, hparams: dict[str, Any]) -> BoundLoss:
+        """This loss with checked hyper-parameters: built once per run and passed down."""
+        self.check_hparams(hparams)
+        return BoundLoss(self, dict(hparams))
 
     def __call__(self, stats: SequenceStats, *, normalizer: float | None = None,
                  **hparams: Any) -> tuple[Tensor, dict[str, float]]:
         self.check_hparams(hparams)
+        return self._apply(stats, normalizer, hparams)
+
+    def _apply(self, stats: SequenceStats, normalizer: float | None,
+               hparams: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         per_group, weights, metrics = self.terms(stats, **hparams)
         denom = weights.sum() if normalizer is None else normalizer
         if normalizer is not None and not normalizer > 0:
@@ -66,6 +75,24 @@ class LossSpec:
         loss = per_group.sum() / denom
         metrics = {"loss": float(per_group.detach().sum() / weights.sum()), **metrics}
         return loss, metrics
+
+
+@dataclass(frozen=True)
+class BoundLoss:
+    """A :class:`LossSpec` with its hyper-parameters, checked once: ``loss(stats, normalizer=N)``."""
+
+    spec: LossSpec
+    hparams: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def normalizer(self, lengths: Tensor, group_ids: Tensor) -> float:
+        return self.spec.normalizer(lengths, group_ids)
+
+    def __call__(self, stats: SequenceStats, *, normalizer: float | None = None) -> tuple[Tensor, dict[str, float]]:
+        return self.spec._apply(stats, normalizer, self.hparams)
 
 
 LOSSES: dict[str, LossSpec] = {}

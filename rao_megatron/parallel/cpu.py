@@ -19,9 +19,21 @@ nothing else; on a machine with CUDA it does nothing. What it changes, and why:
    computation without the device (fp32 grads are still required).
 6. The optimizers' constructors choose the fp32 / fp16 path by ``param.type() == 'torch.cuda.FloatTensor'``;
    while (and only while) they run, ``Tensor.type()`` names a CPU tensor like its CUDA counterpart.
+7. Distributed-optimizer checkpoints with torch's Adam (what Megatron falls back to without TE / apex
+   FusedAdam, so always on CPU) hit three bugs in its ``HAVE_APEX_OR_TE = False`` branches, all about
+   the per-parameter ``step`` tensor torch's Adam keeps (FusedAdam keeps it in the param groups):
+   ``DistributedOptimizer.state_dict`` asserts that those tensors hold exactly one value, which fails on
+   a fresh optimizer (no state yet) -- the state ``sharded_state_dict(is_loading=True)`` calls it in, so
+   no checkpoint could be loaded; there the step is 0 (where torch's Adam starts).
+   ``_set_main_param_and_optimizer_states`` copies every state entry from the loaded tensors, which
+   never hold ``step`` (the fully_reshardable loader skips it: it comes from the param groups) -> KeyError;
+   the entry keeps its value. And ``load_state_dict`` puts one shared ``step`` tensor into every
+   parameter's state, which torch's Adam increments in place once per parameter (``step_t += 1``), so
+   after a resume the bias correction would run ahead by #params per step; each parameter gets its copy.
 
-With these, DDP + ``get_megatron_optimizer`` (fp32 Adam, clip_grad > 0, optionally the distributed
-optimizer) run on CPU without a global TorchFunctionMode. ``sequence_parallel`` still needs TE or apex.
+With these, DDP + ``get_megatron_optimizer`` (fp32 Adam or bf16 parameters with fp32 master weights,
+clip_grad > 0, optionally the distributed optimizer and its checkpoints) run on CPU without a global
+TorchFunctionMode. ``sequence_parallel`` still needs TE or apex.
 """
 
 from __future__ import annotations
@@ -240,6 +252,55 @@ def _patch_optimizer_type_checks() -> None:
         cls.__init__ = under_cuda_type_names(cls.__init__)
 
 
+def _patch_distributed_optimizer_torch_adam_step() -> None:
+    """Item 7 of the module docstring: the ``step`` of torch's Adam inside the distributed optimizer."""
+    try:
+        from megatron.core.optimizer import distrib_optimizer
+    except ImportError:
+        return
+    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        return  # FusedAdam keeps ``step`` in its param groups; those branches are not taken
+    cls = distrib_optimizer.DistributedOptimizer
+    original_state_dict, original_load_state_dict = cls.state_dict, cls.load_state_dict
+    original_set_states = cls._set_main_param_and_optimizer_states
+
+    @functools.wraps(original_state_dict)
+    def state_dict(self: Any) -> Any:
+        inner = self.optimizer
+        if len(inner.state) > 0 or getattr(self.ddp_config, "use_megatron_fsdp", False):
+            return original_state_dict(self)
+        # fresh optimizer: Megatron reads the step from the per-parameter state torch's Adam has not
+        # created yet; give it step 0 for the duration of the call and leave the state empty again
+        for group in inner.param_groups:
+            for param in group["params"]:
+                inner.state[param]["step"] = torch.tensor(0.0)
+        try:
+            return original_state_dict(self)
+        finally:
+            inner.state.clear()
+
+    @functools.wraps(original_set_states)
+    def set_main_param_and_optimizer_states(self: Any, model_param: Any, tensors: dict[str, Any]) -> None:
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state[main_param].get("step")
+            if step is not None:
+                tensors = {**tensors, "step": step}  # the step is set from the param groups, not here
+        original_set_states(self, model_param, tensors)
+
+    @functools.wraps(original_load_state_dict)
+    def load_state_dict(self: Any, state_dict: Any) -> None:
+        original_load_state_dict(self, state_dict)
+        for state in self.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()  # one tensor per parameter, as torch's Adam has
+
+    cls.state_dict = state_dict
+    cls._set_main_param_and_optimizer_states = set_main_param_and_optimizer_states
+    cls.load_state_dict = load_state_dict
+
+
 def apply_cpu_patches() -> bool:
     """Patch Megatron-Core for CPU-only torch; idempotent, a no-op with CUDA. Returns True if patched."""
     global _APPLIED
@@ -260,6 +321,7 @@ def apply_cpu_patches() -> bool:
     _patch_tied_embedding_setup()
     _patch_grad_clipping()
     _patch_optimizer_type_checks()
+    _patch_distributed_optimizer_torch_adam_step()
     _APPLIED = True
     return True
 

@@ -175,17 +175,88 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _distributed_optimizers(optimizer: Any) -> list[Any]:
+    """The DistributedOptimizer instances in ``optimizer`` (itself or the parts of a ChainedOptimizer)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [p for p in parts if isinstance(p, DistributedOptimizer)]
+
+
 def _optimizer_metadata(optimizer: Any) -> dict[str, Any] | None:
-    # the reshardable layout of the distributed optimizer (GPU); the plain optimizer needs none
-    if getattr(getattr(optimizer, "config", None), "use_distributed_optimizer", False):
-        return {"distrib_optim_sharding_type": "fully_reshardable"}
-    return None
+    """How the optimizer state is laid out in a training checkpoint (None: the plain optimizer's own layout).
+
+    The distributed optimizer (GPU) writes Megatron's ``fully_reshardable`` format with
+    ``distrib_optim_fully_reshardable_mem_efficient`` (Megatron-LM's ``--dist-ckpt-optim-fully-reshardable
+    --distrib-optim-fully-reshardable-mem-efficient``): on save each DP group gathers its optimizer shards
+    over *gloo* to DP rank 0 only, in host memory (``get_parameter_state_dp_zero(use_gloo_comm=True,
+    return_on_all_ranks=False)``) -- no GPU memory and nothing on the other DP ranks -- and writes them in
+    model-parameter space (``optimizer.state.{param,exp_avg,exp_avg_sq}.<model key>``, the model's TP/PP
+    sharding), so a checkpoint resumes at any other DP, TP or PP layout. Without the option every DP rank
+    all-gathers the whole state over NCCL (~16 GB GPU + ~50 GB host per rank for 8B at TP2). Megatron-LM's
+    default, ``dp_reshardable`` (each rank writes its own bucket-space shard, no gather at all), is cheaper
+    still but resumes only at the same TP/PP layout (``load_parameter_state_from_dp_reshardable`` asserts
+    equal bucket sizes), which would break the TP/PP resharding promised for training checkpoints.
+    Loading is unchanged by the option: every rank allocates and reads the whole state of its TP/PP slice
+    in host memory (12 bytes per parameter / (TP x PP)) and keeps its own DP shard.
+    """
+    dist_opts = _distributed_optimizers(optimizer)
+    if not dist_opts:
+        return None
+    # The gloo groups exist unless parallel_state was built with create_gloo_process_groups=False; the
+    # NCCL all-gather variant writes the same checkpoint (Megatron treats the two as interchangeable).
+    gloo = all(getattr(o, "data_parallel_group_gloo", None) is not None for o in dist_opts)
+    return {"distrib_optim_sharding_type": "fully_reshardable",
+            "distrib_optim_fully_reshardable_mem_efficient": gloo}
 
 
-def _training_sharded_state_dict(chunks: Any, optimizer: Any, is_loading: bool) -> dict[str, Any]:
+def _written_optimizer_layout(path: Path) -> dict[str, Any] | None:
+    """The distributed-optimizer layout a checkpoint was written with; None if a plain optimizer wrote it."""
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    written = common.get("content_metadata") or {}
+    if "distrib_optim_sharding_type" in written:
+        return {k: v for k, v in written.items() if k.startswith("distrib_optim_")}
+    # no content metadata: the distributed optimizer's own state still names its sharding type
+
+    def sharding_type(d: Any, depth: int = 0) -> str | None:
+        if not isinstance(d, dict) or depth > 3:
+            return None
+        if isinstance(d.get("param_state_sharding_type"), str):
+            return d["param_state_sharding_type"]
+        return next((t for v in d.values() if (t := sharding_type(v, depth + 1)) is not None), None)
+
+    found = sharding_type(common.get("optimizer"))
+    return None if found is None else {"distrib_optim_sharding_type": found}
+
+
+def _load_optimizer_metadata(path: Path, optimizer: Any) -> dict[str, Any] | None:
+    """The layout to read the optimizer state with: the one the checkpoint was written with (as Megatron-LM
+    does via ``load_content_metadata``). A checkpoint of the other optimizer kind is refused: the plain and
+    the distributed optimizer store their state under different keys."""
+    ours = _optimizer_metadata(optimizer)
+    written = _written_optimizer_layout(path)
+    if (ours is None) != (written is None):
+        kind = {True: "the distributed optimizer", False: "the plain (non-distributed) optimizer"}
+        raise CheckpointError(
+            f"checkpoint {path} holds the state of {kind[written is not None]}, but this run uses "
+            f"{kind[ours is not None]} (on by default with CUDA, off on CPU): resume with the optimizer it "
+            "was written with, or start afresh and initialise the model from it (model.init_checkpoint)")
+    return written
+
+
+def _common_state_to_compare(common: dict[str, Any]) -> dict[str, Any]:
+    """The common (non-sharded) state dist_checkpointing checks is equal on all ranks, without the
+    ``param_state: None`` the DP ranks > 0 hold in the mem-efficient format (only DP rank 0 gathers)."""
+    opt = common.get("optimizer")
+    if isinstance(opt, dict) and "param_state" in opt and opt["param_state"] is None:
+        return {**common, "optimizer": {k: v for k, v in opt.items() if k != "param_state"}}
+    return common
+
+
+def _training_sharded_state_dict(chunks: Any, optimizer: Any, is_loading: bool,
+                                 metadata: dict[str, Any] | None) -> dict[str, Any]:
     state = model_sharded_state_dict(chunks)
-    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading,
-                                                      metadata=_optimizer_metadata(optimizer))
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
     return state
 
 
@@ -229,7 +300,10 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, chunks: Any, op
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)  # empty: dist_checkpointing warns about "corrupted" content otherwise
     _barrier()
-    dist_checkpointing.save(_training_sharded_state_dict(chunks, optimizer, is_loading=False), str(tmp))
+    metadata = _optimizer_metadata(optimizer)
+    dist_checkpointing.save(_training_sharded_state_dict(chunks, optimizer, False, metadata), str(tmp),
+                            content_metadata=metadata,
+                            preprocess_common_before_consistancy_check=_common_state_to_compare)
     if _rank0():
         (tmp / RNG_DIR).mkdir()
     _barrier()
@@ -274,7 +348,8 @@ def load_training_checkpoint(path: str | os.PathLike, chunks: Any, optimizer: An
     problem = verify_checkpoint(path)
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} cannot be resumed: {problem}")
-    state = dist_checkpointing.load(_training_sharded_state_dict(chunks, optimizer, is_loading=True), str(path))
+    metadata = _load_optimizer_metadata(path, optimizer)
+    state = dist_checkpointing.load(_training_sharded_state_dict(chunks, optimizer, True, metadata), str(path))
     for i, chunk in enumerate(as_chunks(chunks)):
         chunk.load_state_dict(state[f"model{i}"], strict=False)
     optimizer.load_state_dict(state["optimizer"])

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -16,7 +15,6 @@ from megatron.core.distributed import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
-from rao_megatron.data.collate import PAD_GROUP
 from rao_megatron.models.provider import build_gpt_model, enable_hidden_state_output
 from rao_megatron.models.reward import build_reward_model
 from rao_megatron.parallel.device import compute_device, move_modules, to_device
@@ -118,37 +116,3 @@ def attach_reference_logps(ref_chunks: Sequence[torch.nn.Module], microbatches: 
                                                                    vocab_size=vocab_size, settings=settings)):
         mb["ref_prompt_logps"] = prompt
         mb["ref_logps"] = response
-
-
-def global_normalizer(spec: Any, microbatches: Sequence[dict[str, Tensor]]) -> float:
-    """The loss normaliser of one optimizer step over all data-parallel ranks: groups, or response tokens."""
-    local = 0.0
-    for mb in microbatches:
-        keep = mb["group_ids"] != PAD_GROUP
-        if spec.normalizer_kind == "tokens":
-            local += float(mb["lengths"][keep].sum())
-        else:
-            local += float(mb["group_ids"][keep].unique().numel())
-    if ps.get_data_parallel_world_size() > 1:
-        t = torch.tensor([local], dtype=torch.float64, device=compute_device())
-        dist.all_reduce(t, group=ps.get_data_parallel_group())
-        local = float(t.item())
-    if local <= 0:
-        raise ValueError("the batch holds no groups to train on")
-    return local
-
-
-def reduce_step_loss(outputs: list[dict[str, Any]]) -> float | None:
-    """The optimizer step's loss (sum of normalised micro-batch contributions over DP), on every rank.
-
-    Broadcast from the last pipeline stage so that all ranks log the same number.
-    """
-    value = torch.zeros(1, dtype=torch.float64, device=compute_device())
-    if ps.is_pipeline_last_stage(ignore_virtual=True) and outputs:
-        value += sum(float(o["loss"]) for o in outputs)
-    if ps.get_data_parallel_world_size() > 1:
-        dist.all_reduce(value, group=ps.get_data_parallel_group())
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        last = ps.get_pipeline_model_parallel_last_rank()
-        dist.broadcast(value, src=last, group=ps.get_pipeline_model_parallel_group())
-    return float(value.item())

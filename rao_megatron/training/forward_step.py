@@ -24,7 +24,7 @@ from torch import Tensor
 
 from rao_megatron.data.collate import PAD_GROUP
 from rao_megatron.logprobs import vocab_parallel_logprobs
-from rao_megatron.losses import SequenceStats, get_loss
+from rao_megatron.losses import BoundLoss, SequenceStats
 from rao_megatron.losses.groups import make_groups, preference_pairs
 from rao_megatron.models.provider import output_weight, unwrap_model
 from rao_megatron.models.reward import reward_scores
@@ -68,16 +68,11 @@ def _forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 @dataclass
 class _LossStep:
-    """Shared plumbing: the loss by name, its hyper-parameters, the global normaliser and grad scale."""
+    """Shared plumbing: the bound loss (checked once by its builder), the global normaliser, the grad scale."""
 
-    loss_name: str
-    hparams: dict[str, Any] = field(default_factory=dict)
+    loss: BoundLoss
     normalizer: float | None = None
     grad_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        self.spec = get_loss(self.loss_name)
-        self.spec.check_hparams(self.hparams)
 
     def _empty(self, output: Tensor) -> tuple[Tensor, dict[str, Any]]:
         """An all-padding micro-batch (a DP rank's share of a short held-out set): no loss, no metrics."""
@@ -85,7 +80,7 @@ class _LossStep:
         return zero, {"loss": zero.detach(), "metrics": {}, "groups": 0, "sequences": 0}
 
     def _finish(self, stats: SequenceStats) -> tuple[Tensor, dict[str, Any]]:
-        loss, metrics = self.spec(stats, normalizer=self.normalizer, **self.hparams)
+        loss, metrics = self.loss(stats, normalizer=self.normalizer)
         reduced = {"loss": loss.detach().clone(), "metrics": metrics,
                    "groups": int(stats.group_ids.unique().numel()), "sequences": stats.num_sequences}
         return loss * self.grad_scale, reduced
@@ -127,8 +122,8 @@ class PolicyStep(_LossStep):
                 lengths=batch["lengths"][keep], group_ids=batch["group_ids"][keep],
                 rewards=_optional(batch, "rewards", keep),
                 is_reference_answer=_optional(batch, "is_reference_answer", keep))
-            if self.spec.needs_reference and stats.ref_logps is None:
-                raise ValueError(f"loss '{self.loss_name}' needs reference log-probs: precompute them "
+            if self.loss.spec.needs_reference and stats.ref_logps is None:
+                raise ValueError(f"loss '{self.loss.name}' needs reference log-probs: precompute them "
                                  "(python -m rao_megatron.precompute_reference) or use train.reference=on_the_fly")
             loss, reduced = self._finish(stats)
         reduced["policy_logps"] = response[keep].detach()
@@ -138,8 +133,6 @@ class PolicyStep(_LossStep):
 @dataclass
 class RewardModelStep(_LossStep):
     """Bradley–Terry reward-model training: scalar score at each sequence's last token -> ``bt`` loss."""
-
-    loss_name: str = "bt"
 
     def __call__(self, data_iterator: Any, model: torch.nn.Module) -> tuple[Tensor, Any]:
         batch = next(data_iterator)
@@ -162,7 +155,7 @@ class RewardModelStep(_LossStep):
     def _pair_counts(self, stats: SequenceStats) -> tuple[int, int]:
         """(correctly ordered, all) preference pairs of this micro-batch: exact held-out pair accuracy."""
         chosen, rejected = preference_pairs(make_groups(stats.group_ids), stats.rewards,
-                                            self.hparams.get("pairing", "best_vs_rest"), self.loss_name)
+                                            self.loss.hparams.get("pairing", "best_vs_rest"), self.loss.name)
         s = stats.scores.detach()
         return int((s[chosen] > s[rejected]).sum()), int(chosen.numel())
 

@@ -3,32 +3,41 @@
 from __future__ import annotations
 
 import math
-import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from rao_megatron.config import Config, ConfigError, dump_config
-from rao_megatron.losses import get_loss
 from rao_megatron.parallel.device import compute_device, to_device
 from rao_megatron.training import setup
 from rao_megatron.training.engine import (
     attach_reference_logps,
     build_model_chunks,
     forward_backward,
-    global_normalizer,
-    reduce_step_loss,
     use_distributed_optimizer,
 )
 from rao_megatron.training.forward_step import LogprobSettings, PolicyStep, RewardModelStep
-from rao_megatron.training.metrics import MetricsWriter, mean_metrics, plot_metrics
+from rao_megatron.training.metrics import MetricsWriter, plot_metrics
+from rao_megatron.training.reductions import (
+    count_tokens,
+    global_normalizer,
+    step_loss,
+    step_metrics,
+    summed_counts,
+)
+from rao_megatron.training.reliability import (
+    PREEMPTED_MARKER,
+    NonFiniteError,
+    Preempted,
+    PreemptionHandler,
+    fault_steps,
+    grads_finite,
+)
 
 
 def build_optimizer(cfg: Config, chunks: list[torch.nn.Module]) -> tuple[Any, OptimizerParamScheduler]:
@@ -48,50 +57,6 @@ def build_optimizer(cfg: Config, chunks: list[torch.nn.Module]) -> tuple[Any, Op
     return optimizer, scheduler
 
 
-def _gather_step_metrics(outputs: list[dict[str, Any]]) -> dict[str, float]:
-    """Loss-function metrics averaged over micro-batches and DP ranks (group-weighted), on every rank."""
-    local = None
-    if ps.is_pipeline_last_stage(ignore_virtual=True) and outputs:
-        local = (mean_metrics([o["metrics"] for o in outputs], [o["groups"] for o in outputs]),
-                 sum(o["groups"] for o in outputs))
-    if ps.get_data_parallel_world_size() > 1:
-        parts: list[Any] = [None] * ps.get_data_parallel_world_size()
-        dist.all_gather_object(parts, local, group=ps.get_data_parallel_group())
-        parts = [p for p in parts if p is not None]
-        local = (mean_metrics([p[0] for p in parts], [p[1] for p in parts]), sum(p[1] for p in parts)) if parts else None
-    box = [local]
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
-                                   group=ps.get_pipeline_model_parallel_group())
-    metrics = dict(box[0][0]) if box[0] else {}
-    metrics.pop("loss", None)  # the step loss is the normalised global sum, reported separately
-    return metrics
-
-
-def _sum_over_data(outputs: list[dict[str, Any]], key: str) -> list[int]:
-    """Sum of the integer tuples ``o[key]`` over micro-batches and DP ranks, on every rank."""
-    width = len(outputs[0][key]) if outputs else 0
-    local = [sum(o[key][i] for o in outputs) for i in range(width)]
-    box = [local if ps.is_pipeline_last_stage(ignore_virtual=True) else None]
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
-                                   group=ps.get_pipeline_model_parallel_group())
-    total = torch.tensor(box[0], dtype=torch.int64, device=compute_device())
-    if ps.get_data_parallel_world_size() > 1:
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
-    return [int(x) for x in total.tolist()]
-
-
-def _count_tokens(microbatches: list[dict[str, torch.Tensor]]) -> int:
-    """Real tokens of this step over all DP ranks (call it on the host-side batches: no device sync)."""
-    local = sum(int(mb["seq_lengths"][mb["group_ids"] >= 0].sum()) for mb in microbatches)
-    if ps.get_data_parallel_world_size() == 1:
-        return local
-    total = torch.tensor([local], dtype=torch.int64, device=compute_device())
-    dist.all_reduce(total, group=ps.get_data_parallel_group())
-    return int(total.item())
-
-
 class Trainer:
     """Holds the model, optimizer, data and reference for one run; ``run()`` trains ``train.steps`` steps."""
 
@@ -99,8 +64,8 @@ class Trainer:
         self.cfg = cfg
         setup.start(cfg)
         self.output_dir = Path(cfg.train.output_dir)
-        self.spec = get_loss(cfg.loss.name)
-        self.hparams = cfg.loss.hparams()
+        self.loss = cfg.loss.build()  # the loss with its checked hyper-parameters, passed down as an object
+        self.spec = self.loss.spec
         self.tokenizer = setup.load_run_tokenizer(cfg)
         self.hf_config = setup.resolve_hf_config(cfg, self.tokenizer)
         self.groups = setup.load_groups(cfg, self.tokenizer, self.spec)
@@ -205,8 +170,8 @@ class Trainer:
 
     def _loss_step(self, normalizer: float) -> Any:
         if self.cfg.train.task == "rm":
-            return RewardModelStep(loss_name=self.spec.name, hparams=self.hparams, normalizer=normalizer)
-        return PolicyStep(loss_name=self.spec.name, hparams=self.hparams, normalizer=normalizer,
+            return RewardModelStep(loss=self.loss, normalizer=normalizer)
+        return PolicyStep(loss=self.loss, normalizer=normalizer,
                           vocab_size=self.hf_config.vocab_size, logprobs=self.logprobs)
 
     def _prepare(self, microbatches: list[dict[str, torch.Tensor]]) -> None:
@@ -225,19 +190,19 @@ class Trainer:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         host = self.train_batcher.next_step()
-        normalizer = global_normalizer(self.spec, host)  # from the host copies: no device sync
-        tokens = _count_tokens(host)
+        normalizer = global_normalizer(self.loss, host)  # from the host copies: no device sync
+        tokens = count_tokens(host)
         microbatches = to_device(host)
         self._prepare(microbatches)
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = forward_backward(self.chunks, self._loss_step(normalizer), microbatches)
-        loss = reduce_step_loss(outputs)
+        loss = step_loss(outputs)
         self.step += 1
-        if self.step in _fault_steps():
+        if self.step in fault_steps():
             loss = float("nan")
-        finite = math.isfinite(loss) and _grads_finite(self.chunks)
+        finite = math.isfinite(loss) and grads_finite(self.chunks)
         record: dict[str, Any] = {"step": self.step}
         if finite:
             update_ok, grad_norm, _ = self.optimizer.step()
@@ -261,7 +226,7 @@ class Trainer:
         if cuda:
             record["gpu_max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if finite:
-            record.update(_gather_step_metrics(outputs))
+            record.update(step_metrics(outputs))
         return record
 
     @torch.no_grad()
@@ -270,15 +235,15 @@ class Trainer:
         if self.eval_batcher is None:
             return {}
         host = list(self.eval_batcher.iter_eval_microbatches())
-        normalizer = global_normalizer(self.spec, host)
+        normalizer = global_normalizer(self.loss, host)
         microbatches = to_device(host)
         self._prepare(microbatches)
         outputs = forward_backward(self.chunks, self._loss_step(normalizer), microbatches, forward_only=True)
-        metrics = {"eval/loss": reduce_step_loss(outputs)}
-        metrics.update({f"eval/{k}": v for k, v in _gather_step_metrics(outputs).items()})
+        metrics = {"eval/loss": step_loss(outputs)}
+        metrics.update({f"eval/{k}": v for k, v in step_metrics(outputs).items()})
         if self.cfg.train.task == "rm":
             # pooled over all held-out pairs (the mean above weights micro-batches by groups)
-            correct, pairs = _sum_over_data(outputs, "pair_counts")
+            correct, pairs = summed_counts(outputs, "pair_counts", 2)
             metrics.update({"eval/accuracy": correct / pairs if pairs else float("nan"), "eval/pairs": pairs,
                             "eval/groups": len(self.groups.heldout)})
         return metrics
@@ -353,71 +318,3 @@ class Trainer:
 def _postfix(record: dict[str, Any]) -> dict[str, str]:
     keys = ("loss", "rewards/gap", "rewards/margin", "accuracy", "tokens_per_s")
     return {k.split("/")[-1]: f"{record[k]:.4g}" for k in keys if record.get(k) is not None}
-
-
-#: written to ``train.output_dir`` when a run stops for preemption (holds the step); removed on restart
-PREEMPTED_MARKER = "PREEMPTED"
-
-
-class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-class Preempted(Exception):
-    """The run was asked to stop (SIGTERM/SIGUSR1) and saved a checkpoint."""
-
-
-def _fault_steps() -> set[int]:
-    """Steps whose loss is made NaN: ``RAO_FAULT_NAN_STEPS=3,4`` (a test aid for the non-finite guard)."""
-    raw = os.environ.get("RAO_FAULT_NAN_STEPS", "")
-    return {int(x) for x in raw.split(",") if x.strip()}
-
-
-def _grads_finite(chunks: list[torch.nn.Module]) -> bool:
-    """Whether every gradient of every rank is finite: sums stay on the device, one all-reduce, one host sync."""
-    sums = []
-    for chunk in chunks:
-        for p in chunk.parameters():
-            g = getattr(p, "main_grad", None)
-            if g is None:
-                g = p.grad
-            if g is not None:
-                sums.append(g.detach().sum(dtype=torch.float32).reshape(1))
-    bad = torch.zeros(1, device=compute_device())
-    if sums:  # the sum of a tensor with an inf or nan is not finite
-        bad = (~torch.isfinite(torch.cat(sums).to(bad.device).sum())).float().reshape(1)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bool(bad.item())
-
-
-class PreemptionHandler:
-    """Turns SIGTERM / SIGUSR1 into a flag checked at step boundaries (agreed on by all ranks)."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self) -> None:
-        self._flag = False
-        self._saved: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self._flag = True
-
-    def __enter__(self) -> PreemptionHandler:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                sig = getattr(signal, name)
-                self._saved[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._saved.items():
-            signal.signal(sig, old)
-
-    def requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._flag else 0.0], device=compute_device())
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())

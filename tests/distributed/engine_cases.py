@@ -74,13 +74,9 @@ def run_step(tp: int, pp: int, loss: str, hparams: dict, groups_per_mb: int, hf_
     from rao_megatron.losses import get_loss
     from rao_megatron.models.provider import as_chunks
     from rao_megatron.parallel.state import initialize_model_parallel
-    from rao_megatron.training.engine import (
-        build_model_chunks,
-        forward_backward,
-        global_normalizer,
-        reduce_step_loss,
-    )
+    from rao_megatron.training.engine import build_model_chunks, forward_backward
     from rao_megatron.training.forward_step import PolicyStep, RewardModelStep
+    from rao_megatron.training.reductions import global_normalizer, step_loss
 
     initialize_model_parallel(tp=tp, pp=pp)
     task = "rm" if loss == "bt" else "policy"
@@ -89,16 +85,16 @@ def run_step(tp: int, pp: int, loss: str, hparams: dict, groups_per_mb: int, hf_
     mbs = microbatches(groups, groups_per_mb)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = mbs[dp_rank::dp]
-    spec = get_loss(loss)
-    norm = global_normalizer(spec, mine)
+    bound = get_loss(loss).bind(hparams)
+    norm = global_normalizer(bound, mine)
     if task == "rm":
-        step = RewardModelStep(loss_name=loss, hparams=hparams, normalizer=norm)
+        step = RewardModelStep(loss=bound, normalizer=norm)
     else:
-        step = PolicyStep(loss_name=loss, hparams=hparams, normalizer=norm, vocab_size=hf_cfg.vocab_size)
+        step = PolicyStep(loss=bound, normalizer=norm, vocab_size=hf_cfg.vocab_size)
     for c in chunks:
         c.zero_grad_buffer()
     outputs = forward_backward(chunks, step, mine)
-    value = reduce_step_loss(outputs)
+    value = step_loss(outputs)
     bare = as_chunks(chunks)
     with torch.no_grad():
         for c in bare:
@@ -115,6 +111,7 @@ def run_logps(tp: int, pp: int, hf_cfg: Any, hf_sd: dict[str, torch.Tensor], gro
     from megatron.core import parallel_state as ps
 
     from rao_megatron.conversion.state import load_hf_state_dict_into_megatron
+    from rao_megatron.losses import get_loss
     from rao_megatron.parallel.state import initialize_model_parallel
     from rao_megatron.training.engine import build_model_chunks, forward_backward, sequence_logps
     from rao_megatron.training.forward_step import PolicyStep
@@ -124,7 +121,7 @@ def run_logps(tp: int, pp: int, hf_cfg: Any, hf_sd: dict[str, torch.Tensor], gro
     load_hf_state_dict_into_megatron(chunks, hf_sd, hf_cfg)
     mbs = microbatches(groups, 2)
     sums = sequence_logps(chunks, mbs, vocab_size=hf_cfg.vocab_size)
-    step = PolicyStep(loss_name="rao", normalizer=float(len(groups)), vocab_size=hf_cfg.vocab_size)
+    step = PolicyStep(loss=get_loss("rao").bind({}), normalizer=float(len(groups)), vocab_size=hf_cfg.vocab_size)
     outputs = forward_backward(chunks, step, mbs)
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
         for (_, response), out in zip(sums, outputs):

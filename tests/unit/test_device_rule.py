@@ -106,7 +106,7 @@ def _collectives_get_compute_device_tensors() -> None:
 
     from rao_megatron.data import collate_sequences
     from rao_megatron.losses import get_loss
-    from rao_megatron.training import engine, loop
+    from rao_megatron.training import reductions, reliability
 
     batch = collate_sequences([[1, 5, 6]], [[7, 8]], seq_length=8, pad_id=0, group_ids=[0])
     param = torch.nn.Parameter(torch.ones(3))
@@ -121,12 +121,12 @@ def _collectives_get_compute_device_tensors() -> None:
         return collective
 
     calls = {
-        "global_normalizer": lambda: engine.global_normalizer(get_loss("rao"), [batch]),
-        "reduce_step_loss": lambda: engine.reduce_step_loss([{"loss": torch.tensor(1.0)}]),
-        "count_tokens": lambda: loop._count_tokens([batch]),
-        "sum_over_data": lambda: loop._sum_over_data([{"pair_counts": (1, 2)}], "pair_counts"),
-        "grads_finite": lambda: loop._grads_finite([torch.nn.ParameterList([param])]),
-        "preemption": lambda: loop.PreemptionHandler().requested(),
+        "global_normalizer": lambda: reductions.global_normalizer(get_loss("rao").bind({}), [batch]),
+        "step_loss": lambda: reductions.step_loss([{"loss": torch.tensor(1.0)}]),
+        "count_tokens": lambda: reductions.count_tokens([batch]),
+        "summed_counts": lambda: reductions.summed_counts([{"pair_counts": (1, 2)}], "pair_counts", 2),
+        "grads_finite": lambda: reliability.grads_finite([torch.nn.ParameterList([param])]),
+        "preemption": lambda: reliability.PreemptionHandler().requested(),
     }
     saved = (dist.all_reduce, dist.broadcast, ps.get_data_parallel_world_size, dist.get_world_size)
     dist.all_reduce, dist.broadcast = record("all_reduce"), record("broadcast")

@@ -1,0 +1,110 @@
+"""Reductions of one step's results: over data-parallel ranks, then from the last pipeline stage to all.
+
+Loss functions run on the last pipeline stage only, on each data-parallel rank's share of the batch.
+What the trainer logs must be the same number on every rank, so every reduction is the same two moves:
+sum (or gather) over the DP group, then broadcast from the last PP stage. Tensors handed to collectives
+live on the compute device (NCCL needs CUDA tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from rao_megatron.data.collate import PAD_GROUP
+from rao_megatron.parallel.device import compute_device
+from rao_megatron.training.metrics import mean_metrics
+
+T = TypeVar("T")
+
+
+def sum_over_data(values: Sequence[float]) -> list[float]:
+    """Element-wise sum of ``values`` over the data-parallel group (fp64; no collective at DP1)."""
+    if ps.get_data_parallel_world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(list(values), dtype=torch.float64, device=compute_device())
+    dist.all_reduce(t, group=ps.get_data_parallel_group())
+    return [float(v) for v in t.tolist()]
+
+
+def gather_over_data(obj: T) -> list[T]:
+    """Every data-parallel rank's ``obj`` (picklable), in DP rank order."""
+    if ps.get_data_parallel_world_size() == 1:
+        return [obj]
+    parts: list[Any] = [None] * ps.get_data_parallel_world_size()
+    dist.all_gather_object(parts, obj, group=ps.get_data_parallel_group())
+    return parts
+
+
+def from_last_stage(obj: T) -> T:
+    """The last pipeline stage's ``obj`` on every stage (identity without pipeline parallelism)."""
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                               group=ps.get_pipeline_model_parallel_group())
+    return box[0]
+
+
+def is_last_stage() -> bool:
+    return ps.is_pipeline_last_stage(ignore_virtual=True)
+
+
+def last_stage_sum(values: Sequence[float] | None, width: int) -> list[float]:
+    """The sum over DP ranks of the last stage's ``values`` (``width`` numbers), on every rank.
+
+    Other stages pass ``None`` (their DP groups still take part in the collective, with zeros).
+    """
+    local = list(values) if is_last_stage() and values is not None else [0.0] * width
+    if len(local) != width:
+        raise ValueError(f"expected {width} values to reduce, got {len(local)}")
+    return from_last_stage(sum_over_data(local))
+
+
+def global_normalizer(loss: Any, microbatches: Sequence[dict[str, torch.Tensor]]) -> float:
+    """The loss normaliser of one optimizer step over all DP ranks (the loss's rule: groups or tokens).
+
+    Call it on the host-side batches: the counts then cost no device sync.
+    """
+    local = 0.0
+    for mb in microbatches:
+        keep = mb["group_ids"] != PAD_GROUP
+        local += loss.normalizer(mb["lengths"][keep], mb["group_ids"][keep])
+    total = sum_over_data([local])[0]
+    if total <= 0:
+        raise ValueError("the batch holds no groups to train on")
+    return total
+
+
+def count_tokens(microbatches: Sequence[dict[str, torch.Tensor]]) -> int:
+    """Real tokens of this step over all DP ranks (host-side batches: no device sync)."""
+    local = sum(int(mb["seq_lengths"][mb["group_ids"] != PAD_GROUP].sum()) for mb in microbatches)
+    return int(sum_over_data([local])[0])
+
+
+def step_loss(outputs: list[dict[str, Any]]) -> float:
+    """The optimizer step's loss (sum of normalised micro-batch contributions over DP), on every rank."""
+    return last_stage_sum([sum(float(o["loss"]) for o in outputs)] if outputs else None, 1)[0]
+
+
+def summed_counts(outputs: list[dict[str, Any]], key: str, width: int) -> list[int]:
+    """Sum of the integer tuples ``o[key]`` over micro-batches and DP ranks, on every rank."""
+    local = [sum(o[key][i] for o in outputs) for i in range(width)] if outputs else None
+    return [int(round(v)) for v in last_stage_sum(local, width)]
+
+
+def step_metrics(outputs: list[dict[str, Any]]) -> dict[str, float]:
+    """Loss-function metrics averaged over micro-batches and DP ranks (group-weighted), on every rank."""
+    local = None
+    if is_last_stage() and outputs:
+        local = (mean_metrics([o["metrics"] for o in outputs], [o["groups"] for o in outputs]),
+                 sum(o["groups"] for o in outputs))
+    parts = [p for p in gather_over_data(local) if p is not None]
+    merged = mean_metrics([p[0] for p in parts], [p[1] for p in parts]) if parts else {}
+    metrics = dict(from_last_stage(merged))
+    metrics.pop("loss", None)  # the step loss is the normalised global sum, reported separately
+    return metrics
