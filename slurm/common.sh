@@ -11,7 +11,8 @@
 #                     when it exists, else python3)
 #   CONFIG            YAML config (relative to RAO_ROOT or absolute; default: the script's own)
 #   EXTRA_ARGS        more `section.key=value` overrides, space-separated, applied last
-#   DEVICE            cuda (default) or cpu: cpu hides GPUs, uses gloo and skips the NCCL settings
+#   DEVICE            cuda (default) or cpu (-> parallel.device): cpu hides GPUs, uses gloo and skips the
+#                     NCCL settings; cuda stops the job unless $PYTHON has a CUDA torch that sees a GPU
 #   NNODES            nodes for torchrun (default: $SLURM_NNODES, else 1)
 #   GPUS_PER_NODE     processes per node (default 8; with DEVICE=cpu: CPU processes per node)
 #   MASTER_ADDR       rendezvous host (default: first host of $SLURM_JOB_NODELIST, else 127.0.0.1)
@@ -30,8 +31,9 @@
 #   OUTPUT_DIR        -> train.output_dir (metrics.jsonl, checkpoints; a requeued job resumes here)
 #   SAVE_EVERY        -> checkpoint.save_every
 #   LOSS BETA         -> loss.name / loss.beta
-#   CONTAINER_IMAGE   pyxis/enroot image (e.g. nvcr.io#nvidia/pytorch:24.10-py3 or a .sqsh file);
-#                     when set, srun gets --container-image/--container-mounts/--container-workdir
+#   CONTAINER_IMAGE   pyxis/enroot image with this project's dependencies installed (e.g. one built
+#                     from nvcr.io#nvidia/pytorch:25.12-py3: torch 2.10.0a0, Python 3.12), or a .sqsh
+#                     file; when set, srun gets --container-image/--container-mounts/--container-workdir
 #   CONTAINER_MOUNTS  extra mounts, comma-separated src:dst[,...]; RAO_ROOT is always mounted at
 #                     the same path (so relative paths and the checkout work inside the container)
 #   REQUEUE_EXIT_CODE exit code meaning "preempted: checkpoint saved, requeue me" (default 75,
@@ -40,7 +42,18 @@
 #   SHUTDOWN_TIMEOUT  seconds torchrun waits for workers to save and exit after a forwarded signal
 #                     before it kills them (default 240; keep it below the --signal lead time, 300)
 #   SRUN_ARGS         more srun options, space-separated (e.g. "--mpi=none")
-#   DRY_RUN           1: print the command that would run and exit 0 (no srun, no training)
+#   DRY_RUN           1: print the command that would run and exit 0 (no srun, no training, no checks)
+#   RAO_TORCH_CHECK   0: skip the interpreter check below (default 1)
+#
+# Interpreter check (rao_check_torch, before anything is launched; exit 2 with one `error:` line):
+#   - torch must import in $PYTHON;
+#   - DEVICE=cuda needs a CUDA build of torch that sees a GPU: a CPU-only build (what `make` installs
+#     on a login node without nvidia-smi) or no visible GPU stops the job instead of training on CPU
+#     (the training side also gets parallel.device=$DEVICE and refuses to run without CUDA);
+#   - torchrun must know --signals-to-handle (torch >= 2.10; 2.9.x and older do not have it): without
+#     it SIGUSR1 kills torchrun before the workers can checkpoint (see "Preemption" below).
+#   It runs $PYTHON in the batch shell; with CONTAINER_IMAGE inside Slurm that interpreter lives in the
+#   container, so every task runs the same check inside the container right before torchrun.
 #
 # NCCL / CUDA defaults (DEVICE=cuda only; each is exported only when not already set, so a site's
 # own values win):
@@ -57,8 +70,8 @@
 # Preemption / time limit: the scripts carry `#SBATCH --signal=B:USR1@300` and `#SBATCH --requeue`.
 # Slurm sends SIGUSR1 to this batch shell 300 s before the time limit; the trap forwards it (and
 # SIGTERM) to srun, srun to torchrun on every node, and torchrun (told to handle SIGUSR1 through
-# PET_SIGNALS_TO_HANDLE) to its workers. The training process saves a checkpoint, writes the marker
-# file $OUTPUT_DIR/PREEMPTED and exits with REQUEUE_EXIT_CODE (75). torchrun reports any worker exit
+# PET_SIGNALS_TO_HANDLE, torch >= 2.10) to its workers. The training process saves a checkpoint, writes
+# the marker file $OUTPUT_DIR/PREEMPTED and exits with REQUEUE_EXIT_CODE (75). torchrun reports any worker exit
 # as a plain failure (exit 1), so the job is requeued when the launcher did not exit 0 and
 #   - it exited with REQUEUE_EXIT_CODE (a launcher that passes the code through), or
 #   - the run directory holds the PREEMPTED marker (the run directory is OUTPUT_DIR, or the last
@@ -131,11 +144,81 @@ rao_setup() {
     export OMP_NUM_THREADS
   fi
   export TORCHDYNAMO_DISABLE=${TORCHDYNAMO_DISABLE:-1}
-  # torchrun >= 2.6 reads these (older versions ignore them): forward SIGUSR1 to the workers too,
-  # and give them SHUTDOWN_TIMEOUT seconds to checkpoint before SIGKILL.
+  # torchrun's --signals-to-handle (PET_SIGNALS_TO_HANDLE) arrived in torch 2.10: it makes torchrun
+  # forward SIGUSR1 to its workers. torch <= 2.9.x has no such option and torchrun dies of SIGUSR1
+  # (its default action) before the workers checkpoint; rao_check_torch refuses those. torchrun reads
+  # TORCH_ELASTIC_SHUTDOWN_TIMEOUT (how long the workers get before SIGKILL) from torch 2.12 on;
+  # 2.10 and 2.11 give them a fixed 30 s (rao_check_torch warns).
   export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
   export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT
   RAO_OVERRIDES=()
+  RAO_LAUNCHER=python
+}
+
+# Run by the job's interpreter (python -c PROBE DEVICE LAUNCHER NPROC): prints one `error: ...` line and
+# exits 2 when that interpreter cannot run this job, else `warning: ...` lines and an `ok ...` summary.
+read -r -d '' RAO_TORCH_PROBE <<'PY' || true
+import os, sys
+device, launcher, nproc = sys.argv[1], sys.argv[2], int(sys.argv[3])
+py = sys.executable or "python"
+def die(msg):
+    print("error: " + msg)
+    sys.exit(2)
+try:
+    import torch
+except Exception as e:
+    die(f"{py} cannot import torch ({type(e).__name__}: {e}); install this project's dependencies there")
+v = torch.__version__
+build = torch.version.cuda or getattr(torch.version, "hip", None)
+if device == "cuda":
+    if not build:
+        die(f"DEVICE=cuda but {py} has torch {v} (CPU-only build); install the CUDA build of torch there "
+            f"(the Linux x86_64 wheels on PyPI are CUDA builds: {py} -m pip install --force-reinstall torch) "
+            f"or set DEVICE=cpu")
+    if not torch.cuda.is_available():
+        die(f"DEVICE=cuda but {py} (torch {v}, CUDA {build}) sees no GPU on {os.uname().nodename} "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+            f"request GPUs (--gres=gpu:N) or set DEVICE=cpu")
+    if torch.cuda.device_count() < nproc:
+        print(f"warning: {torch.cuda.device_count()} GPU(s) visible here but GPUS_PER_NODE={nproc}")
+if launcher == "torchrun":
+    from torch.distributed.run import get_args_parser
+    options = get_args_parser().format_help()
+    if "--signals-to-handle" not in options:
+        die(f"{py} has torch {v}, whose torchrun lacks --signals-to-handle (torch >= 2.10): SIGUSR1 before the "
+            f"time limit or a preemption would kill torchrun before the workers checkpoint; use torch >= 2.10")
+    if "--shutdown-timeout" not in options:
+        print(f"warning: torch {v}: torchrun ignores TORCH_ELASTIC_SHUTDOWN_TIMEOUT (torch >= 2.12); "
+              f"after a preemption signal the workers get 30 s to checkpoint before SIGKILL")
+print(f"ok: {py}: torch {v}" + (f", CUDA {build}, {torch.cuda.device_count()} GPU(s)" if device == "cuda" else ""))
+PY
+
+# rao_check_torch: fail fast (exit 2, one `error:` line, before anything is launched) when $PYTHON cannot
+# run this job: see "Interpreter check" at the top. Call it after rao_torchrun_cmd / rao_python_cmd (and
+# after rao_srun_prefix): inside Slurm with CONTAINER_IMAGE it wraps RAO_CMD so that each task checks the
+# container's interpreter before exec-ing the command.
+rao_check_torch() {
+  if [ "${RAO_TORCH_CHECK:-1}" = 0 ]; then return 0; fi
+  if [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${CONTAINER_IMAGE:-}" ]; then
+    export RAO_TORCH_PROBE DEVICE RAO_LAUNCHER GPUS_PER_NODE
+    # shellcheck disable=SC2016  # expanded by the task's shell inside the container, not here
+    RAO_CMD=(bash -c '"$0" -c "$RAO_TORCH_PROBE" "$DEVICE" "$RAO_LAUNCHER" "$GPUS_PER_NODE" >&2 || exit 2; exec "$0" "$@"'
+             "${RAO_CMD[@]}")
+    return 0
+  fi
+  if [ "${DRY_RUN:-0}" = 1 ]; then return 0; fi
+  command -v "$PYTHON" >/dev/null 2>&1 || rao_die "PYTHON=$PYTHON: no such interpreter (set PYTHON or create $RAO_ROOT/.venv)"
+  local out rc=0 line
+  out=$("$PYTHON" -c "$RAO_TORCH_PROBE" "$DEVICE" "$RAO_LAUNCHER" "$GPUS_PER_NODE" 2>&1) || rc=$?
+  while IFS= read -r line; do
+    case "$line" in
+      "error: "*) rao_die "${line#error: }" ;;
+      "warning: "*|"ok: "*) rao_log "$line" ;;
+    esac
+  done <<<"$out"
+  if [ "$rc" -ne 0 ]; then
+    rao_die "cannot run PYTHON=$PYTHON (exit $rc): $(printf '%s\n' "$out" | tail -n 1)"
+  fi
 }
 
 # rao_check_config: fail fast (exit 2, before any process is launched) when CONFIG is missing.
@@ -172,6 +255,8 @@ rao_standard_overrides() {
   rao_override checkpoint.save_every SAVE_EVERY
   rao_override loss.name LOSS
   rao_override loss.beta BETA
+  # with cuda the training side also refuses to start without CUDA (rao_check_torch checks it first)
+  RAO_OVERRIDES+=("parallel.device=$DEVICE")
   if [ "$DEVICE" = cpu ]; then RAO_OVERRIDES+=("parallel.backend=gloo"); fi
   local extra=()
   read -r -a extra <<<"${EXTRA_ARGS:-}"
@@ -201,6 +286,7 @@ rao_srun_prefix() {
 # CONFIG overrides...` on NNODES x GPUS_PER_NODE processes (c10d rendezvous at MASTER_ADDR:PORT).
 rao_torchrun_cmd() {
   local module=$1
+  RAO_LAUNCHER=torchrun
   RAO_CMD=("$PYTHON" -m torch.distributed.run
            --nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE"
            --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"
@@ -212,6 +298,7 @@ rao_torchrun_cmd() {
 rao_python_cmd() {
   local module=$1
   shift
+  RAO_LAUNCHER=python
   RAO_CMD=("$PYTHON" -m "$module" "$@")
 }
 
@@ -225,6 +312,7 @@ _rao_forward_signal() {
 # was preempted; exit with the launcher's exit code.
 rao_launch() {
   rao_srun_prefix
+  rao_check_torch
   local full=("${RAO_SRUN[@]}" "${RAO_CMD[@]}")
   if [ "${DRY_RUN:-0}" = 1 ]; then
     printf '%q ' "${full[@]}"

@@ -11,7 +11,19 @@ Steps, in order (each a ``run.Script`` running one of the project's module CLIs)
 
 A step that is left out is replaced by its input given on the command line: without ``convert`` the
 runs start from ``--init-checkpoint`` (or the config's), without ``annotate`` the policy data must
-already carry rewards, and so on. Examples::
+already carry rewards, and so on.
+
+On SLURM (``--executor slurm``) the training steps (rm, reference, rao) get whole nodes like the
+sbatch scripts in slurm/: ``--exclusive``, ``--mem=0`` (all of each node's memory; ``--mem``),
+``--gres=gpu:GPUS_PER_NODE``, a 24 h limit (``--time``), ``--signal=USR1@300`` (``--signal-lead-s``)
+and ``--requeue``. NeMo-Run's batch script has no signal trap, so the signal goes to the job step
+(torchrun on every node), not to the batch shell; torchrun (torch >= 2.10, PET_SIGNALS_TO_HANDLE) forwards
+it to the workers, which checkpoint and exit 75; the batch script then requeues the job while its
+restart count is below ``--max-requeues`` (it does so after any failure: it cannot tell a preemption
+from a crash) and the requeued run resumes from the newest checkpoint. ``annotate`` with a reward model
+gets one GPU (``--annotate-gpus``; rule rewards get none); ``convert`` and ``export`` get no GPU: the
+converter runs on the CPU by design (it hides GPUs from its ranks), so they get ``--tool-mem`` (160G)
+of memory and ``--tool-time`` (4 h) instead. Examples::
 
     # everything on this machine (torchrun), a dry run first
     python examples/nemo_run/pipeline.py --executor local --dryrun --hf-model /models/llama3-8b-sft \\
@@ -20,7 +32,7 @@ already carry rewards, and so on. Examples::
     python examples/nemo_run/pipeline.py --executor slurm --tunnel ssh --ssh-host login.cluster \\
         --ssh-user me --remote-job-dir /lustre/me/nemo_run --repo-dir /lustre/me/rao_megatron \\
         --account acct --partition gpu --nodes 2 \\
-        --container-image nvcr.io#nvidia/pytorch:24.10-py3 --steps rao --hf-model /models/llama3-8b-sft \\
+        --container-image /lustre/me/rao_megatron.sqsh --steps rao --hf-model /models/llama3-8b-sft \\
         --init-checkpoint /ckpt/llama3-8b-sft-tp2 --policy-data /data/ann.jsonl
     # CPU smoke test: tiny model and data, 2 gloo processes (what the tests run)
     python examples/nemo_run/pipeline.py --executor local --steps rao --device cpu --gpus-per-node 2 \\
@@ -42,6 +54,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 STEPS: tuple[str, ...] = ("convert", "rm", "annotate", "reference", "rao", "export")
 #: steps launched with torchrun on nodes x gpus_per_node processes; the others are one process
 DISTRIBUTED_STEPS = frozenset({"rm", "reference", "rao"})
+#: what torchrun forwards to its workers (torch >= 2.10): SIGUSR1 is the time-limit / preemption signal
+SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
 @dataclass
@@ -151,6 +165,8 @@ def _model_overrides(s: PipelineSettings) -> list[str]:
         out.append(f"parallel.tp={s.tp}")
     if s.pp is not None:
         out.append(f"parallel.pp={s.pp}")
+    # with cuda the training side refuses to start without a GPU instead of training on the CPU
+    out.append(f"parallel.device={s.device}")
     if s.device == "cpu":
         out.append("parallel.backend=gloo")
     return out
@@ -196,8 +212,9 @@ def step_commands(s: PipelineSettings) -> dict[str, tuple[str, list[str]]]:
 
 
 def job_env(s: PipelineSettings) -> dict[str, str]:
-    """Environment of every step: the checkout importable, CPU-only settings for --device cpu."""
-    env = {"PYTHONPATH": str(s.job_root), "TORCHDYNAMO_DISABLE": "1"}
+    """Environment of every step: the checkout importable, CPU-only settings for --device cpu, and
+    torchrun told to forward SIGUSR1 (the preemption / time-limit signal) to its workers."""
+    env = {"PYTHONPATH": str(s.job_root), "TORCHDYNAMO_DISABLE": "1", "PET_SIGNALS_TO_HANDLE": SIGNALS_TO_HANDLE}
     if s.device == "cpu":
         env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     else:
@@ -207,9 +224,27 @@ def job_env(s: PipelineSettings) -> dict[str, str]:
 
 @dataclass
 class SlurmOptions:
+    """sbatch settings. Training steps (rm, reference, rao) get whole nodes and the preemption settings;
+    the one-process steps (convert, annotate, export) get ``tool_time`` / ``tool_mem`` and, for annotate
+    with a reward model, ``annotate_gpus`` GPUs."""
+
     account: str | None = None
     partition: str | None = None
-    time: str = "04:00:00"
+    #: time limit of the training steps (a requeued job gets it again)
+    time: str = "24:00:00"
+    #: all of each node's memory (``--mem=0``); None: the partition's default
+    mem: str | None = "0"
+    exclusive: bool = True
+    #: ``--signal=USR1@signal_lead_s``: how long before the time limit the training is asked to checkpoint
+    signal_lead_s: int = 300
+    #: seconds torchrun gives its workers to checkpoint after the signal before SIGKILL (torch >= 2.12)
+    shutdown_timeout_s: int = 240
+    #: the batch script requeues a job that exited non-zero at most this many times
+    max_requeues: int = 5
+    tool_time: str = "04:00:00"
+    #: the converter holds one model in memory (convert.sbatch asks for the same)
+    tool_mem: str | None = "160G"
+    annotate_gpus: int = 1
     cpus_per_task: int | None = None
     container_image: str | None = None
     container_mounts: list[str] = field(default_factory=list)
@@ -219,11 +254,32 @@ class SlurmOptions:
     remote_job_dir: str | None = None
     job_dir: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.signal_lead_s <= 0 or self.shutdown_timeout_s <= 0:
+            raise ValueError("--signal-lead-s and --shutdown-timeout must be positive")
+        if self.shutdown_timeout_s >= self.signal_lead_s:
+            raise ValueError(f"--shutdown-timeout ({self.shutdown_timeout_s} s) must be shorter than "
+                             f"--signal-lead-s ({self.signal_lead_s} s): the workers must be done before the time limit")
+        if self.max_requeues < 0 or self.annotate_gpus < 0:
+            raise ValueError("--max-requeues and --annotate-gpus must be >= 0")
 
-def make_executor(kind: str, s: PipelineSettings, distributed: bool, slurm: SlurmOptions | None = None) -> Any:
+
+def step_gpus(s: PipelineSettings, step: str, slurm: SlurmOptions) -> int:
+    """GPUs per node a step asks SLURM for: a node's worth for training, one for annotating with a model."""
+    if s.device != "cuda":
+        return 0
+    if step in DISTRIBUTED_STEPS:
+        return s.gpus_per_node
+    if step == "annotate" and not s.reward_fn:
+        return slurm.annotate_gpus
+    return 0  # convert, export: the converter runs on the CPU
+
+
+def make_executor(kind: str, s: PipelineSettings, step: str, slurm: SlurmOptions | None = None) -> Any:
     """A ``run.LocalExecutor`` or ``run.SlurmExecutor`` for one step (torchrun for distributed steps)."""
     import nemo_run as run
 
+    distributed = step in DISTRIBUTED_STEPS
     env = job_env(s)
     if kind == "local":
         if distributed:
@@ -241,15 +297,24 @@ def make_executor(kind: str, s: PipelineSettings, distributed: bool, slurm: Slur
     mounts = list(o.container_mounts)
     if o.container_image:
         mounts.append(f"{s.job_root}:{s.job_root}")
-    gpus = s.gpus_per_node if (distributed and s.device == "cuda") else None
+    gpus = step_gpus(s, step, o)
+    # Since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch: pass it on (as slurm/common.sh does)
+    srun_args = [f"--cpus-per-task={o.cpus_per_task}"] if o.cpus_per_task else None
+    common: dict[str, Any] = dict(
+        account=o.account or "", partition=o.partition, ntasks_per_node=1, cpus_per_task=o.cpus_per_task,
+        # --gres, not --gpus-per-node (cons_tres only), like the sbatch scripts
+        gres=f"gpu:{gpus}" if gpus else None, container_image=o.container_image, container_mounts=mounts,
+        srun_args=srun_args, tunnel=tunnel, packager=run.Packager())
+    if not distributed:
+        return run.SlurmExecutor(**common, time=o.tool_time, nodes=1, mem=o.tool_mem or None, env_vars=env)
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(o.shutdown_timeout_s)
     ex = run.SlurmExecutor(
-        account=o.account or "", partition=o.partition, time=o.time,
-        nodes=s.nodes if distributed else 1, ntasks_per_node=1, cpus_per_task=o.cpus_per_task,
-        gpus_per_node=gpus, container_image=o.container_image, container_mounts=mounts,
-        tunnel=tunnel, packager=run.Packager(), env_vars=env)
-    if distributed:
-        ex.launcher = "torchrun"
-        ex.torchrun_nproc_per_node = s.gpus_per_node
+        **common, time=o.time, nodes=s.nodes, mem=o.mem or None, exclusive=o.exclusive or None,
+        # no "B:": NeMo-Run's batch shell has no trap to forward it; Slurm signals the job step (torchrun)
+        signal=f"USR1@{o.signal_lead_s}", additional_parameters={"requeue": True},
+        retries=o.max_requeues, env_vars=env)
+    ex.launcher = "torchrun"
+    ex.torchrun_nproc_per_node = s.gpus_per_node
     return ex
 
 
@@ -262,7 +327,7 @@ def build_experiment(s: PipelineSettings, executor: str, slurm: SlurmOptions | N
     with exp:
         for step, (module, args) in step_commands(s).items():
             script = run.Script(path=module, args=args, m=True, entrypoint="python")
-            exp.add(script, executor=make_executor(executor, s, step in DISTRIBUTED_STEPS, slurm), name=step)
+            exp.add(script, executor=make_executor(executor, s, step, slurm), name=step)
     return exp
 
 
@@ -303,7 +368,22 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("SLURM executor")
     g.add_argument("--account")
     g.add_argument("--partition")
-    g.add_argument("--time", default="04:00:00")
+    d = SlurmOptions()
+    g.add_argument("--time", default=d.time, help="time limit of the training steps (rm, reference, rao)")
+    g.add_argument("--mem", default=d.mem, help="memory per node of the training steps (0: all of it; '': "
+                                                 "the partition's default)")
+    g.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=d.exclusive,
+                   help="whole nodes for the training steps")
+    g.add_argument("--signal-lead-s", type=int, default=d.signal_lead_s,
+                   help="SIGUSR1 this many seconds before the time limit: the training checkpoints and requeues")
+    g.add_argument("--shutdown-timeout", type=int, default=d.shutdown_timeout_s,
+                   help="seconds torchrun gives the workers to checkpoint after the signal (torch >= 2.12)")
+    g.add_argument("--max-requeues", type=int, default=d.max_requeues,
+                   help="requeue a training job that exited non-zero at most this many times")
+    g.add_argument("--tool-time", default=d.tool_time, help="time limit of convert, annotate and export")
+    g.add_argument("--tool-mem", default=d.tool_mem, help="memory of convert, annotate and export")
+    g.add_argument("--annotate-gpus", type=int, default=d.annotate_gpus,
+                   help="GPUs for annotate with a reward model (none with --reward-fn or --device cpu)")
     g.add_argument("--cpus-per-task", type=int)
     g.add_argument("--container-image", help="pyxis/enroot image; none = run on the host")
     g.add_argument("--container-mounts", default="", help="comma-separated src:dst (the checkout is added)")
@@ -329,7 +409,10 @@ def main(argv: list[str] | None = None) -> int:
             gpus_per_node=args.gpus_per_node, device=args.device, overrides=list(args.override),
             repo_dir=args.repo_dir)
         slurm = SlurmOptions(
-            account=args.account, partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task,
+            account=args.account, partition=args.partition, time=args.time, mem=args.mem or None,
+            exclusive=args.exclusive, signal_lead_s=args.signal_lead_s, shutdown_timeout_s=args.shutdown_timeout,
+            max_requeues=args.max_requeues, tool_time=args.tool_time, tool_mem=args.tool_mem or None,
+            annotate_gpus=args.annotate_gpus, cpus_per_task=args.cpus_per_task,
             container_image=args.container_image,
             container_mounts=[m for m in args.container_mounts.split(",") if m],
             tunnel=args.tunnel, ssh_host=args.ssh_host, ssh_user=args.ssh_user,
@@ -346,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["STEPS", "PipelineSettings", "SlurmOptions", "build_experiment", "main",
-           "make_executor", "run_experiment", "step_commands"]
+           "make_executor", "run_experiment", "step_commands", "step_gpus"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -53,13 +53,46 @@ RANK_TIMEOUT_S = 3600.0
 _USER_ERRORS = ("ConversionError", "ValueError", "KeyError", "FileNotFoundError")
 
 
+def hide_gpus() -> None:
+    """Make this process CPU-only: no GPU is visible to it, and torch says so.
+
+    The conversion ranks run here. Launched where GPUs are visible (online GRAO, NeMo-Run's local
+    executor, an interactive GPU node) they would otherwise build their models with
+    ``use_cpu_initialization=False`` on whatever CUDA device is current, and a rank forked from a parent
+    that already asked torch about CUDA could not initialise CUDA at all. ``CUDA_VISIBLE_DEVICES=""``
+    hides the GPUs from CUDA itself (and from any child process); a forked rank also inherits torch's
+    cached device count, so ``torch.cuda.is_available()`` / ``device_count()`` are pinned to what is now
+    true for this process: no CUDA. Then Megatron initialises on the CPU and the CPU patches apply.
+    """
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    torch.cuda.is_available = _no_cuda  # type: ignore[assignment]
+    torch.cuda.device_count = _no_devices  # type: ignore[assignment]
+
+
+def _no_cuda() -> bool:
+    return False
+
+
+def _no_devices() -> int:
+    return 0
+
+
+def _cpu_rank(fn: Callable[..., Any], *args: Any) -> None:
+    """Entry of every conversion rank: GPUs hidden before anything touches CUDA, then ``fn(*args)``."""
+    hide_gpus()
+    fn(*args)
+
+
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
-    """Run ``fn(*args)`` on ``world_size`` forked CPU gloo ranks; a user error on a rank re-raises here."""
+    """Run ``fn(*args)`` on ``world_size`` forked CPU gloo ranks; a user error on a rank re-raises here.
+
+    The ranks never use a GPU, even where the caller sees some (:func:`hide_gpus`); the caller's own
+    process is left as it is."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConversionError("run the converter as a plain process, not under torchrun: it starts its own "
                               "tp x pp CPU processes")
     try:
-        run_distributed(fn, world_size, *args, timeout_s=RANK_TIMEOUT_S)
+        run_distributed(_cpu_rank, world_size, fn, *args, timeout_s=RANK_TIMEOUT_S)
     except ProcessRaisedException as e:
         # the worker's traceback arrives as text; surface its last line when it is a user error
         lines = [ln for ln in str(e).splitlines() if ln.strip()]

@@ -90,14 +90,82 @@ def test_dryrun_whole_pipeline(executor: str, tmp_path: Path) -> None:
         assert module in text
     assert "torchrun" in text
     if executor == "slurm":
-        assert "#SBATCH" in text
+        scripts = _sbatch_flags_by_step(text)
+        assert set(scripts) == {"convert", "rm", "annotate", "reference", "rao", "export"}, scripts
+        for step in ("rm", "reference", "rao"):  # whole nodes, 24 h, checkpoint-and-requeue before the limit
+            assert {"--exclusive", "--mem=0", "--gres=gpu:8", "--time=24:00:00", "--signal=USR1@300",
+                    "--requeue"} <= scripts[step], (step, scripts[step])
+        assert "--gres=gpu:1" in scripts["annotate"]  # the reward model scores on one GPU
+        for step in ("convert", "export"):  # the converter runs on the CPU
+            assert not any(f.startswith("--gres") for f in scripts[step]), scripts[step]
+        for step in ("convert", "annotate", "export"):
+            assert {"--mem=160G", "--time=04:00:00"} <= scripts[step] and "--exclusive" not in scripts[step]
+            assert not any(f.startswith("--signal") for f in scripts[step])
+        # torchrun forwards SIGUSR1 and gives the workers SHUTDOWN_TIMEOUT s; the batch script requeues
+        assert text.count("export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1") == 6
+        assert text.count("export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=240") == 3
+        assert text.count("export TORCHX_MAX_RETRIES=5") == 3
+        assert text.count("parallel.device=cuda") == 3
     assert not (tmp_path / "w").exists()  # nothing ran
+
+
+def _sbatch_flags_by_step(text: str) -> dict[str, set[str]]:
+    """``{step: {#SBATCH flags}}`` from a dry run's output (flags are sorted: each script starts at --account)."""
+    import re
+
+    flags = re.findall(r"#SBATCH (--[\w-]+(?:=\S+)?)", text)
+    scripts: list[set[str]] = []
+    for f in flags:
+        if f.startswith("--account="):
+            scripts.append(set())
+        scripts[-1].add(f)
+    out = {}
+    for s in scripts:
+        (name,) = [f for f in s if f.startswith("--job-name=")]
+        out[name.rsplit(".", 1)[-1]] = s
+    return out
+
+
+def test_slurm_executor_settings_per_step(tmp_path: Path) -> None:
+    """The SlurmExecutor each step gets: training steps whole nodes + preemption, tools what they use."""
+    require_nemo_run()
+    p = _pipeline()
+    s = p.PipelineSettings(work_dir=tmp_path, hf_model=str(tmp_path), rm_data="x.jsonl", policy_data="y.jsonl",
+                           nodes=2, gpus_per_node=8)
+    o = p.SlurmOptions(account="acct", time="48:00:00", mem="500G", signal_lead_s=600, shutdown_timeout_s=500,
+                       max_requeues=3, cpus_per_task=32, job_dir=str(tmp_path / "jobs"))
+    rao = p.make_executor("slurm", s, "rao", o)
+    assert (rao.nodes, rao.time, rao.mem, rao.exclusive, rao.gres) == (2, "48:00:00", "500G", True, "gpu:8")
+    assert rao.gpus_per_node is None  # --gres, not --gpus-per-node (cons_tres only)
+    assert rao.signal == "USR1@600" and rao.additional_parameters == {"requeue": True} and rao.retries == 3
+    assert rao.launcher == "torchrun" and rao.torchrun_nproc_per_node == 8
+    assert rao.env_vars["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "500"
+    assert rao.env_vars["PET_SIGNALS_TO_HANDLE"].endswith(",SIGUSR1")
+    assert rao.srun_args == ["--cpus-per-task=32"]  # srun no longer inherits it from sbatch (Slurm 22.05)
+    ann = p.make_executor("slurm", s, "annotate", o)
+    assert (ann.nodes, ann.gres, ann.mem, ann.time, ann.exclusive, ann.signal) == (1, "gpu:1", "160G", "04:00:00",
+                                                                                   None, None)
+    for step in ("convert", "export"):
+        ex = p.make_executor("slurm", s, step, o)
+        assert ex.gres is None and ex.nodes == 1 and ex.retries == 0
+    # rule rewards and CPU runs ask for no GPU; the defaults
+    rule = p.PipelineSettings(work_dir=tmp_path, reward_fn="m:f", policy_data="y.jsonl")
+    assert p.make_executor("slurm", rule, "annotate", o).gres is None
+    cpu = p.PipelineSettings(work_dir=tmp_path, device="cpu", gpus_per_node=2)
+    d = p.make_executor("slurm", cpu, "rao", p.SlurmOptions(job_dir=str(tmp_path / "jobs")))
+    assert d.gres is None and (d.time, d.mem, d.exclusive, d.signal, d.retries) == ("24:00:00", "0", True,
+                                                                                      "USR1@300", 5)
+    assert d.env_vars["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "240" and d.srun_args is None
+    with pytest.raises(ValueError, match="must be shorter than"):
+        p.SlurmOptions(signal_lead_s=300, shutdown_timeout_s=300)
 
 
 def test_cli_usage_error_exits_2(tmp_path: Path) -> None:
     require_nemo_run()
     p = _cli("--steps", "convert", "--dryrun", home=tmp_path)
     assert p.returncode == 2 and "needs --hf-model" in p.stderr
+    p = _cli("--steps", "rao", "--dryrun", "--signal-lead-s", "120", "--shutdown-timeout", "240", home=tmp_path)
+    assert p.returncode == 2 and "--shutdown-timeout (240 s) must be shorter than --signal-lead-s (120 s)" in p.stderr
 
 
 @pytest.mark.slow

@@ -82,6 +82,8 @@ def test_missing_config_job_is_failed(slurm: None, tmp_path: Path) -> None:
 FAKE_TRAINER = """#!/bin/bash
 # Stands in for `python -m torch.distributed.run ... rao_megatron.train`: on the first run it waits for
 # the preemption signal and exits 75 ("checkpoint saved, requeue me"); on the requeued run it finishes.
+# `python -c PROBE ...` is common.sh's interpreter check (rao_check_torch): pass it
+if [ "${1:-}" = -c ]; then echo "ok: fake interpreter"; exit 0; fi
 echo "fake trainer: restart=${SLURM_RESTART_COUNT:-0} args: $*"
 if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then echo "fake trainer: resumed and finished"; exit 0; fi
 trap 'echo "fake trainer: got SIGUSR1, saving"; exit 75' USR1
@@ -232,24 +234,28 @@ def test_dry_run_cpu_command() -> None:
     assert "--nproc-per-node=2" in args and "--nnodes=1" in args
     i = args.index("rao_megatron.train")
     assert args[i + 1:] == ["--config", "examples/configs/rao_tiny.yaml", "parallel.tp=2",
-                            f"train.steps={STEPS}", "train.output_dir=/tmp/x", "parallel.backend=gloo",
-                            "train.eval_every=0"]
+                            f"train.steps={STEPS}", "train.output_dir=/tmp/x", "parallel.device=cpu",
+                            "parallel.backend=gloo", "train.eval_every=0"]
 
 
 def test_dry_run_multinode_container_and_baseline_loss() -> None:
     p = _dry("slurm/dpo_llama3.sbatch", SLURM_JOB_ID="1234", SLURM_NNODES="4", SLURM_CPUS_PER_TASK="32",
-             MASTER_ADDR="node001", PYTHON="python", CONTAINER_IMAGE="nvcr.io#nvidia/pytorch:24.10-py3",
+             MASTER_ADDR="node001", PYTHON="python", CONTAINER_IMAGE="nvcr.io#nvidia/pytorch:25.12-py3",
              CONTAINER_MOUNTS="/data:/data", LOSS="ipo", TP="4", PP="2")
     assert p.returncode == 0, p.stderr
     args = shlex.split(p.stdout)
     assert args[:4] == ["srun", "--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     assert "--cpus-per-task=32" in args
-    assert "--container-image=nvcr.io#nvidia/pytorch:24.10-py3" in args
+    assert "--container-image=nvcr.io#nvidia/pytorch:25.12-py3" in args
     assert f"--container-mounts={REPO}:{REPO},/data:/data" in args
+    # the batch shell cannot see the container's interpreter: each task checks it, then execs torchrun
+    i = args.index("bash")
+    assert args[i + 1] == "-c" and "RAO_TORCH_PROBE" in args[i + 2] and 'exec "$0" "$@"' in args[i + 2]
+    assert args[i + 3:i + 6] == ["python", "-m", "torch.distributed.run"]
     assert "--nnodes=4" in args and "--nproc-per-node=8" in args
     assert f"--rdzv-endpoint=node001:{20000 + 1234}" in args
     assert "examples/configs/dpo_llama3_8b.yaml" in args
-    assert {"parallel.tp=4", "parallel.pp=2", "loss.name=ipo"} <= set(args)
+    assert {"parallel.tp=4", "parallel.pp=2", "loss.name=ipo", "parallel.device=cuda"} <= set(args)
     assert "parallel.backend=gloo" not in args
 
 

@@ -1,8 +1,10 @@
-"""Conversion without worker processes: safetensors I/O, the checks that run before any rank starts, CLI errors."""
+"""Conversion without worker processes: safetensors I/O, the checks that run before any rank starts, CLI errors;
+and, at the end, the ranks (forked) running on the CPU where the caller sees a GPU."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +206,43 @@ def test_extracted_smollm2_is_an_ordinary_hf_checkpoint(smollm2_hf_dir: Path) ->
     shapes = LazyHFStateDict(smollm2_hf_dir).shapes()
     assert len(shapes) == 272 and "lm_head.weight" not in shapes
     assert (smollm2_hf_dir / "tokenizer.json").is_file()
+
+
+# ---------------------------------------------------------------- the ranks run on the CPU, GPUs or not
+# (these two fork conversion ranks; the caller pretends to see a GPU, as under online GRAO or NeMo-Run)
+
+
+def _record_device_view(out_dir: str) -> None:
+    import torch.distributed as dist
+
+    view = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "is_available": torch.cuda.is_available(), "device_count": torch.cuda.device_count()}
+    (Path(out_dir) / f"rank{dist.get_rank()}.json").write_text(json.dumps(view))
+
+
+@pytest.fixture
+def caller_sees_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+def test_conversion_ranks_hide_the_callers_gpus(tmp_path: Path, caller_sees_a_gpu: None) -> None:
+    from rao_megatron.conversion.convert import run_ranks
+
+    run_ranks(_record_device_view, 2, str(tmp_path))
+    for rank in (0, 1):
+        view = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert view == {"CUDA_VISIBLE_DEVICES": "", "is_available": False, "device_count": 0}
+    # the caller's own process is left as it was
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0" and torch.cuda.is_available()
+
+
+def test_hf_to_megatron_runs_on_cpu_where_the_caller_sees_a_gpu(tiny_hf: Path, tmp_path: Path,
+                                                                caller_sees_a_gpu: None) -> None:
+    """Without hidden GPUs the ranks would build the model for CUDA (use_cpu_initialization=False)."""
+    from rao_megatron.conversion.convert import hf_to_megatron
+
+    out = hf_to_megatron(tiny_hf, tmp_path / "meg", tp=2, progress=False)
+    meta = json.loads((out / "rao_model.json").read_text())
+    assert meta["provenance"]["written_at_layout"] == {"tp": 2, "pp": 1}
