@@ -108,7 +108,7 @@ def accuracy(args: argparse.Namespace, hf_dir: Path, out: Path) -> dict:
                                   "--out", out, "--n", args.k, "--max-new-tokens", args.max_new_tokens,
                                   "--temperature", args.temperature, "--seed", 1, "--backend", "hf",
                                   "--no-progress"))
-    from rao_megatron.evaluate import evaluate_answers
+    from rao_megatron.rewards.answers import evaluate_answers
     from rao_megatron.rewards.rule import exact_final_number
 
     result = evaluate_answers([str(out)], reward_fn=exact_final_number)["results"][0]

@@ -47,28 +47,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model_scorer(args: argparse.Namespace):  # noqa: ANN202 - imports Megatron lazily
-    import torch.distributed as dist
-
-    from rao_megatron.parallel.state import initialize_model_parallel
-    from rao_megatron.rewards.scorers import ModelScorer
-    from rao_megatron.training.setup import init_distributed
-
-    init_distributed()
-    world = dist.get_world_size()
-    if args.tp < 1 or args.pp < 1 or world % (args.tp * args.pp):
-        raise ValueError(f"world size {world} is not divisible by --tp × --pp = {args.tp} × {args.pp}; launch a "
-                         f"multiple of {args.tp * args.pp} processes (torchrun --nproc-per-node)")
-    initialize_model_parallel(tp=args.tp, pp=args.pp)
-    return ModelScorer(args.reward_model, batch_size=args.batch_size, max_length=args.max_length,
-                       tokenizer=args.tokenizer)
-
-
 def main(args: argparse.Namespace) -> int:
     from rao_megatron.rewards.annotate import annotate
 
     if args.reward_model:
-        scorer = _model_scorer(args)
+        from rao_megatron.rewards.scorers import start_model_scorer
+
+        scorer = start_model_scorer(args.reward_model, tp=args.tp, pp=args.pp, batch_size=args.batch_size,
+                                    max_length=args.max_length, tokenizer=args.tokenizer)
     else:
         from rao_megatron.rewards.rule import load_reward_fn
         from rao_megatron.rewards.scorers import RuleScorer

@@ -34,7 +34,8 @@ def compute_file_cache(cfg, tokenizer, chunks, hf_config, groups, data_path: str
     from tqdm import tqdm
 
     from rao_megatron.data import PAD_GROUP, GroupBatcher
-    from rao_megatron.training import setup
+    from rao_megatron.parallel import startup
+    from rao_megatron.training import run_data
     from rao_megatron.training.engine import sequence_logps
     from rao_megatron.training.forward_step import LogprobSettings
     from rao_megatron.training.reference_cache import write_cache
@@ -51,7 +52,7 @@ def compute_file_cache(cfg, tokenizer, chunks, hf_config, groups, data_path: str
     prompt: list[float] = []
     response: list[float] = []
     microbatches = list(batcher.iter_eval_microbatches())
-    bar = tqdm(total=len(microbatches), disable=not setup.is_rank0(), desc=f"reference log-probs ({data_path})",
+    bar = tqdm(total=len(microbatches), disable=not startup.is_rank0(), desc=f"reference log-probs ({data_path})",
                dynamic_ncols=True)
     for start in range(0, len(microbatches), BLOCK):
         block = microbatches[start:start + BLOCK]
@@ -67,14 +68,14 @@ def compute_file_cache(cfg, tokenizer, chunks, hf_config, groups, data_path: str
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, (keys, prompt, response) if keep_results else None)
     count = 0
-    if setup.is_rank0():
+    if startup.is_rank0():
         all_keys, all_p, all_r = [], [], []
         for part in parts:
             if part is not None:
                 all_keys += part[0]
                 all_p += part[1]
                 all_r += part[2]
-        fingerprints = setup.reference_fingerprints(cfg, tokenizer, data_path)
+        fingerprints = run_data.reference_fingerprints(cfg, tokenizer, data_path)
         extra = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "layout": f"tp{cfg.parallel.tp}-pp{cfg.parallel.pp}-dp{dp}"}
         write_cache(out_path, all_keys, all_p, all_r, fingerprints, extra)
         count = len(set(all_keys))
@@ -85,25 +86,26 @@ def compute_file_cache(cfg, tokenizer, chunks, hf_config, groups, data_path: str
 def main(args: argparse.Namespace) -> int:
     from rao_megatron.config import load_config
     from rao_megatron.losses import get_loss
-    from rao_megatron.training import setup
+    from rao_megatron.parallel import startup
+    from rao_megatron.training import model_init, run_data
 
     cfg = load_config(args.config, args.overrides)
-    setup.start(cfg)
+    startup.start(cfg)
     spec = get_loss(cfg.loss.name)
     if not spec.needs_reference:
-        setup.log0(f"note: loss '{spec.name}' does not use reference log-probs; computing them anyway")
-    tokenizer = setup.load_run_tokenizer(cfg)
-    hf_config = setup.resolve_hf_config(cfg, tokenizer)
-    groups = setup.load_groups(cfg, tokenizer, spec)
-    setup.log0(groups.report.summary())
-    chunks = setup.build_initial_model(cfg, hf_config, "reference")
+        startup.log0(f"note: loss '{spec.name}' does not use reference log-probs; computing them anyway")
+    tokenizer = run_data.load_run_tokenizer(cfg)
+    hf_config = model_init.resolve_hf_config(cfg, tokenizer)
+    groups = run_data.load_groups(cfg, tokenizer, spec)
+    startup.log0(groups.report.summary())
+    chunks = model_init.build_initial_model(cfg, hf_config, "reference")
     files = [(cfg.data.train_path, groups.train + groups.heldout if not cfg.data.eval_path else groups.train, False)]
     if cfg.data.eval_path:
         files.append((cfg.data.eval_path, groups.heldout, True))
     for data_path, file_groups, heldout in files:
-        out = setup.reference_cache_path(cfg, data_path, heldout=heldout)
+        out = run_data.reference_cache_path(cfg, data_path, heldout=heldout)
         n = compute_file_cache(cfg, tokenizer, chunks, hf_config, file_groups, data_path, out, heldout=heldout)
-        setup.log0(f"wrote {n} reference log-prob pairs to {out}")
+        startup.log0(f"wrote {n} reference log-prob pairs to {out}")
     return 0
 
 

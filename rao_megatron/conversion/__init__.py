@@ -1,6 +1,6 @@
 """HF <-> Megatron-Core conversion: mapping tables per model family and their TP/PP application."""
 
-from rao_megatron.conversion.mappings import (
+from rao_megatron.models.hf_mappings import (
     FAMILY_MAPPINGS,
     QKV,
     ColumnParallel,
@@ -14,7 +14,7 @@ from rao_megatron.conversion.mappings import (
     qwen2_mappings,
     replicated,
 )
-from rao_megatron.conversion.state import (
+from rao_megatron.models.hf_state import (
     load_hf_state_dict_into_megatron,
     megatron_to_hf_shard,
     megatron_to_hf_state_dict,

@@ -107,7 +107,7 @@ def _output_step(task: str, data_iterator: Any, model: torch.nn.Module) -> tuple
 
 def _megatron_outputs_worker(checkpoint: str, cfg: dict[str, Any], task: str, ids: torch.Tensor, tp: int,
                              pp: int, out_file: str) -> None:
-    from rao_megatron.training.checkpoint import load_model_checkpoint
+    from rao_megatron.models.checkpoint import load_model_checkpoint
     from rao_megatron.training.engine import forward_backward
 
     initialize_model_parallel(tp=tp, pp=pp)
@@ -123,7 +123,7 @@ def _megatron_outputs_worker(checkpoint: str, cfg: dict[str, Any], task: str, id
 
 def megatron_outputs(checkpoint: str | os.PathLike, ids: torch.Tensor, *, tp: int = 1, pp: int = 1) -> torch.Tensor:
     """fp32 logits ``[B, S, V]`` (padding columns dropped), or RM values ``[B, S, 1]``, at layout TP x PP."""
-    from rao_megatron.training.checkpoint import read_checkpoint_meta, resolve_checkpoint
+    from rao_megatron.models.checkpoint import read_checkpoint_meta, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(checkpoint)
     meta = read_checkpoint_meta(checkpoint)
@@ -162,7 +162,7 @@ def compare_checkpoints(hf_dir: str | os.PathLike, checkpoint: str | os.PathLike
     Token ids: ``ids`` if given, else ``prompts`` (default ``DEFAULT_PROMPTS``) through the tokenizer of
     the HF directory or the checkpoint; without any tokenizer, 4 x 32 seeded random ids.
     """
-    from rao_megatron.training.checkpoint import resolve_checkpoint
+    from rao_megatron.models.checkpoint import resolve_checkpoint
 
     lengths = None
     source = "given token ids"

@@ -39,10 +39,10 @@ from rao_megatron.conversion.hf_io import (
     staged_output,
     write_json,
 )
-from rao_megatron.conversion.mappings import ModelDims, mappings_for
-from rao_megatron.conversion.state import iter_mapped_params, load_hf_state_dict_into_megatron
 from rao_megatron.conversion.validate import check_hf_tensors, check_layout, config_for_task, task_of
 from rao_megatron.models.hf_config import transformer_config_from_hf
+from rao_megatron.models.hf_mappings import ModelDims, mappings_for
+from rao_megatron.models.hf_state import iter_mapped_params, load_hf_state_dict_into_megatron
 from rao_megatron.models.provider import build_gpt_model
 from rao_megatron.models.reward import build_reward_model
 from rao_megatron.parallel.launch import run_distributed
@@ -132,7 +132,7 @@ class _HfToMegatronJob:
 
 
 def _hf_to_megatron_worker(job: _HfToMegatronJob) -> None:
-    from rao_megatron.training.checkpoint import save_model_checkpoint
+    from rao_megatron.models.checkpoint import save_model_checkpoint
 
     initialize_model_parallel(tp=job.tp, pp=job.pp)
     chunks = build_chunks(job.cfg, job.task, DTYPES[job.dtype])
@@ -215,7 +215,7 @@ class _MegatronToHfJob:
 
 
 def _megatron_to_hf_worker(job: _MegatronToHfJob) -> None:
-    from rao_megatron.training.checkpoint import load_model_checkpoint
+    from rao_megatron.models.checkpoint import load_model_checkpoint
 
     initialize_model_parallel(tp=1, pp=1)
     chunks = build_chunks(job.cfg, job.task, DTYPES[job.stored_dtype])
@@ -242,7 +242,7 @@ def megatron_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, dty
     The task (policy -> ``*ForCausalLM``, rm -> ``*ForSequenceClassification``) comes from the
     checkpoint's metadata; ``dtype`` auto keeps the stored dtype.
     """
-    from rao_megatron.training.checkpoint import read_checkpoint_meta, resolve_checkpoint
+    from rao_megatron.models.checkpoint import read_checkpoint_meta, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(checkpoint).resolve()  # also a training run's checkpoints root / latest
     meta = read_checkpoint_meta(checkpoint)

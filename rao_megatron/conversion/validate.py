@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from rao_megatron.conversion.hf_io import ConversionError
-from rao_megatron.conversion.mappings import mappings_for
 from rao_megatron.models.hf_config import model_family, transformer_config_from_hf
+from rao_megatron.models.hf_mappings import mappings_for
 
 TASKS = ("policy", "rm")
 _SEQ_CLS, _CAUSAL = "ForSequenceClassification", "ForCausalLM"

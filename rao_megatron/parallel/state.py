@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from datetime import timedelta
-
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
@@ -13,19 +10,13 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from rao_megatron.parallel.cpu import apply_cpu_patches
 
 
-def _init_process_group_from_env(timeout_s: float) -> None:
-    """Initialise the default group from torchrun's env (RANK, WORLD_SIZE, MASTER_*): nccl on GPU, else gloo."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-
-
 def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234,
                               timeout_s: float = 600.0) -> None:
     """Create Megatron's parallel groups (world = tp * pp * dp), patch for CPU when needed, seed RNGs."""
     if not dist.is_initialized():
-        _init_process_group_from_env(timeout_s)
+        from rao_megatron.parallel.startup import init_distributed
+
+        init_distributed(timeout_s=timeout_s)
     world = dist.get_world_size()
     if tp < 1 or pp < 1 or world % (tp * pp) != 0:
         raise ValueError(f"world size {world} is not divisible by tensor_parallel={tp} x "

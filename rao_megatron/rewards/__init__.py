@@ -1,1 +1,1 @@
-"""Rewards: annotate data sets with a reward model or a rule function; reward-model reports and data."""
+"""Rewards: annotate data with a reward model or a rule function, evaluate answers; reward-model reports."""

@@ -105,13 +105,13 @@ class ModelScorer:
         from transformers import AutoConfig
 
         from rao_megatron.data.tokenizer import load_tokenizer
-        from rao_megatron.training.checkpoint import (
+        from rao_megatron.models.checkpoint import (
+            checkpoint_tokenizer,
             load_model_checkpoint,
             read_checkpoint_meta,
             resolve_checkpoint,
         )
         from rao_megatron.training.engine import build_model_chunks
-        from rao_megatron.training.setup import checkpoint_tokenizer
 
         path = find_model_checkpoint(checkpoint)
         meta = read_checkpoint_meta(path)
@@ -202,7 +202,7 @@ class ModelScorer:
 
 def find_model_checkpoint(path: str | os.PathLike) -> Path:
     """A model checkpoint from itself, a checkpoints root (``latest``), or a training run's output directory."""
-    from rao_megatron.training.checkpoint import META_FILE, resolve_checkpoint
+    from rao_megatron.models.checkpoint import META_FILE, resolve_checkpoint
 
     p = Path(path)
     for candidate in (p, p / "checkpoints"):
@@ -211,3 +211,19 @@ def find_model_checkpoint(path: str | os.PathLike) -> Path:
             return resolved
     raise FileNotFoundError(f"--reward-model {path}: no model checkpoint there (expected {META_FILE}, a "
                             "'latest' pointer, or a training run's output directory)")
+
+
+def start_model_scorer(reward_model: str | os.PathLike, *, tp: int = 1, pp: int = 1, batch_size: int = 16,
+                       max_length: int = 2048, tokenizer: str | None = None) -> ModelScorer:
+    """A :class:`ModelScorer` on a fresh model-parallel layout: joins (or starts) the process group, splits
+    it TP × PP (× DP with the rest), then loads the checkpoint; every rank calls this."""
+    from rao_megatron.parallel.startup import init_distributed
+    from rao_megatron.parallel.state import initialize_model_parallel
+
+    init_distributed()
+    world = dist.get_world_size()
+    if tp < 1 or pp < 1 or world % (tp * pp):
+        raise ValueError(f"world size {world} is not divisible by --tp × --pp = {tp} × {pp}; launch a "
+                         f"multiple of {tp * pp} processes (torchrun --nproc-per-node)")
+    initialize_model_parallel(tp=tp, pp=pp)
+    return ModelScorer(reward_model, batch_size=batch_size, max_length=max_length, tokenizer=tokenizer)

@@ -13,8 +13,9 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from rao_megatron.config import Config, ConfigError, dump_config
+from rao_megatron.parallel import startup
 from rao_megatron.parallel.device import compute_device, to_device
-from rao_megatron.training import setup
+from rao_megatron.training import model_init, run_data
 from rao_megatron.training.engine import (
     attach_reference_logps,
     build_model_chunks,
@@ -46,7 +47,7 @@ def build_optimizer(cfg: Config, chunks: list[torch.nn.Module]) -> tuple[Any, Op
     bf16 = cfg.model.dtype == "bf16"
     opt_cfg = OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                               adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, clip_grad=t.clip_grad,
-                              bf16=bf16, params_dtype=setup.params_dtype(cfg),
+                              bf16=bf16, params_dtype=model_init.params_dtype(cfg),
                               use_distributed_optimizer=use_distributed_optimizer(cfg.parallel.distributed_optimizer))
     optimizer = get_megatron_optimizer(opt_cfg, chunks)
     scheduler = OptimizerParamScheduler(
@@ -62,22 +63,22 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        setup.start(cfg)
+        startup.start(cfg)
         self.output_dir = Path(cfg.train.output_dir)
         self.loss = cfg.loss.build()  # the loss with its checked hyper-parameters, passed down as an object
         self.spec = self.loss.spec
-        self.tokenizer = setup.load_run_tokenizer(cfg)
-        self.hf_config = setup.resolve_hf_config(cfg, self.tokenizer)
-        self.groups = setup.load_groups(cfg, self.tokenizer, self.spec)
+        self.tokenizer = run_data.load_run_tokenizer(cfg)
+        self.hf_config = model_init.resolve_hf_config(cfg, self.tokenizer)
+        self.groups = run_data.load_groups(cfg, self.tokenizer, self.spec)
         self._build_batchers()
         self.logprobs = LogprobSettings(impl=cfg.model.logprob_impl, precision=cfg.model.logprob_precision,
                                         chunk_size=cfg.model.logprob_chunk_size)
         task = "rm" if cfg.train.task == "rm" else "policy"
-        self.chunks = setup.build_initial_model(cfg, self.hf_config, task)
+        self.chunks = model_init.build_initial_model(cfg, self.hf_config, task)
         self.ref_chunks = None
         if self.spec.needs_reference and self.train_batcher.reference is None:
             self.ref_chunks = build_model_chunks(self.hf_config, task="reference",
-                                                 params_dtype=setup.params_dtype(cfg),
+                                                 params_dtype=model_init.params_dtype(cfg),
                                                  sequence_parallel=cfg.parallel.sequence_parallel)
             for ref, pol in zip(self.ref_chunks, self.chunks):
                 ref.load_state_dict(pol.module.state_dict())  # the reference is the initial policy
@@ -93,18 +94,18 @@ class Trainer:
 
     def _resume(self) -> Path | None:
         """Restore the newest complete checkpoint (``checkpoint.resume``): auto, none, or a directory."""
+        from rao_megatron.models.checkpoint import resolve_checkpoint
         from rao_megatron.training.checkpoint import (
             CheckpointError,
             find_resume_checkpoint,
             load_training_checkpoint,
-            resolve_checkpoint,
         )
 
         mode = self.cfg.checkpoint.resume
         if mode == "none":
             return None
         if mode == "auto":
-            path = find_resume_checkpoint(self.checkpoint_root, warn=setup.log0)
+            path = find_resume_checkpoint(self.checkpoint_root, warn=startup.log0)
             if path is None:
                 return None
         else:
@@ -115,7 +116,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_batcher.load_state_dict(state["data"])
         self.step, self.skipped_steps = int(state["step"]), int(state.get("skipped_steps", 0))
-        setup.log0(f"resumed from {path} at step {self.step}")
+        startup.log0(f"resumed from {path} at step {self.step}")
         return path
 
     def save_checkpoint(self) -> Path:
@@ -124,7 +125,7 @@ class Trainer:
 
         meta = {"hf_config": self.hf_config.to_dict(), "task": self.cfg.train.task, "step": self.step,
                 "dtype": self.cfg.model.dtype,
-                "tokenizer": setup.run_tokenizer_path(self.cfg)}
+                "tokenizer": run_data.run_tokenizer_path(self.cfg)}
         state = {"step": self.step, "skipped_steps": self.skipped_steps, "scheduler": self.scheduler.state_dict(),
                  "data": self.train_batcher.state_dict(), "config": self.cfg.to_dict()}
         path = save_training_checkpoint(self.checkpoint_root, self.step, self.chunks, self.optimizer, state, meta,
@@ -139,16 +140,16 @@ class Trainer:
         cfg = self.cfg
         if not self.spec.needs_reference or cfg.train.reference == "on_the_fly":
             return None, None
-        train_path = setup.reference_cache_path(cfg, cfg.data.train_path)
+        train_path = run_data.reference_cache_path(cfg, cfg.data.train_path)
         if cfg.train.reference == "auto" and not train_path.exists():
-            setup.log0(f"no reference cache at {train_path}: computing reference log-probs on the fly")
+            startup.log0(f"no reference cache at {train_path}: computing reference log-probs on the fly")
             return None, None
-        train = ReferenceCache(train_path, setup.reference_fingerprints(cfg, self.tokenizer, cfg.data.train_path))
+        train = ReferenceCache(train_path, run_data.reference_fingerprints(cfg, self.tokenizer, cfg.data.train_path))
         if not cfg.data.eval_path:
             return train, train
-        heldout_path = setup.reference_cache_path(cfg, cfg.data.eval_path, heldout=True)
+        heldout_path = run_data.reference_cache_path(cfg, cfg.data.eval_path, heldout=True)
         return train, ReferenceCache(heldout_path,
-                                     setup.reference_fingerprints(cfg, self.tokenizer, cfg.data.eval_path))
+                                     run_data.reference_fingerprints(cfg, self.tokenizer, cfg.data.eval_path))
 
     def _build_batchers(self) -> None:
         from rao_megatron.data import GroupBatcher
@@ -214,7 +215,7 @@ class Trainer:
             self.skipped_steps += 1
             self.bad_in_row += 1
             record.update(loss=None, grad_norm=None, update_ok=False)
-            setup.log0(f"warning: step {self.step}: non-finite loss or gradient; update skipped "
+            startup.log0(f"warning: step {self.step}: non-finite loss or gradient; update skipped "
                        f"({self.bad_in_row} in a row)")
             if self.bad_in_row >= self.cfg.train.max_bad_steps:
                 raise NonFiniteError(f"{self.bad_in_row} steps in a row with a non-finite loss or gradient "
@@ -257,15 +258,15 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
-        rank0 = setup.is_rank0()
+        rank0 = startup.is_rank0()
         if rank0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
             dump_config(cfg, self.output_dir / "config.yaml")
-            setup.log0(self.groups.report.summary())
+            startup.log0(self.groups.report.summary())
             if self.groups.heldout_report is not None:
-                setup.log0(self.groups.heldout_report.summary())
-            setup.log0(f"{len(self.groups.train)} training groups, {len(self.groups.heldout)} held out; "
+                startup.log0(self.groups.heldout_report.summary())
+            startup.log0(f"{len(self.groups.train)} training groups, {len(self.groups.heldout)} held out; "
                        f"reference log-probs: {self._reference_mode()}")
         writer = MetricsWriter(self.output_dir, enabled=rank0, resume=self.resumed_from is not None)
         writer.truncate_after(self.step)  # steps after the checkpoint are recomputed
@@ -296,15 +297,15 @@ class Trainer:
                 writer.close()
         if cfg.checkpoint.save_at_end and self._last_saved != self.step:
             path = self.save_checkpoint()
-            setup.log0(f"checkpoint: {path}")
+            startup.log0(f"checkpoint: {path}")
         if rank0:
             plots = plot_metrics(writer.path, self.output_dir / "plots")
-            setup.log0(f"metrics: {writer.path}\nplots: {', '.join(str(p) for p in plots)}")
+            startup.log0(f"metrics: {writer.path}\nplots: {', '.join(str(p) for p in plots)}")
             if cfg.train.task == "rm":
-                from rao_megatron.rewards.report import write_rm_report
+                from rao_megatron.training.rm_report import write_rm_report
 
                 path, table = write_rm_report(self.output_dir)
-                setup.log0(f"\n{table}\n\nreport: {path}")
+                startup.log0(f"\n{table}\n\nreport: {path}")
         return record
 
     def _reference_mode(self) -> str:

@@ -70,8 +70,8 @@ def run_step(tp: int, pp: int, loss: str, hparams: dict, groups_per_mb: int, hf_
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from rao_megatron.conversion.state import load_hf_state_dict_into_megatron, megatron_to_hf_state_dict
     from rao_megatron.losses import get_loss
+    from rao_megatron.models.hf_state import load_hf_state_dict_into_megatron, megatron_to_hf_state_dict
     from rao_megatron.models.provider import as_chunks
     from rao_megatron.parallel.state import initialize_model_parallel
     from rao_megatron.training.engine import build_model_chunks, forward_backward
@@ -110,8 +110,8 @@ def run_logps(tp: int, pp: int, hf_cfg: Any, hf_sd: dict[str, torch.Tensor], gro
     """Worker: forward-only per-sequence sums, checked against the training forward's, saved by the last stage."""
     from megatron.core import parallel_state as ps
 
-    from rao_megatron.conversion.state import load_hf_state_dict_into_megatron
     from rao_megatron.losses import get_loss
+    from rao_megatron.models.hf_state import load_hf_state_dict_into_megatron
     from rao_megatron.parallel.state import initialize_model_parallel
     from rao_megatron.training.engine import build_model_chunks, forward_backward, sequence_logps
     from rao_megatron.training.forward_step import PolicyStep

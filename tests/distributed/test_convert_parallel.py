@@ -26,7 +26,7 @@ from rao_megatron.conversion.convert import hf_to_megatron, megatron_to_hf
 from rao_megatron.conversion.hf_io import INDEX_FILE, LazyHFStateDict
 from rao_megatron.convert import cli
 from rao_megatron.models import LLAMA3_TINY_ROPE, tiny_hf_config
-from rao_megatron.training.checkpoint import read_checkpoint_meta
+from rao_megatron.models.checkpoint import read_checkpoint_meta
 
 pytestmark = pytest.mark.distributed
 
@@ -53,6 +53,19 @@ def _assert_same_tensors(a_dir: Path, b_dir: Path) -> None:
     assert set(a) == set(b), sorted(set(a) ^ set(b))
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after the round trip"
+
+
+def _assert_argmax_agrees(out: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor) -> None:
+    """The top token agrees wherever rounding cannot swap it: where the reference's top-2 gap exceeds twice
+    the largest logit difference. Near ties (or exact ones, e.g. all-zero logits after a zero embedding row)
+    may go either way under another summation order, so they are left out; they must stay rare."""
+    mask = torch.arange(ref.shape[1]) < lengths[:, None]
+    a, b = out[mask].double(), ref[mask].double()
+    top2 = b.topk(2, dim=-1).values
+    clear = top2[:, 0] - top2[:, 1] > 2 * (a - b).abs().max()
+    assert clear.float().mean() >= 0.9, f"only {int(clear.sum())}/{len(clear)} positions without a near tie"
+    agree = a.argmax(-1) == b.argmax(-1)
+    assert agree[clear].all(), f"argmax differs at {int((~agree[clear]).sum())} positions with a clear top token"
 
 
 def _ids(vocab: int) -> torch.Tensor:
@@ -84,7 +97,9 @@ def test_tiny_round_trip_and_layouts(name: str, tmp_path: Path) -> None:
     for tp, pp in ((1, 1), (1, 2)):  # written at TP2, read at other layouts
         outs[tp, pp] = megatron_outputs(ckpt, ids, tp=tp, pp=pp)
         result = compare_outputs(outs[tp, pp], ref, lengths)
-        assert result.max_abs_diff <= 1e-5 and result.argmax_agree == result.positions, (tp, pp, result)
+        assert result.max_abs_diff <= 1e-5, (tp, pp, result)
+        _assert_argmax_agrees(outs[tp, pp], ref, lengths)
+    # PP2 runs the same micro-batches through the same per-layer ops as PP1: the same sums
     torch.testing.assert_close(outs[1, 1], outs[1, 2], rtol=0, atol=1e-6)
 
 
@@ -94,8 +109,14 @@ def test_compare_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[st
     base = ["compare", "--hf", str(hf), "--megatron", str(tmp_path / "mg"), "--tp", "2"]
     assert cli(base) == 0
     out = capsys.readouterr().out
+    # all 128 argmaxes agree: the reference's smallest top-2 gap on these ids is 7e-5; TP2 moves logits by 2e-7
     assert "4 random sequences" in out and "argmax agreement    128/128" in out and out.rstrip().endswith("OK")
-    assert cli(base + ["--atol", "1e-12"]) == 1  # fp32 TP2 sums differ from HF in the last bits
+    # a model that really differs fails (not a tiny atol, whose verdict would hang on the last bits of fp32 sums)
+    other = AutoModelForCausalLM.from_pretrained(hf)
+    with torch.no_grad():
+        other.model.norm.weight.mul_(1.1)  # every logit scaled by 1.1: differences of ~0.07
+    other.save_pretrained(tmp_path / "other")
+    assert cli(["compare", "--hf", str(tmp_path / "other"), *base[3:]]) == 1
     assert "FAIL: max abs diff" in capsys.readouterr().out
 
 
@@ -173,10 +194,12 @@ def smollm2_reference(smollm2_hf_dir: Path) -> tuple[torch.Tensor, torch.Tensor,
 @pytest.mark.parametrize("tp, pp", [(1, 1), (3, 1), (1, 2)], ids=["tp1", "tp3", "pp2"])
 def test_smollm2_logits_match_hf(tp: int, pp: int, smollm2_tp3: Path, smollm2_reference: Any) -> None:
     ids, lengths, ref = smollm2_reference
-    result = compare_outputs(megatron_outputs(smollm2_tp3, ids, tp=tp, pp=pp), ref, lengths)
+    out = megatron_outputs(smollm2_tp3, ids, tp=tp, pp=pp)
+    result = compare_outputs(out, ref, lengths)
     print(f"SmolLM2 TP{tp} PP{pp}: {result}")
     assert result.positions > 60
-    assert result.max_abs_diff <= 1e-3 and result.argmax_agree == result.positions, result
+    assert result.max_abs_diff <= 1e-3, result
+    _assert_argmax_agrees(out, ref, lengths)
 
 
 def test_smollm2_round_trip_is_bit_identical(smollm2_tp3: Path, smollm2_hf_dir: Path, tmp_path: Path) -> None:

@@ -10,15 +10,16 @@ def rm_init_worker(config: str, init_checkpoint: str, result_path: str) -> None:
     import torch
 
     from rao_megatron.config import load_config
+    from rao_megatron.models.checkpoint import load_model_checkpoint, read_checkpoint_meta
     from rao_megatron.models.provider import as_chunks
-    from rao_megatron.training import setup
-    from rao_megatron.training.checkpoint import load_model_checkpoint, read_checkpoint_meta
+    from rao_megatron.parallel import startup
+    from rao_megatron.training import model_init, run_data
     from rao_megatron.training.engine import build_model_chunks
 
     cfg = load_config(config, [f"model.init_checkpoint={init_checkpoint}"])
-    setup.start(cfg)
-    hf_config = setup.resolve_hf_config(cfg, setup.load_run_tokenizer(cfg))
-    rm = as_chunks(setup.build_initial_model(cfg, hf_config, "rm"))[0]
+    startup.start(cfg)
+    hf_config = model_init.resolve_hf_config(cfg, run_data.load_run_tokenizer(cfg))
+    rm = as_chunks(model_init.build_initial_model(cfg, hf_config, "rm"))[0]
     fresh = build_model_chunks(hf_config, task="rm", wrap_ddp=False)[0]
     saved_task = "rm" if read_checkpoint_meta(init_checkpoint)["task"] == "rm" else "policy"
     saved = build_model_chunks(hf_config, task=saved_task, wrap_ddp=False)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from rao_megatron.parallel.launch import run_distributed
-from rao_megatron.rewards.report import rm_report
 from rao_megatron.rewards.scorers import find_model_checkpoint
 from rao_megatron.rewards.synthetic import marker_groups, marker_pairs, write_jsonl
+from rao_megatron.training.rm_report import rm_report
 
 from .rm_workers import rm_init_worker
 from .train_workers import run_cli_worker

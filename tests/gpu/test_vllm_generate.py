@@ -7,7 +7,8 @@ import importlib.util
 import pytest
 import torch
 
-from rao_megatron import generate
+from rao_megatron import generation
+from rao_megatron.data.prompts import parse_prompt_row
 
 pytestmark = [
     pytest.mark.gpu,
@@ -22,13 +23,13 @@ ROWS = [{"prompt": "What is 2 + 3? Answer with just the number.", "answer": 5},
 
 @pytest.fixture(scope="module")
 def engine(smollm2_hf_dir):
-    return generate.VLLMBackend(smollm2_hf_dir, seed=0, dtype="float32", gpu_memory_utilization=0.3)
+    return generation.VLLMBackend(smollm2_hf_dir, seed=0, dtype="float32", gpu_memory_utilization=0.3)
 
 
 def run(engine, smollm2_hf_dir, **kw):
-    prompts = [generate.parse_prompt_row(r, index=i, source="<rows>", where=f"row {i}") for i, r in enumerate(ROWS)]
-    cfg = generate.SamplingConfig(**kw)
-    return [r for b in generate.iter_generated(engine, prompts, cfg, model_name=str(smollm2_hf_dir), progress=False)
+    prompts = [parse_prompt_row(r, index=i, source="<rows>", where=f"row {i}") for i, r in enumerate(ROWS)]
+    cfg = generation.SamplingConfig(**kw)
+    return [r for b in generation.iter_generated(engine, prompts, cfg, model_name=str(smollm2_hf_dir), progress=False)
             for r in b]
 
 
@@ -46,8 +47,8 @@ def test_vllm_rows_have_the_shared_format_and_are_seeded(engine, smollm2_hf_dir)
 
 def test_vllm_greedy_matches_hf_greedy_on_the_first_tokens(engine, smollm2_hf_dir):
     vllm_rows = run(engine, smollm2_hf_dir, n=2, max_new_tokens=8, temperature=0.0)
-    hf_rows = generate.generate_rows(smollm2_hf_dir, ROWS, n=1, max_new_tokens=8, temperature=0.0,
-                                     progress=False, dtype="float32")
+    hf_rows = generation.generate_rows(smollm2_hf_dir, ROWS, n=1, max_new_tokens=8, temperature=0.0,
+                                       progress=False, dtype="float32")
     tok = engine.tokenizer
     for v, h in zip(vllm_rows, hf_rows):
         assert v["responses"][0] == v["responses"][1]

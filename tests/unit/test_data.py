@@ -10,16 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from rao_megatron.data.batcher import GroupBatcher
 from rao_megatron.data.collate import PAD_GROUP
-from rao_megatron.data.dataset import (
-    GroupBatcher,
-    TokenizedGroup,
-    end_of_turn_ids,
-    split_heldout,
-    tokenize_examples,
-)
 from rao_megatron.data.errors import DROP_REASONS, DataError
 from rao_megatron.data.formats import Example, read_examples
+from rao_megatron.data.tokenize import TokenizedGroup, end_of_turn_ids, split_heldout, tokenize_examples
 from rao_megatron.data.tokenizer import TINY_TOKENIZER_DIR, build_tiny_tokenizer, load_tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "data"

@@ -12,6 +12,7 @@ import pytest
 from rao_megatron import evaluate
 from rao_megatron.cli import run_cli
 from rao_megatron.data.tokenizer import TINY_TOKENIZER_DIR
+from rao_megatron.rewards import answers
 from rao_megatron.rewards.rule import RowError, extract_final_number
 
 THIS = "tests.unit.test_evaluate"
@@ -66,10 +67,10 @@ def test_gsm8k_final_answer_extraction(text, value):
 
 def test_accuracy_pass1_and_lengths_on_hand_written_answers(tmp_path):
     path = write_jsonl(MATH, tmp_path / "math.jsonl")
-    summary = evaluate.evaluate_answers([path], tokenizer=str(TINY_TOKENIZER_DIR))
+    summary = answers.evaluate_answers([path], tokenizer=str(TINY_TOKENIZER_DIR))
     (r,) = summary["results"]
     # correct: "the 5", "so ... 72", "72.0 or 71" is wrong (last number 71), "\boxed{9}", "answer is 9"
-    assert r["reward_fn"] == evaluate.DEFAULT_REWARD_FN  # rows carry `answer`: scored by final number
+    assert r["reward_fn"] == answers.DEFAULT_REWARD_FN  # rows carry `answer`: scored by final number
     assert (r["prompts"], r["samples"], r["unscored"]) == (3, 6, 0)
     assert r["accuracy"] == pytest.approx(4 / 6)
     assert r["pass@1"] == pytest.approx(3 / 3)
@@ -87,15 +88,15 @@ def test_accuracy_pass1_and_lengths_on_hand_written_answers(tmp_path):
 
 def test_unscorable_samples_count_as_wrong_and_bad_rows_name_their_field(tmp_path):
     rows = [{"id": "a", "prompt": "p", "responses": ["ok", "skip", "ok", "ok"]}]
-    summary = evaluate.evaluate_answers([write_jsonl(rows, tmp_path / "a.jsonl")], reward_fn=f"{THIS}:picky_reward")
+    summary = answers.evaluate_answers([write_jsonl(rows, tmp_path / "a.jsonl")], reward_fn=f"{THIS}:picky_reward")
     r = summary["results"][0]
     assert (r["accuracy"], r["pass@1"], r["unscored"], r["mean_tokens"]) == (0.75, 1.0, 1, None)
     assert r["reward_fn"] == f"{THIS}:picky_reward"
     no_gold = write_jsonl([MATH[0], {"id": 5, "prompt": "q", "responses": ["1"]}], tmp_path / "no_gold.jsonl")
-    code, _, err = eval_cli("--answers", str(no_gold), "--reward-fn", evaluate.DEFAULT_REWARD_FN)
+    code, _, err = eval_cli("--answers", str(no_gold), "--reward-fn", answers.DEFAULT_REWARD_FN)
     assert code == 2 and err.startswith(f"error: {no_gold}: line 2: field 'answer': reward function"), err
     # without --reward-fn, a file whose rows lack `answer` has no accuracy (and no error)
-    r = evaluate.evaluate_answers([no_gold])["results"][0]
+    r = answers.evaluate_answers([no_gold])["results"][0]
     assert r["accuracy"] is None and r["reward_fn"] is None and r["mean_chars"] == pytest.approx(12 / 3)
     bad = write_jsonl([{"id": 1, "prompt": "q", "responses": "one"}], tmp_path / "bad.jsonl")
     code, _, err = eval_cli("--answers", str(bad))
@@ -103,10 +104,10 @@ def test_unscorable_samples_count_as_wrong_and_bad_rows_name_their_field(tmp_pat
 
 
 def test_win_rate_counts_ties_half_over_shared_prompts():
-    assert evaluate.win_rate({"0": [2.0, 4.0], "1": [1.0], "2": [9.0]}, {"0": [3.0], "1": [1.0, 2.0]}) == (0.375, 2)
-    assert evaluate.win_rate({"a": [1.0, 1.0]}, {"a": [1.0]}) == (0.5, 1)
+    assert answers.win_rate({"0": [2.0, 4.0], "1": [1.0], "2": [9.0]}, {"0": [3.0], "1": [1.0, 2.0]}) == (0.375, 2)
+    assert answers.win_rate({"a": [1.0, 1.0]}, {"a": [1.0]}) == (0.5, 1)
     with pytest.raises(ValueError, match="share no prompt id"):
-        evaluate.win_rate({"a": [1.0]}, {"b": [1.0]})
+        answers.win_rate({"a": [1.0]}, {"b": [1.0]})
 
 
 def test_cli_table_and_json_for_two_answer_files_against_a_baseline(tmp_path):

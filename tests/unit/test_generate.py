@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rao_megatron import generate
+from rao_megatron import generate, generation
 from rao_megatron.cli import run_cli
 from rao_megatron.data.tokenizer import load_tokenizer
 
@@ -141,25 +141,25 @@ def test_python_api_takes_a_loaded_model_and_matches_the_cli(sampled, tiny_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model)).train()
-    rows = generate.generate_rows(str(tiny_model), PROMPTS, n=3, max_new_tokens=12, seed=3, batch_size=5,
-                                  progress=False, model=model, tokenizer=load_tokenizer(tiny_model))
+    rows = generation.generate_rows(str(tiny_model), PROMPTS, n=3, max_new_tokens=12, seed=3, batch_size=5,
+                                    progress=False, model=model, tokenizer=load_tokenizer(tiny_model))
     assert rows == read_jsonl(sampled)
     assert model.training  # the caller's model is left in the mode it came in
-    other = generate.generate_rows(str(tiny_model), PROMPTS[:2], n=3, max_new_tokens=12, seed=4, progress=False,
-                                   model=model, tokenizer=load_tokenizer(tiny_model))
+    other = generation.generate_rows(str(tiny_model), PROMPTS[:2], n=3, max_new_tokens=12, seed=4, progress=False,
+                                     model=model, tokenizer=load_tokenizer(tiny_model))
     assert [r["responses"] for r in other] != [r["responses"] for r in rows[:2]]  # the seed matters
     with pytest.raises(ValueError, match="backend='hf'"):
-        generate.generate_rows(None, PROMPTS, backend="vllm", model=model)
+        generation.generate_rows(None, PROMPTS, backend="vllm", model=model)
 
 
 def test_auto_backend_is_hf_without_cuda_or_vllm():
     import importlib.util
 
     if torch.cuda.is_available() and importlib.util.find_spec("vllm"):
-        assert generate.resolve_backend("auto") == "vllm"
+        assert generation.resolve_backend("auto") == "vllm"
     else:
-        assert generate.resolve_backend("auto") == "hf"
-    assert generate.resolve_backend("auto", have_model=True) == "hf"
+        assert generation.resolve_backend("auto") == "hf"
+    assert generation.resolve_backend("auto", have_model=True) == "hf"
 
 
 @pytest.mark.parametrize("row, where, message", [
@@ -192,14 +192,14 @@ def test_bad_arguments_are_one_line_errors(tiny_model, prompts_file, tmp_path):
 
 
 def test_seeds_depend_on_prompt_id_and_sample_only():
-    s = generate.prompt_seed
+    s = generation.prompt_seed
     assert s(0, 1, 0) == s(0, 1, 0) and s(0, 1, 0) != s(0, "1", 0) != s(0, 1, 1) != s(1, 1, 0)
     assert 0 <= s(5, "x") < 2**63
 
 
 def test_smollm2_greedy_answers_2_plus_3(smollm2_hf_dir):
-    rows = generate.generate_rows(smollm2_hf_dir, [{"prompt": "What is 2 + 3? Answer with just the number."}],
-                                  n=1, temperature=0.0, max_new_tokens=8, progress=False)
+    rows = generation.generate_rows(smollm2_hf_dir, [{"prompt": "What is 2 + 3? Answer with just the number."}],
+                                    n=1, temperature=0.0, max_new_tokens=8, progress=False)
     assert "5" in rows[0]["responses"][0], rows
     assert "<|im_end|>" not in rows[0]["responses"][0]
 

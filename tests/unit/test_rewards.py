@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from rao_megatron.data import read_examples
-from rao_megatron.rewards.report import count_pairs, rm_report, write_rm_report
 from rao_megatron.rewards.rule import (
     RowError,
     exact_final_number,
@@ -21,6 +20,7 @@ from rao_megatron.rewards.rule import (
     letter_share,
     load_reward_fn,
 )
+from rao_megatron.training.rm_report import count_pairs, rm_report, write_rm_report
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 ROOT = DATA.parents[1]
@@ -306,7 +306,7 @@ def test_ultrafeedback_rating_option_reaches_training(tmp_path):
     from rao_megatron.config import load_config
     from rao_megatron.data.tokenizer import load_tokenizer
     from rao_megatron.losses import get_loss
-    from rao_megatron.training.setup import load_groups
+    from rao_megatron.training.run_data import load_groups
 
     def rewards(rating: str) -> list[list[float]]:
         cfg = load_config(ROOT / "examples/configs/rm_tiny.yaml", [
@@ -321,7 +321,7 @@ def test_ultrafeedback_rating_option_reaches_training(tmp_path):
 
 def test_rm_init_skips_the_policy_head_only(tmp_path):
     from rao_megatron.config import ConfigError
-    from rao_megatron.training.setup import init_skip_prefixes
+    from rao_megatron.training.model_init import init_skip_prefixes
 
     def checkpoint(task: str) -> str:
         d = tmp_path / task

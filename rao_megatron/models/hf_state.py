@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from rao_megatron.conversion.mappings import ModelDims, ParamMapping, mappings_for
+from rao_megatron.models.hf_mappings import ModelDims, ParamMapping, mappings_for
 from rao_megatron.models.provider import as_chunks
 from rao_megatron.models.reward import ScalarHead
 

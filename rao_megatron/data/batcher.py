@@ -1,0 +1,152 @@
+"""Tokenized groups -> deterministic, resumable per-DP-rank micro-batches (with precomputed reference log-probs)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import numpy as np
+from torch import Tensor
+
+from .collate import collate_sequences, sequence_key
+from .tokenize import TokenizedGroup
+
+
+class ReferenceLookup(Protocol):
+    """Precomputed reference log-probs by sequence key; a missing key raises a clear error."""
+
+    def lookup(self, seq_keys: list[int]) -> tuple[list[float], list[float]]:
+        """``(prompt_logps, response_logps)``, one each per key."""
+        ...
+
+
+class GroupBatcher:
+    """Deterministic, resumable stream of per-DP-rank micro-batches of whole groups.
+
+    A step takes ``global_batch_groups`` groups from the epoch's shuffle (seeded by ``(seed, epoch)``);
+    rank r gets the r-th contiguous ``1/dp_size`` of them, in micro-batches of ``groups_per_micro_batch``
+    groups, each ``groups_per_micro_batch * responses_per_group`` rows (PAD rows fill short groups).
+    The last ``len(groups) % global_batch_groups`` groups of each shuffle sit the epoch out (drop_last,
+    a different few each epoch): a step never holds one group twice, which would merge two copies into
+    one group in the loss. The position is global, so resuming at another ``dp_size`` is exact too.
+    """
+
+    def __init__(self, groups: Sequence[TokenizedGroup], *, seq_length: int, pad_id: int,
+                 groups_per_micro_batch: int, global_batch_groups: int, dp_rank: int = 0, dp_size: int = 1,
+                 responses_per_group: int | None = None, seed: int = 0,
+                 reference: ReferenceLookup | None = None):
+        gpm, g, dp = groups_per_micro_batch, global_batch_groups, dp_size
+        if min(gpm, g, dp) < 1 or g % (dp * gpm):
+            raise ValueError(f"global_batch_groups={g} must split evenly over dp_size={dp} ranks of "
+                             f"groups_per_micro_batch={gpm} (a positive multiple of {dp * gpm})")
+        if not 0 <= dp_rank < dp:
+            raise ValueError(f"dp_rank={dp_rank} is outside [0, dp_size={dp})")
+        self.groups = list(groups)
+        self.rows_per_group = responses_per_group or max((len(x.responses) for x in self.groups), default=1)
+        for grp in self.groups:
+            if len(grp.responses) > self.rows_per_group:
+                raise ValueError(f"group {grp.group_id} has {len(grp.responses)} responses, more than "
+                                 f"responses_per_group={self.rows_per_group}; set max_responses")
+            longest = len(grp.prompt_ids) + max(len(y) for y in grp.responses)
+            if longest > seq_length:
+                raise ValueError(f"group {grp.group_id}: {longest} tokens exceed seq_length={seq_length}")
+        scored = {grp.rewards is not None for grp in self.groups}
+        if len(scored) > 1:
+            raise ValueError("some groups have rewards and others do not")
+        self.has_rewards = scored == {True}
+        self.has_reference_flags = any(grp.is_reference is not None for grp in self.groups)
+        self.seq_length, self.pad_id, self.seed, self.reference = seq_length, pad_id, seed, reference
+        self.groups_per_micro_batch, self.global_batch_groups = gpm, g
+        self.dp_rank, self.dp_size = dp_rank, dp
+        self.micro_batches_per_step = g // (dp * gpm)
+        self.epoch, self.index = 0, 0
+        self._perm: tuple[int, np.ndarray] | None = None
+        self._fp: str | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per pass over the groups (the remainder sits out; see the class docstring)."""
+        return len(self.groups) // self.global_batch_groups
+
+    @property
+    def num_eval_microbatches(self) -> int:
+        """Micro-batches each rank gets from :meth:`iter_eval_microbatches` (the same on every rank)."""
+        return math.ceil(len(self.groups) / (self.dp_size * self.groups_per_micro_batch))
+
+    def _fingerprint(self) -> str:
+        """A hash of the groups' ids and sequences: resuming on other data would not be exact."""
+        if self._fp is None:
+            h = hashlib.blake2b(digest_size=8)
+            for grp in self.groups:
+                for y in grp.responses:
+                    h.update(sequence_key(grp.prompt_ids, y).to_bytes(8, "little"))
+                h.update(grp.group_id.to_bytes(8, "little", signed=True))
+            self._fp = h.hexdigest()
+        return self._fp
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed % 2**63, epoch]))
+            self._perm = (epoch, rng.permutation(len(self.groups)))
+        return self._perm[1]
+
+    def next_step(self) -> list[dict[str, Tensor]]:
+        """This rank's micro-batches for the next optimizer step."""
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"only {len(self.groups)} groups, fewer than global_batch_groups="
+                             f"{self.global_batch_groups}")
+        if self.index >= self.steps_per_epoch * self.global_batch_groups:
+            self.epoch, self.index = self.epoch + 1, 0
+        step = self._order(self.epoch)[self.index:self.index + self.global_batch_groups]
+        self.index += self.global_batch_groups
+        per_rank = self.global_batch_groups // self.dp_size
+        mine = step[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank].tolist()
+        gpm = self.groups_per_micro_batch
+        return [self._collate(mine[k * gpm:(k + 1) * gpm]) for k in range(self.micro_batches_per_step)]
+
+    def iter_eval_microbatches(self) -> Iterator[dict[str, Tensor]]:
+        """One pass over all groups in data order, no shuffle; every rank yields the same number of
+        fixed-shape micro-batches (an empty tail is all PAD rows)."""
+        gpm, dp = self.groups_per_micro_batch, self.dp_size
+        for k in range(self.num_eval_microbatches):
+            start = (k * dp + self.dp_rank) * gpm
+            yield self._collate(list(range(start, min(start + gpm, len(self.groups)))))
+
+    def _collate(self, indices: list[int]) -> dict[str, Tensor]:
+        prompts, responses, gids, rewards, is_ref, keys = [], [], [], [], [], []
+        for i in indices:
+            grp = self.groups[i]
+            for j, y in enumerate(grp.responses):
+                prompts.append(grp.prompt_ids)
+                responses.append(y)
+                gids.append(grp.group_id)
+                keys.append(sequence_key(grp.prompt_ids, y))
+                if grp.rewards is not None:
+                    rewards.append(grp.rewards[j])
+                is_ref.append(bool(grp.is_reference[j]) if grp.is_reference is not None else False)
+        ref_prompt = ref_response = None
+        if self.reference is not None:
+            ref_prompt, ref_response = self.reference.lookup(keys) if keys else ([], [])
+        return collate_sequences(
+            prompts, responses, seq_length=self.seq_length, pad_id=self.pad_id, group_ids=gids,
+            rewards=rewards if self.has_rewards else None,
+            is_reference_answer=is_ref if self.has_reference_flags else None,
+            ref_logps=ref_response, ref_prompt_logps=ref_prompt, seq_keys=keys,
+            num_rows=self.groups_per_micro_batch * self.rows_per_group)
+
+    def state_dict(self) -> dict[str, int | str]:
+        """The exact stream position (global: independent of the DP layout) plus a data fingerprint."""
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
+                "global_batch_groups": self.global_batch_groups, "fingerprint": self._fingerprint()}
+
+    def load_state_dict(self, state: dict[str, int | str]) -> None:
+        """Resume at ``state``'s position; refuses a different seed, batch size or data."""
+        now = {"seed": self.seed, "global_batch_groups": self.global_batch_groups,
+               "fingerprint": self._fingerprint()}
+        for key, mine in now.items():
+            if state[key] != mine:
+                raise ValueError(f"cannot resume the data stream exactly: checkpoint {key}={state[key]!r}, "
+                                 f"now {mine!r} (the data, seed or global batch changed)")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])

@@ -1,0 +1,135 @@
+"""Model checkpoints in Megatron-Core dist_checkpointing (torch_dist) format, reshardable across TP/PP/VPP.
+
+A model checkpoint directory holds the dist_checkpointing files of the bare (un-wrapped) model chunks —
+one flat sharded state dict whose layer keys carry global layer numbers, so it loads at any layout — and
+``rao_model.json``: the HF config the architecture comes from, the task (policy / rm) and provenance.
+The converters write this format and training reads it (``model.init_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from rao_megatron.models.provider import as_chunks
+
+META_FILE = "rao_model.json"
+#: a checkpoints root names its newest complete checkpoint in this file
+LATEST = "latest"
+
+
+def prepare_synchronous_save() -> None:
+    """Make dist_checkpointing's (synchronous) writer cheap and safe on any machine.
+
+    - Its writer measures RSS with psutil, which megatron-core does not depend on; without it the writer
+      child dies and the parent waits forever: report 0 instead.
+    - It hands results back through an ``mp.Manager`` started with 'spawn', which re-imports ``__main__``:
+      5-10 s per first save on a small machine. Our saves are synchronous (the writer runs in this
+      process), so the results never cross a process boundary and a plain queue is enough.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        filesystem_async._process_memory = lambda: 0
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+def model_sharded_state_dict(chunks: Any) -> dict[str, Any]:
+    """``{"model0": …, "model1": …}``: each bare chunk's sharded state dict.
+
+    The dict keys only organise this rank's view; what is written and matched on load is each
+    ShardedTensor's global key (global layer numbers), so any TP/PP/VPP layout reads any other's files.
+    """
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(as_chunks(chunks))}
+
+
+def is_global_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_model_checkpoint(chunks: Any, path: str | os.PathLike, meta: dict[str, Any]) -> None:
+    """Write this model (all ranks call it) to an empty or new directory ``path`` via a temp dir + rename."""
+    prepare_synchronous_save()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if is_global_rank0():
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp))
+    if is_global_rank0():
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    barrier()
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``rao_model.json`` of a model checkpoint, with a clear error if it is not one."""
+    path = resolve_checkpoint(path)
+    meta_file = path / META_FILE
+    if not path.is_dir():
+        raise FileNotFoundError(f"Megatron checkpoint directory not found: {path}")
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not a rao_megatron model checkpoint (no {META_FILE}); "
+                                "create one with `python -m rao_megatron.convert hf-to-megatron`")
+    return json.loads(meta_file.read_text())
+
+
+@torch.no_grad()
+def load_model_checkpoint(chunks: Any, path: str | os.PathLike, *, strict: bool = True,
+                          skip_prefixes: tuple[str, ...] = ()) -> None:
+    """Load a model checkpoint into this rank's chunks (any TP/PP/VPP layout).
+
+    Parameters whose names start with one of ``skip_prefixes`` are neither read nor required: they keep
+    their current values (a reward model initialised from a policy keeps its fresh ``output_layer.``).
+    """
+    path = resolve_checkpoint(path)
+    read_checkpoint_meta(path)
+    sharded = model_sharded_state_dict(chunks)
+    if skip_prefixes:
+        sharded = {name: {k: v for k, v in chunk.items() if not k.startswith(skip_prefixes)}
+                   for name, chunk in sharded.items()}
+    loaded = dist_checkpointing.load(sharded, str(path))
+    for i, chunk in enumerate(as_chunks(chunks)):
+        missing, _ = chunk.load_state_dict(loaded[f"model{i}"], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state") and not k.startswith(skip_prefixes)]
+        if strict and missing:
+            raise KeyError(f"checkpoint {path} lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A model/training checkpoint directory from itself, a checkpoints root, or its ``latest`` file."""
+    p = Path(path)
+    if p.is_file() and p.name == LATEST:
+        return p.parent / p.read_text().strip()
+    if p.is_dir() and not (p / META_FILE).exists() and (p / LATEST).is_file():
+        return p / (p / LATEST).read_text().strip()
+    return p
+
+
+def checkpoint_tokenizer(checkpoint: str | os.PathLike) -> str | None:
+    """The tokenizer directory a model checkpoint records, else the copy inside it, else None (tiny tokenizer)."""
+    path = read_checkpoint_meta(checkpoint).get("tokenizer")
+    inside = resolve_checkpoint(checkpoint) / "tokenizer"
+    if (path is None or not Path(path).is_dir()) and inside.is_dir():
+        path = str(inside)  # the converter copies the tokenizer into the checkpoint: survives a move
+    return path

@@ -1,0 +1,103 @@
+"""How a run's model starts: the HF architecture, the dtype, and the initial weights (checkpoint or random)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rao_megatron.config import Config, ConfigError
+from rao_megatron.parallel.startup import log0
+
+PRESET_FAMILIES = {"tiny-llama": "llama", "tiny-qwen2": "qwen2"}
+
+
+def model_dir(cfg: Config) -> str | None:
+    """The HF model directory of this run, if any (architecture and default tokenizer)."""
+    if cfg.model.hf_config is None:
+        return None
+    p = Path(cfg.model.hf_config)
+    return str(p.parent if p.name == "config.json" else p)
+
+
+def resolve_hf_config(cfg: Config, tokenizer: Any) -> Any:
+    """The HF config the Megatron model is built from (checkpoint metadata, HF directory, or tiny preset)."""
+    from transformers import AutoConfig
+
+    from rao_megatron.models.hf_config import tiny_hf_config
+
+    if cfg.model.init_checkpoint:
+        from rao_megatron.models.checkpoint import read_checkpoint_meta
+
+        meta = read_checkpoint_meta(cfg.model.init_checkpoint)
+        return AutoConfig.for_model(**meta["hf_config"])
+    if cfg.model.hf_config:
+        path = model_dir(cfg)
+        if not Path(path, "config.json").is_file():
+            raise ConfigError(f"config key 'model.hf_config': no config.json in {path}")
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    family = PRESET_FAMILIES[cfg.model.preset]
+    return tiny_hf_config(family, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def params_dtype(cfg: Config) -> torch.dtype:
+    return torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+
+
+@torch.no_grad()
+def init_random_weights(chunks: Any, hf_config: Any, seed: int) -> None:
+    """Random init that does not depend on the TP/PP layout: an HF model seeded on CPU, mapped in.
+
+    Megatron's own init draws a different stream per TP rank, so a tiny run at TP1 and TP2 would start
+    from different weights; going through the HF layout makes every layout start identically.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from rao_megatron.models.hf_state import load_hf_state_dict_into_megatron
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        load_hf_state_dict_into_megatron(chunks, model.state_dict(), hf_config)
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def init_skip_prefixes(init_checkpoint: str, task: str) -> tuple[str, ...]:
+    """What not to load from ``init_checkpoint`` into a ``task`` model: a policy's vocab head into a reward model.
+
+    A policy checkpoint's ``output_layer`` is the ``[V, H]`` vocab projection (or absent, when tied to
+    the embedding); the reward model's is a ``[1, H]`` scalar head. Read as is, dist_checkpointing would
+    copy vocab row 0 into the head, so the head keeps its fresh initialisation instead. A reward-model
+    checkpoint (``task: rm``) loads whole, head included.
+    """
+    from rao_megatron.models.checkpoint import read_checkpoint_meta
+
+    source = read_checkpoint_meta(init_checkpoint).get("task", "policy")
+    if task == "rm" and source != "rm":
+        log0(f"reward model from the '{source}' checkpoint {init_checkpoint}: transformer weights loaded, "
+             "its vocab output layer dropped, scalar head freshly initialised")
+        return ("output_layer.",)
+    if task != "rm" and source == "rm":
+        raise ConfigError(f"config key 'model.init_checkpoint': {init_checkpoint} is a reward model "
+                          f"(task rm); a {task} model needs a policy checkpoint")
+    return ()
+
+
+def build_initial_model(cfg: Config, hf_config: Any, task: str) -> list[torch.nn.Module]:
+    """This rank's model chunks for ``task``, initialised from ``model.init_checkpoint`` or at random."""
+    from rao_megatron.models.checkpoint import load_model_checkpoint
+    from rao_megatron.training.engine import build_model_chunks
+
+    chunks = build_model_chunks(hf_config, task=task, params_dtype=params_dtype(cfg),
+                                sequence_parallel=cfg.parallel.sequence_parallel,
+                                distributed_optimizer=cfg.parallel.distributed_optimizer)
+    if cfg.model.init_checkpoint:
+        load_model_checkpoint(chunks, cfg.model.init_checkpoint,
+                              skip_prefixes=init_skip_prefixes(cfg.model.init_checkpoint, task))
+    else:
+        init_random_weights(chunks, hf_config, cfg.train.seed)
+    return chunks
