@@ -28,11 +28,11 @@ venv: $(STAMP)
 # extract -> convert -> sample -> rule rewards -> reference -> RAO at PP2 over gloo -> convert back ->
 # held-out accuracy before/after. Re-running skips finished stages. ARGS="--online" adds online GRAO.
 demo: $(STAMP)
-	$(PY) -m rao_megatron.demo $(ARGS)
+	$(PY) -m rao_megatron.cli.demo $(ARGS)
 
 # Seconds, not minutes: RAO on the tiny random Llama at TP2 over gloo (2 processes).
 demo-tiny: $(STAMP)
-	$(VENV)/bin/torchrun --nproc-per-node 2 --master-port $${MASTER_PORT:-29511} -m rao_megatron.train \
+	$(VENV)/bin/torchrun --nproc-per-node 2 --master-port $${MASTER_PORT:-29511} -m rao_megatron.cli.train \
 		--config examples/configs/rao_tiny.yaml parallel.tp=2 train.output_dir=runs/demo_tiny
 
 test: $(STAMP)

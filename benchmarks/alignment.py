@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rao_megatron.commands import fresh_dir, python_module, run_command, torchrun_module  # noqa: E402
+from rao_megatron.cli.chain import fresh_dir, python_module, run_command, torchrun_module  # noqa: E402
 from rao_megatron.rewards.synthetic import write_jsonl  # noqa: E402
 
 CONFIG = REPO / "examples/configs/rao_smollm2_demo.yaml"
@@ -82,7 +82,7 @@ def response_logps(cache: Path) -> dict[int, float]:
 def probe_logps(args: argparse.Namespace, checkpoint: Path, probe: Path, cache: Path) -> dict[int, float]:
     """log π(y_w | x) of every probe answer under ``checkpoint`` (forward only, the demo's layout)."""
     if not cache.is_file():
-        run_command(torchrun_module(args.procs, "rao_megatron.precompute_reference", "--config", CONFIG,
+        run_command(torchrun_module(args.procs, "rao_megatron.cli.precompute_reference", "--config", CONFIG,
                                     f"model.init_checkpoint={checkpoint}", f"data.train_path={probe}",
                                     f"data.reference_cache={cache}", "data.eval_fraction=0",
                                     f"train.output_dir={cache.parent}"))
@@ -104,7 +104,7 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
 
 def accuracy(args: argparse.Namespace, hf_dir: Path, out: Path) -> dict:
     if not out.is_file() or len(read_jsonl(out)) < args.heldout_prompts:
-        run_command(python_module("rao_megatron.generate", "--model", hf_dir, "--prompts", args.heldout,
+        run_command(python_module("rao_megatron.cli.generate", "--model", hf_dir, "--prompts", args.heldout,
                                   "--out", out, "--n", args.k, "--max-new-tokens", args.max_new_tokens,
                                   "--temperature", args.temperature, "--seed", 1, "--backend", "hf",
                                   "--no-progress"))
@@ -124,7 +124,7 @@ def run_method(args: argparse.Namespace, method: str, data: Path, probe: Path, s
     save_every = max(1, args.steps // args.points)
     t0 = time.time()
     run_command(torchrun_module(
-        args.procs, "rao_megatron.train", "--config", CONFIG, f"loss.name={method}", *METHOD_ARGS[method],
+        args.procs, "rao_megatron.cli.train", "--config", CONFIG, f"loss.name={method}", *METHOD_ARGS[method],
         f"model.init_checkpoint={args.demo / 'start_megatron'}", f"data.train_path={data}",
         f"train.output_dir={fresh_dir(out / 'train')}", f"train.steps={args.steps}", "train.eval_every=0",
         f"checkpoint.save_every={save_every}", f"checkpoint.keep_last={args.points + 1}"))
@@ -133,7 +133,7 @@ def run_method(args: argparse.Namespace, method: str, data: Path, probe: Path, s
     for step, ckpt in checkpoints(out / "train"):
         now = probe_logps(args, ckpt, probe, out / f"probe_step{step}.safetensors")
         curve.append({"step": step, **displacement(start_logps, now)})
-    run_command(python_module("rao_megatron.convert", "megatron-to-hf", "--megatron", out / "train/checkpoints",
+    run_command(python_module("rao_megatron.cli.convert", "megatron-to-hf", "--megatron", out / "train/checkpoints",
                               "--out", fresh_dir(out / "hf"), "--no-progress"))
     acc = accuracy(args, out / "hf", out / "heldout_answers.jsonl")
     metrics = read_jsonl(out / "train" / "metrics.jsonl")
@@ -194,7 +194,7 @@ def main() -> int:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHOD_ARGS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     # the demo's data, start checkpoint and reference cache (its first six stages)
-    run_command(python_module("rao_megatron.demo", "--out", args.demo, "--until", "reference"))
+    run_command(python_module("rao_megatron.cli.demo", "--out", args.demo, "--until", "reference"))
     data_dir = args.demo / "data"
     groups = read_jsonl(data_dir / "train_groups.jsonl")
     prompts = {str(r["id"]): r for r in read_jsonl(data_dir / "train_prompts_grao.jsonl")}

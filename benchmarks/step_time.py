@@ -28,10 +28,10 @@ def main() -> None:
 
     import torch
 
+    from rao_megatron.cli.precompute_reference import main as precompute
     from rao_megatron.config import load_config
     from rao_megatron.data import load_tokenizer
     from rao_megatron.models.hf_config import tiny_hf_config
-    from rao_megatron.precompute_reference import main as precompute
     from rao_megatron.training.loop import Trainer
 
     torch.set_num_threads(2)

@@ -21,7 +21,7 @@
 #   SEQ_PARALLEL      -> parallel.sequence_parallel (true|false)
 #   HF_MODEL          -> model.hf_config (HF directory: architecture and default tokenizer)
 #   TOKENIZER         -> model.tokenizer
-#   INIT_CHECKPOINT   -> model.init_checkpoint (Megatron checkpoint from rao_megatron.convert)
+#   INIT_CHECKPOINT   -> model.init_checkpoint (Megatron checkpoint from rao_megatron.cli.convert)
 #   DATA EVAL_DATA    -> data.train_path / data.eval_path
 #   REF_CACHE         -> data.reference_cache (precomputed reference log-probs)
 #   SEQ_LEN           -> data.max_length

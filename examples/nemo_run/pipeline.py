@@ -2,12 +2,12 @@
 
 Steps, in order (each a ``run.Script`` running one of the project's module CLIs):
 
-    convert    python -m rao_megatron.convert hf-to-megatron   HF SFT model -> Megatron (TP x PP)
-    rm         python -m rao_megatron.train train.task=rm       Bradley-Terry reward model (torchrun)
-    annotate   python -m rao_megatron.annotate                  rewards for every response
-    reference  python -m rao_megatron.precompute_reference      reference log-probs, once (torchrun)
-    rao        python -m rao_megatron.train                     the RAO policy run (torchrun)
-    export     python -m rao_megatron.convert megatron-to-hf    the result back to HF
+    convert    python -m rao_megatron.cli.convert hf-to-megatron   HF SFT model -> Megatron (TP x PP)
+    rm         python -m rao_megatron.cli.train train.task=rm       Bradley-Terry reward model (torchrun)
+    annotate   python -m rao_megatron.cli.annotate                  rewards for every response
+    reference  python -m rao_megatron.cli.precompute_reference      reference log-probs, once (torchrun)
+    rao        python -m rao_megatron.cli.train                     the RAO policy run (torchrun)
+    export     python -m rao_megatron.cli.convert megatron-to-hf    the result back to HF
 
 A step that is left out is replaced by its input given on the command line: without ``convert`` the
 runs start from ``--init-checkpoint`` (or the config's), without ``annotate`` the policy data must
@@ -179,13 +179,13 @@ def step_commands(s: PipelineSettings) -> dict[str, tuple[str, list[str]]]:
         if step == "convert":
             if not s.hf_model:
                 raise ValueError("step 'convert' needs --hf-model")
-            cmds[step] = ("rao_megatron.convert",
+            cmds[step] = ("rao_megatron.cli.convert",
                           ["hf-to-megatron", "--hf", s.hf_model, "--out", str(s.megatron_init),
                            "--tp", str(s.tp or 1), "--pp", str(s.pp or 1)])
         elif step == "rm":
             if not s.rm_data:
                 raise ValueError("step 'rm' needs --rm-data")
-            cmds[step] = ("rao_megatron.train",
+            cmds[step] = ("rao_megatron.cli.train",
                           ["--config", s.job_path(s.rm_config), *config_path_overrides(s.rm_config, s.job_root),
                            "train.task=rm", "loss.name=bt",
                            f"data.train_path={s.rm_data}", f"train.output_dir={s.rm_dir}",
@@ -195,17 +195,17 @@ def step_commands(s: PipelineSettings) -> dict[str, tuple[str, list[str]]]:
                 raise ValueError("step 'annotate' needs --policy-data")
             scorer = (["--reward-fn", s.reward_fn] if s.reward_fn
                       else ["--reward-model", str(s.rm_dir / "checkpoints")])  # its `latest`
-            cmds[step] = ("rao_megatron.annotate",
+            cmds[step] = ("rao_megatron.cli.annotate",
                           ["--data", s.policy_data, "--out", str(s.annotated_data), *scorer])
         elif step in ("reference", "rao"):
             data = [f"data.train_path={s.annotated_data}"] if s.annotated_data else []
-            module = "rao_megatron.precompute_reference" if step == "reference" else "rao_megatron.train"
+            module = "rao_megatron.cli.precompute_reference" if step == "reference" else "rao_megatron.cli.train"
             cmds[step] = (module, ["--config", s.job_path(s.rao_config),
                                    *config_path_overrides(s.rao_config, s.job_root),
                                    *data, f"train.output_dir={s.rao_dir}",
                                    *_model_overrides(s), *s.overrides])
         elif step == "export":
-            cmds[step] = ("rao_megatron.convert",
+            cmds[step] = ("rao_megatron.cli.convert",
                           ["megatron-to-hf", "--megatron", str(s.rao_dir / "checkpoints"),  # its `latest`
                            "--out", str(s.hf_out)])
     return cmds

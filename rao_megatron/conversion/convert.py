@@ -170,7 +170,7 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int
         # training loads the tokenizer from here (model.init_checkpoint); copied in below
         "tokenizer": str(out / "tokenizer") if has_tokenizer else None,
         "generation_config": _read_json(hf_dir / "generation_config.json"),
-        "provenance": {"converter": "rao_megatron.convert hf-to-megatron", "source": str(hf_dir),
+        "provenance": {"converter": "rao_megatron.cli.convert hf-to-megatron", "source": str(hf_dir),
                        "written_at_layout": {"tp": tp, "pp": pp}, "rao_megatron": rao_megatron.__version__,
                        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "new_reward_head": bool(new_head)},

@@ -90,7 +90,7 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"Megatron checkpoint directory not found: {path}")
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path} is not a rao_megatron model checkpoint (no {META_FILE}); "
-                                "create one with `python -m rao_megatron.convert hf-to-megatron`")
+                                "create one with `python -m rao_megatron.cli.convert hf-to-megatron`")
     return json.loads(meta_file.read_text())
 
 

@@ -1,4 +1,4 @@
-"""Rule-based reward functions and the ``module:function`` loader used by ``python -m rao_megatron.annotate``.
+"""Rule-based reward functions and the ``module:function`` loader used by ``python -m rao_megatron.cli.annotate``.
 
 A reward function is called once per response::
 

@@ -124,7 +124,7 @@ class PolicyStep(_LossStep):
                 is_reference_answer=_optional(batch, "is_reference_answer", keep))
             if self.loss.spec.needs_reference and stats.ref_logps is None:
                 raise ValueError(f"loss '{self.loss.name}' needs reference log-probs: precompute them "
-                                 "(python -m rao_megatron.precompute_reference) or use train.reference=on_the_fly")
+                                 "(python -m rao_megatron.cli.precompute_reference) or use train.reference=on_the_fly")
             loss, reduced = self._finish(stats)
         reduced["policy_logps"] = response[keep].detach()
         return loss, reduced

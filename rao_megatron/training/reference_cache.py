@@ -90,7 +90,7 @@ class ReferenceCache:
         self.path = Path(path)
         if not self.path.is_file():
             raise ReferenceCacheError(f"reference cache not found: {self.path}; create it with "
-                                      "`python -m rao_megatron.precompute_reference --config ...` "
+                                      "`python -m rao_megatron.cli.precompute_reference --config ...` "
                                       "or set train.reference=on_the_fly")
         from safetensors import safe_open
 
@@ -99,7 +99,7 @@ class ReferenceCache:
                 meta = f.metadata() or {}
         except Exception as e:  # safetensors raises its own error type for a damaged header
             raise ReferenceCacheError(f"reference cache {self.path} is not a readable safetensors file ({e}); "
-                                      "delete it and run rao_megatron.precompute_reference again") from None
+                                      "delete it and run rao_megatron.cli.precompute_reference again") from None
         if meta.get("format") != FORMAT:
             raise ReferenceCacheError(f"{self.path} is not a reference log-prob cache (format {meta.get('format')!r})")
         for key, value in expected.items():
@@ -109,7 +109,7 @@ class ReferenceCache:
                         "max_length": "another data.max_length", "overlength": "another data.overlength"}[key]
                 raise ReferenceCacheError(
                     f"reference cache {self.path} was computed for {what} ({key}: cache {stored!r}, "
-                    f"run {value!r}); recompute it with `python -m rao_megatron.precompute_reference`")
+                    f"run {value!r}); recompute it with `python -m rao_megatron.cli.precompute_reference`")
         self.meta = meta
         tensors = load_file(str(self.path))
         self._index = {int(k): i for i, k in enumerate(tensors["seq_keys"].tolist())}

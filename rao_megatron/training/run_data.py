@@ -60,7 +60,7 @@ def load_groups(cfg: Config, tokenizer: Any, spec: Any) -> RunGroups:
                           + "; ".join(line.strip() for line in report.summary().splitlines()))
     if spec.needs_rewards and groups[0].rewards is None:
         raise ConfigError(f"loss '{spec.name}' needs rewards, but {cfg.data.train_path} has none "
-                          "(annotate it: python -m rao_megatron.annotate)")
+                          "(annotate it: python -m rao_megatron.cli.annotate)")
     t0 = report.t0
     if cfg.data.eval_path:
         heldout, heldout_report = _tokenized(cfg.data.eval_path, cfg, tokenizer, spec, t0)

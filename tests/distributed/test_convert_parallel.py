@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForSequenceClassification
 
+from rao_megatron.cli.convert import cli
 from rao_megatron.conversion.compare import (
     DEFAULT_PROMPTS,
     compare_checkpoints,
@@ -24,7 +25,6 @@ from rao_megatron.conversion.compare import (
 )
 from rao_megatron.conversion.convert import hf_to_megatron, megatron_to_hf
 from rao_megatron.conversion.hf_io import INDEX_FILE, LazyHFStateDict
-from rao_megatron.convert import cli
 from rao_megatron.models import LLAMA3_TINY_ROPE, tiny_hf_config
 from rao_megatron.models.checkpoint import read_checkpoint_meta
 

@@ -60,7 +60,7 @@ class Case:
     setup: Callable[[Path], None] | None = None  # extra preparation in tmp
     config: str | None = None                    # --config (default: the tiny config)
     world: int = 1
-    module: str = "rao_megatron.train"
+    module: str = "rao_megatron.cli.train"
     argv: tuple[str, ...] | None = None          # full argv for non-train modules
     extra: dict = field(default_factory=dict)
 
@@ -126,9 +126,9 @@ CASES = [
     Case("batch-split", ("'train.global_batch_groups'", "global_batch_groups=5"), ("train.global_batch_groups=5",)),
     Case("task-loss-mismatch", ("train.task=rm trains with loss 'bt'",), ("train.task=rm",)),
     Case("resume-missing", ("'checkpoint.resume'", "{tmp}/gone"), ("checkpoint.resume={tmp}/gone",)),
-    Case("precompute-bad-data", ("{tmp}/data.jsonl", "line 3"), module="rao_megatron.precompute_reference",
+    Case("precompute-bad-data", ("{tmp}/data.jsonl", "line 3"), module="rao_megatron.cli.precompute_reference",
          data="\n".join(ROWS[:2] + ["{not json"]) + "\n"),
-    Case("convert-missing-hf", ("{tmp}/hf",), module="rao_megatron.convert",
+    Case("convert-missing-hf", ("{tmp}/hf",), module="rao_megatron.cli.convert",
          argv=("hf-to-megatron", "--hf", "{tmp}/hf", "--out", "{tmp}/out")),
     # cluster settings take effect or are refused: never a silent CPU run or an ignored key
     Case("sequence-parallel-without-tp", ("'parallel.sequence_parallel'", "parallel.tp > 1"),

@@ -32,15 +32,15 @@ def test_step_commands_chain_outputs_to_inputs(tmp_path: Path) -> None:
                            policy_data=str(tmp_path / "resp.jsonl"), tp=2, pp=1)
     cmds = s and p.step_commands(s)
     assert list(cmds) == list(p.STEPS)
-    assert cmds["convert"] == ("rao_megatron.convert", ["hf-to-megatron", "--hf", str(tmp_path / "hf"), "--out",
+    assert cmds["convert"] == ("rao_megatron.cli.convert", ["hf-to-megatron", "--hf", str(tmp_path / "hf"), "--out",
                                                         str(tmp_path / "megatron_init"), "--tp", "2", "--pp", "1"])
     module, rm = cmds["rm"]
-    assert module == "rao_megatron.train" and {"train.task=rm", "loss.name=bt",
+    assert module == "rao_megatron.cli.train" and {"train.task=rm", "loss.name=bt",
                                                f"model.init_checkpoint={tmp_path / 'megatron_init'}"} <= set(rm)
     assert cmds["annotate"][1][-2:] == ["--reward-model", str(tmp_path / "rm/checkpoints")]
     for step in ("reference", "rao"):
         assert f"data.train_path={tmp_path / 'annotated.jsonl'}" in cmds[step][1]
-    assert cmds["reference"][0] == "rao_megatron.precompute_reference"
+    assert cmds["reference"][0] == "rao_megatron.cli.precompute_reference"
     assert cmds["export"][1][:3] == ["megatron-to-hf", "--megatron", str(tmp_path / "rao/checkpoints")]
 
 
@@ -85,8 +85,8 @@ def test_dryrun_whole_pipeline(executor: str, tmp_path: Path) -> None:
     for step in ("convert", "rm", "annotate", "reference", "rao", "export"):
         assert f"{step}: DRYRUN" in p.stdout
     text = " ".join((p.stdout + p.stderr).split())
-    for module in ("rao_megatron.convert", "rao_megatron.annotate", "rao_megatron.precompute_reference",
-                   "rao_megatron.train"):
+    for module in ("rao_megatron.cli.convert", "rao_megatron.cli.annotate", "rao_megatron.cli.precompute_reference",
+                   "rao_megatron.cli.train"):
         assert module in text
     assert "torchrun" in text
     if executor == "slurm":

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rao_megatron import demo
-from rao_megatron.commands import CommandError, command_env
+from rao_megatron.cli.chain import CommandError, command_env
 from rao_megatron.rewards.rule import exact_final_number
 from rao_megatron.tasks.arithmetic import all_problems, split
 
@@ -96,7 +96,7 @@ def tiny_start(tmp_path_factory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("start")
     AutoModelForCausalLM.from_config(cfg).save_pretrained(d / "hf")
     tok.save_pretrained(d / "hf")
-    subprocess.run([sys.executable, "-m", "rao_megatron.convert", "hf-to-megatron", "--hf", str(d / "hf"),
+    subprocess.run([sys.executable, "-m", "rao_megatron.cli.convert", "hf-to-megatron", "--hf", str(d / "hf"),
                     "--out", str(d / "megatron"), "--no-progress"], check=True, env=command_env(), cwd=ROOT,
                    capture_output=True)
     return d / "hf", d / "megatron"
@@ -122,7 +122,7 @@ def test_online_grao_rounds_sample_with_the_previous_rounds_policy(tiny_start, t
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Repeat the letter {c}.", "reference": c * 5})
                                + "\n" for i, c in enumerate(letters)))
     out = tmp_path / "online"
-    argv = [sys.executable, "-m", "rao_megatron.online", "--config", str(config), "--prompts", str(prompts),
+    argv = [sys.executable, "-m", "rao_megatron.cli.online", "--config", str(config), "--prompts", str(prompts),
             "--hf", str(hf), "--start", str(megatron), "--out", str(out), "--rounds", "2", "--n", "3",
             "--max-new-tokens", "8", "--reward-fn", "rao_megatron.rewards.rule:letter_share", "--backend", "hf"]
     proc = subprocess.run(argv, env=command_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -30,13 +30,13 @@ def records(out_dir: Path) -> list[dict]:
 
 
 def train(out: Path, config: str, *overrides: str, world: int = 1) -> Path:
-    run_distributed(run_cli_worker, world, "rao_megatron.train",
+    run_distributed(run_cli_worker, world, "rao_megatron.cli.train",
                     ["--config", config, f"train.output_dir={out}", *overrides])
     return out
 
 
 def annotate(data: Path, out: Path, model: Path, *extra: str, world: int = 1) -> list[list[float]]:
-    run_distributed(run_cli_worker, world, "rao_megatron.annotate",
+    run_distributed(run_cli_worker, world, "rao_megatron.cli.annotate",
                     ["--data", str(data), "--out", str(out), "--reward-model", str(model), "--max-length", "48",
                      "--batch-size", "8", "--no-progress", *extra])
     return [r["rewards"] for r in map(json.loads, out.read_text().splitlines())]
@@ -93,7 +93,7 @@ def test_annotating_groups_by_model_at_dp2(trained_rm, tmp_path):
     # interrupted after 4 rows, then rerun with the same command: the same file as one uninterrupted run
     resumed = tmp_path / "resumed.jsonl"
     args = ("--chunk-rows", "4")
-    run_distributed(run_cli_worker, 2, "rao_megatron.annotate",
+    run_distributed(run_cli_worker, 2, "rao_megatron.cli.annotate",
                     ["--data", str(groups), "--out", str(resumed), "--reward-model", str(out), "--no-progress",
                      "--max-length", "48", "--batch-size", "2", *args, "--stop-after", "4"])
     assert not resumed.exists() and json.loads(Path(f"{resumed}.progress.json").read_text())["rows_done"] == 4
@@ -151,8 +151,8 @@ def test_readme_walkthrough_ultrafeedback_to_rm_to_rao(tmp_path, monkeypatch):
     """UltraFeedback file -> RM (rm_tiny.yaml) -> accuracy table -> annotated groups -> RAO, as the README runs it."""
     monkeypatch.chdir(ROOT)  # the configs name their data relative to the repository root
     commands = readme_rm_walkthrough()
-    assert [c[:3] for c in commands] == [["python", "-m", "rao_megatron.train"], ["cat", "runs/rm_tiny/rm_report.md"],
-                                         ["python", "-m", "rao_megatron.annotate"], ["python", "-m", "rao_megatron.train"]]
+    assert [c[:3] for c in commands] == [["python", "-m", "rao_megatron.cli.train"], ["cat", "runs/rm_tiny/rm_report.md"],
+                                         ["python", "-m", "rao_megatron.cli.annotate"], ["python", "-m", "rao_megatron.cli.train"]]
 
     def local(arg: str) -> str:  # the README runs from the repository root and writes under runs/
         for prefix, base in (("runs/", tmp_path / "runs"), ("examples/", ROOT / "examples")):
@@ -160,13 +160,13 @@ def test_readme_walkthrough_ultrafeedback_to_rm_to_rao(tmp_path, monkeypatch):
         return arg
 
     train_rm, show, annotate_cmd, train_rao = [[local(a) for a in c] for c in commands]
-    run_distributed(run_cli_worker, 1, "rao_megatron.train", train_rm[3:] + [f"train.output_dir={tmp_path}/runs/rm_tiny"])
+    run_distributed(run_cli_worker, 1, "rao_megatron.cli.train", train_rm[3:] + [f"train.output_dir={tmp_path}/runs/rm_tiny"])
     report = Path(show[1]).read_text()
     final = report.splitlines()[4].split("|")
     assert final[1].strip() == "final" and float(final[5]) >= 0.95, report
     assert "(128 pairs, 64 groups)" in report  # 64 held-out UltraFeedback rows of 3: best vs the 2 others
 
-    run_distributed(run_cli_worker, 1, "rao_megatron.annotate", annotate_cmd[3:] + ["--no-progress"])
+    run_distributed(run_cli_worker, 1, "rao_megatron.cli.annotate", annotate_cmd[3:] + ["--no-progress"])
     scored = [json.loads(x) for x in (tmp_path / "runs/tiny_rm_scored.jsonl").read_text().splitlines()]
     assert len(scored) == 256 and all(len(r["rewards"]) == len(r["responses"]) == 3 for r in scored)
     # the reward model agrees with the human ratings it was trained on: the "!" response scores highest
@@ -174,7 +174,7 @@ def test_readme_walkthrough_ultrafeedback_to_rm_to_rao(tmp_path, monkeypatch):
                 for r in scored)
     assert agree / len(scored) >= 0.95
 
-    run_distributed(run_cli_worker, 1, "rao_megatron.train", train_rao[3:] + ["train.steps=2"])
+    run_distributed(run_cli_worker, 1, "rao_megatron.cli.train", train_rao[3:] + ["train.steps=2"])
     rao = records(tmp_path / "runs/rao_tiny_rm")
     assert [r["step"] for r in rao] == [1, 2] and all(math.isfinite(r["loss"]) for r in rao)
     assert "rewards/gap" in rao[-1] and "eval/loss" in rao[-1]

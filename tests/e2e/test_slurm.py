@@ -80,7 +80,7 @@ def test_missing_config_job_is_failed(slurm: None, tmp_path: Path) -> None:
 
 
 FAKE_TRAINER = """#!/bin/bash
-# Stands in for `python -m torch.distributed.run ... rao_megatron.train`: on the first run it waits for
+# Stands in for `python -m torch.distributed.run ... rao_megatron.cli.train`: on the first run it waits for
 # the preemption signal and exits 75 ("checkpoint saved, requeue me"); on the requeued run it finishes.
 # `python -c PROBE ...` is common.sh's interpreter check (rao_check_torch): pass it
 if [ "${1:-}" = -c ]; then echo "ok: fake interpreter"; exit 0; fi
@@ -232,7 +232,7 @@ def test_dry_run_cpu_command() -> None:
     args = shlex.split(p.stdout)
     assert args[:3] == ["python3", "-m", "torch.distributed.run"]  # outside Slurm: no srun
     assert "--nproc-per-node=2" in args and "--nnodes=1" in args
-    i = args.index("rao_megatron.train")
+    i = args.index("rao_megatron.cli.train")
     assert args[i + 1:] == ["--config", "examples/configs/rao_tiny.yaml", "parallel.tp=2",
                             f"train.steps={STEPS}", "train.output_dir=/tmp/x", "parallel.device=cpu",
                             "parallel.backend=gloo", "train.eval_every=0"]
@@ -264,7 +264,7 @@ def test_dry_run_no_container_flags_unless_set() -> None:
              PYTHON="python")
     assert p.returncode == 0, p.stderr
     assert "--container" not in p.stdout
-    assert "-m rao_megatron.precompute_reference --config examples/configs/rao_llama3_8b.yaml" in p.stdout
+    assert "-m rao_megatron.cli.precompute_reference --config examples/configs/rao_llama3_8b.yaml" in p.stdout
 
 
 def test_convert_script_checks_its_inputs() -> None:
@@ -273,5 +273,5 @@ def test_convert_script_checks_its_inputs() -> None:
     p = _dry("slurm/convert.sbatch", DIRECTION="megatron-to-hf", MEGATRON_CKPT=str(REPO), OUT="/tmp/o",
              PYTHON="python")
     assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == ["python", "-m", "rao_megatron.convert", "megatron-to-hf", "--megatron", str(REPO),
+    assert p.stdout.split() == ["python", "-m", "rao_megatron.cli.convert", "megatron-to-hf", "--megatron", str(REPO),
                                 "--out", "/tmp/o"]

@@ -12,7 +12,7 @@ def run_cli_worker(module: str, argv: list[str], result_path: str | None = None)
 
     import torch.distributed as dist
 
-    from rao_megatron.cli import run_cli
+    from rao_megatron.cli.common import run_cli
 
     mod = importlib.import_module(module)
     err = io.StringIO()

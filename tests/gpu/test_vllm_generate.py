@@ -1,4 +1,4 @@
-"""The vLLM backend of `python -m rao_megatron.generate` on SmolLM2: output format, seeding, greedy == HF greedy."""
+"""The vLLM backend of `python -m rao_megatron.cli.generate` on SmolLM2: output format, seeding, greedy == HF greedy."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ def _env(**overrides: str) -> dict[str, str]:
 
 def _check(launcher: str = "torchrun", script: str = "", **env: str) -> subprocess.CompletedProcess:
     """source common.sh; rao_setup; the launcher's command; rao_check_torch; then `script` (bash)."""
-    cmd = "rao_torchrun_cmd rao_megatron.train" if launcher == "torchrun" else "rao_python_cmd rao_megatron.convert"
+    cmd = "rao_torchrun_cmd rao_megatron.cli.train" if launcher == "torchrun" else "rao_python_cmd rao_megatron.cli.convert"
     body = f"set -euo pipefail; source slurm/common.sh; rao_setup; {cmd}; rao_check_torch; echo CHECK-PASSED; {script}"
     return subprocess.run(["bash", "-c", body], cwd=REPO, env=_env(**env), capture_output=True, text=True,
                           timeout=120)

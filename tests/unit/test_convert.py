@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from rao_megatron.cli.convert import cli
 from rao_megatron.conversion.hf_io import (
     INDEX_FILE,
     ConversionError,
@@ -25,7 +26,6 @@ from rao_megatron.conversion.validate import (
     expected_hf_shapes,
     mapped_hf_names,
 )
-from rao_megatron.convert import cli
 from rao_megatron.models import LLAMA3_TINY_ROPE, tiny_hf_config
 
 # ---------------------------------------------------------------- safetensors I/O

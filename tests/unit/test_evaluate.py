@@ -1,4 +1,4 @@
-"""`python -m rao_megatron.evaluate`: accuracy / pass@1 with GSM8K extraction, win rate with ties, lengths, report."""
+"""`python -m rao_megatron.cli.evaluate`: accuracy / pass@1 with GSM8K extraction, win rate with ties, lengths, report."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rao_megatron import evaluate
-from rao_megatron.cli import run_cli
+from rao_megatron.cli.common import run_cli
 from rao_megatron.data.tokenizer import TINY_TOKENIZER_DIR
 from rao_megatron.rewards import answers
 from rao_megatron.rewards.rule import RowError, extract_final_number
@@ -162,7 +162,7 @@ def test_reward_model_win_rate_end_to_end(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     train = write_rows(marker_pairs(256, seed=0), tmp_path / "train.jsonl")
-    run_distributed(run_cli_worker, 1, "rao_megatron.train",
+    run_distributed(run_cli_worker, 1, "rao_megatron.cli.train",
                     ["--config", str(root / "examples/configs/rm_tiny.yaml"), f"train.output_dir={tmp_path / 'rm'}",
                      f"data.train_path={train}", "data.eval_path=null", "train.steps=12", "train.eval_every=0"])
     held = marker_pairs(16, seed=1)
@@ -171,7 +171,7 @@ def test_reward_model_win_rate_end_to_end(tmp_path):
     plain = write_jsonl([{"id": i, "prompt": r["prompt"], "responses": [r["rejected"]]} for i, r in enumerate(held)],
                         tmp_path / "plain.jsonl")
     out = tmp_path / "eval"
-    run_distributed(run_cli_worker, 1, "rao_megatron.evaluate",
+    run_distributed(run_cli_worker, 1, "rao_megatron.cli.evaluate",
                     ["--answers", str(marked), "--label", "marked", "--answers", str(plain), "--label", "plain",
                      "--baseline", str(plain), "--reward-model", str(tmp_path / "rm"), "--max-length", "48",
                      "--out-dir", str(out)])

@@ -1,4 +1,4 @@
-"""`python -m rao_megatron.generate` on the HF backend: output format, resume, determinism, bad rows, annotate."""
+"""`python -m rao_megatron.cli.generate` on the HF backend: output format, resume, determinism, bad rows, annotate."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rao_megatron import generate, generation
-from rao_megatron.cli import run_cli
+from rao_megatron.cli.common import run_cli
 from rao_megatron.data.tokenizer import load_tokenizer
 
 PROMPTS = [

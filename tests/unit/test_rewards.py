@@ -47,9 +47,9 @@ def counting_reward(prompt, response: str, row: dict) -> float:
 
 
 def annotate_cli(*argv: str) -> tuple[int, str, str]:
-    """Run ``python -m rao_megatron.annotate`` in-process (rule functions need no process group)."""
+    """Run ``python -m rao_megatron.cli.annotate`` in-process (rule functions need no process group)."""
     from rao_megatron import annotate
-    from rao_megatron.cli import run_cli
+    from rao_megatron.cli.common import run_cli
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -1,4 +1,4 @@
-"""``python -m rao_megatron.convert``: HF <-> Megatron checkpoint conversion and logit comparison, on CPU.
+"""``python -m rao_megatron.cli.convert``: HF <-> Megatron checkpoint conversion and logit comparison, on CPU.
 
     hf-to-megatron --hf DIR --out DIR [--tp N] [--pp M] [--dtype auto|fp32|bf16] [--task policy|rm]
     megatron-to-hf --megatron DIR --out DIR [--dtype auto|fp32|bf16] [--max-shard-size 2GB]
@@ -18,7 +18,7 @@ import sys
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser of all three sub-commands."""
-    parser = argparse.ArgumentParser(prog="python -m rao_megatron.convert", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m rao_megatron.cli.convert", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     dtype_help = "parameter dtype; auto = the source's (HF config dtype / checkpoint's stored dtype)"
@@ -78,12 +78,12 @@ def main(args: argparse.Namespace) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Entry point: one-line ``error: ...`` and exit code 2 for user errors (see ``rao_megatron.cli``)."""
+    """Entry point: one-line ``error: ...`` and exit code 2 for user errors (see ``rao_megatron.cli.common``)."""
     if "torch" not in sys.modules:
         # Conversion is CPU work over gloo: hidden GPUs keep every rank's tensors on the CPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    from rao_megatron.cli import run_cli
+    from rao_megatron.cli.common import run_cli
 
     return run_cli(main, parser(), argv)
 

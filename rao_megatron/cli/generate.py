@@ -1,7 +1,7 @@
 """Sample K responses per prompt with vLLM (GPU) or HF transformers (CPU / GPU); one JSONL output format.
 
-    python -m rao_megatron.generate --model .cache/smollm2-hf --prompts prompts.jsonl --out samples.jsonl --n 4
-    python -m rao_megatron.annotate --data samples.jsonl --out scored.jsonl \\
+    python -m rao_megatron.cli.generate --model .cache/smollm2-hf --prompts prompts.jsonl --out samples.jsonl --n 4
+    python -m rao_megatron.cli.annotate --data samples.jsonl --out scored.jsonl \\
         --reward-fn rao_megatron.rewards.rule:exact_final_number
 
 Input (JSONL, Parquet or a saved `datasets` directory): rows with ``prompt`` (a string: one user turn
@@ -12,7 +12,7 @@ row index) and any other fields (``answer``, ...), which are passed through. Inp
 
 Output: one JSON line per prompt, ``{id, prompt | messages (as input), responses: [K strings],
 sampling: {n, temperature, top_p, max_new_tokens, seed, backend, model}, ...other fields}``: the
-project's group format without rewards, ready for ``rao_megatron.annotate``.
+project's group format without rewards, ready for ``rao_megatron.cli.annotate``.
 
 Interrupted? Rerun the same command: prompts whose id is already in --out are skipped (rows are
 appended and flushed per batch). Sampling is seeded per prompt id (HF: per sample too), so a resumed
@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from rao_megatron.cli import run_cli
+from rao_megatron.cli.common import run_cli
 from rao_megatron.data.prompts import read_prompts
 from rao_megatron.generation import (
     BACKENDS,
@@ -41,7 +41,7 @@ from rao_megatron.generation import (
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rao_megatron.generate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m rao_megatron.cli.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF checkpoint directory (weights, config, tokenizer with a chat template)")
     p.add_argument("--prompts", required=True, help="input rows: JSONL / Parquet file or saved `datasets` directory")
@@ -95,5 +95,10 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The ``rao-*`` entry point."""
+    return run_cli(main, parser(), argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, parser()))
+    sys.exit(cli())

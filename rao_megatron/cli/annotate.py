@@ -1,7 +1,7 @@
 """Annotate a data set with rewards from a trained reward model or a rule function; writes group-format data.
 
-    python -m rao_megatron.annotate --data in.jsonl --out scored.jsonl --reward-fn rao_megatron.rewards.rule:letter_share
-    torchrun --nproc-per-node 2 -m rao_megatron.annotate --data in.jsonl --out scored.parquet \\
+    python -m rao_megatron.cli.annotate --data in.jsonl --out scored.jsonl --reward-fn rao_megatron.rewards.rule:letter_share
+    torchrun --nproc-per-node 2 -m rao_megatron.cli.annotate --data in.jsonl --out scored.parquet \\
         --reward-model runs/rm_tiny/checkpoints --tp 2
 
 Input: project groups, pairs / ultrafeedback_binarized, raw UltraFeedback or UltraChat rows (JSONL,
@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rao_megatron.cli import run_cli
+from rao_megatron.cli.common import run_cli
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rao_megatron.annotate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m rao_megatron.cli.annotate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="input rows: JSONL / Parquet file, saved dataset or `datasets` name")
     p.add_argument("--out", required=True, help="output group data (.jsonl, or .parquet)")
@@ -70,5 +70,10 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The ``rao-*`` entry point."""
+    return run_cli(main, parser(), argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, parser()))
+    sys.exit(cli())

@@ -1,10 +1,10 @@
 """Evaluate generated answers: rule accuracy and pass@1, reward-model win rate against a baseline, mean length.
 
-    python -m rao_megatron.evaluate --answers before.jsonl --label before --answers after.jsonl --label after \\
+    python -m rao_megatron.cli.evaluate --answers before.jsonl --label before --answers after.jsonl --label after \\
         --reward-fn rao_megatron.rewards.rule:exact_final_number \\
         --reward-model runs/rm/checkpoints --baseline before.jsonl --out-dir runs/eval
 
-Answers files are ``python -m rao_megatron.generate`` outputs (``id``, ``prompt`` | ``messages``,
+Answers files are ``python -m rao_megatron.cli.generate`` outputs (``id``, ``prompt`` | ``messages``,
 ``responses``: K >= 1 samples, other fields such as ``answer``); ``--answers`` may be repeated, each with
 its ``--label``, for one table row per file.
 
@@ -30,12 +30,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from rao_megatron.cli import run_cli
+from rao_megatron.cli.common import run_cli
 from rao_megatron.rewards.answers import DEFAULT_REWARD_FN, evaluate_answers, markdown_table, write_report
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rao_megatron.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m rao_megatron.cli.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--answers", action="append", required=True,
                    help="generate output to evaluate (repeat for several, one table row each)")
@@ -69,5 +69,10 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The ``rao-*`` entry point."""
+    return run_cli(main, parser(), argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, parser()))
+    sys.exit(cli())

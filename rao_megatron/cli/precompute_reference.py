@@ -1,6 +1,6 @@
 """Precompute the reference model's log-probs once, so training holds only the policy.
 
-    torchrun --nproc-per-node 2 -m rao_megatron.precompute_reference --config examples/configs/rao_tiny.yaml
+    torchrun --nproc-per-node 2 -m rao_megatron.cli.precompute_reference --config examples/configs/rao_tiny.yaml
 
 Uses the training config: the same data, tokenizer, length policy and initial model (the reference is
 the initial policy, ``model.init_checkpoint``). Forward only, at any TP/PP/DP. Writes P_ref(x) and
@@ -14,13 +14,13 @@ import argparse
 import sys
 import time
 
-from rao_megatron.cli import run_cli
+from rao_megatron.cli.common import run_cli
 
 BLOCK = 8  # micro-batches per pipeline schedule call: amortises the pipeline bubble
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rao_megatron.precompute_reference", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m rao_megatron.cli.precompute_reference", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="the training YAML config")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides (as for training)")
@@ -85,13 +85,12 @@ def compute_file_cache(cfg, tokenizer, chunks, hf_config, groups, data_path: str
 
 def main(args: argparse.Namespace) -> int:
     from rao_megatron.config import load_config
-    from rao_megatron.losses import get_loss
     from rao_megatron.parallel import startup
     from rao_megatron.training import model_init, run_data
 
     cfg = load_config(args.config, args.overrides)
     startup.start(cfg)
-    spec = get_loss(cfg.loss.name)
+    spec = cfg.loss.build().spec
     if not spec.needs_reference:
         startup.log0(f"note: loss '{spec.name}' does not use reference log-probs; computing them anyway")
     tokenizer = run_data.load_run_tokenizer(cfg)
@@ -109,5 +108,10 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The ``rao-*`` entry point."""
+    return run_cli(main, parser(), argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, parser()))
+    sys.exit(cli())

@@ -1,6 +1,6 @@
 """Train a policy (RAO or a baseline loss), a reward model, or SFT from one YAML config.
 
-    torchrun --nproc-per-node 2 -m rao_megatron.train --config examples/configs/rao_tiny.yaml parallel.tp=2
+    torchrun --nproc-per-node 2 -m rao_megatron.cli.train --config examples/configs/rao_tiny.yaml parallel.tp=2
 """
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rao_megatron.cli import EXIT_NON_FINITE, EXIT_PREEMPTED, run_cli
+from rao_megatron.cli.common import EXIT_NON_FINITE, EXIT_PREEMPTED, run_cli
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rao_megatron.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m rao_megatron.cli.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=False, help="YAML config (see examples/configs/)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. loss.beta=0.1 train.lr=5e-7")
@@ -41,5 +41,10 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The ``rao-*`` entry point."""
+    return run_cli(main, parser(), argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main, parser()))
+    sys.exit(cli())

@@ -1,18 +1,18 @@
 """Online GRAO: rounds of (sample G answers with the current policy -> score them -> GRAO update).
 
-    python -m rao_megatron.online --config examples/configs/grao_smollm2_online.yaml \\
+    python -m rao_megatron.cli.online --config examples/configs/grao_smollm2_online.yaml \\
         --prompts runs/demo/data/train_prompts.jsonl --hf .cache/smollm2-hf --start runs/demo/start_megatron \\
         --out runs/demo/grao_online --rounds 2 --reward-fn rao_megatron.rewards.rule:exact_final_number
 
 Each prompt row needs a ``reference`` answer (GRAO's reference term; arithmetic rows have one) and
 whatever the reward needs (``answer`` for exact_final_number). Round r:
 
-1. sample:  ``rao_megatron.generate`` -- G answers per prompt from the round's policy (HF weights; round 1
+1. sample:  ``rao_megatron.cli.generate`` -- G answers per prompt from the round's policy (HF weights; round 1
             uses --hf, later rounds the previous round's export), seed + r
-2. score:   ``rao_megatron.annotate`` with --reward-fn or --reward-model; the reference answer is scored too
-3. update:  ``rao_megatron.train`` with the GRAO config, initialised from the previous round's checkpoint
+2. score:   ``rao_megatron.cli.annotate`` with --reward-fn or --reward-model; the reference answer is scored too
+3. update:  ``rao_megatron.cli.train`` with the GRAO config, initialised from the previous round's checkpoint
             (round 1: --start), on this round's groups; a fresh optimizer and LR schedule each round
-4. export:  ``rao_megatron.convert megatron-to-hf`` -> the next round's sampler
+4. export:  ``rao_megatron.cli.convert megatron-to-hf`` -> the next round's sampler
 
 ``OUT/rounds.jsonl`` records each round's on-policy sample accuracy (mean reward of its samples) and the
 training loss; ``OUT/final_hf`` is the last policy in HF format. A finished step of a round leaves a
@@ -27,8 +27,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from rao_megatron.cli import run_cli
-from rao_megatron.commands import fresh_dir, python_module, run_chain, run_command, torchrun_module
+from rao_megatron.cli.chain import fresh_dir, python_module, run_chain, run_command, torchrun_module
+from rao_megatron.cli.common import run_cli
 
 
 def _done(marker: Path) -> bool:
@@ -84,26 +84,26 @@ def run_online(args: argparse.Namespace) -> Path:
         print(f"\n== GRAO online round {r}/{args.rounds}: sample with {policy_hf}", flush=True)
         if not _done(rd / "sampled.done"):
             run_command(python_module(
-                "rao_megatron.generate", "--model", policy_hf, "--prompts", args.prompts, "--out", rd / "samples.jsonl",
+                "rao_megatron.cli.generate", "--model", policy_hf, "--prompts", args.prompts, "--out", rd / "samples.jsonl",
                 "--n", args.n, "--max-new-tokens", args.max_new_tokens, "--temperature", args.temperature,
                 "--seed", args.seed + r, "--backend", args.backend))
             _mark(rd / "sampled.done")
         if not _done(rd / "scored.done"):
             (rd / "groups.jsonl").unlink(missing_ok=True)
-            run_command(python_module("rao_megatron.annotate", "--data", rd / "samples.jsonl",
+            run_command(python_module("rao_megatron.cli.annotate", "--data", rd / "samples.jsonl",
                                       "--out", rd / "groups.jsonl", *scorer))
             _mark(rd / "scored.done")
         accuracy = _sample_rewards(rd / "groups.jsonl")
         print(f"  round {r}: mean reward of the policy's samples {accuracy:.3f}", flush=True)
         if not _done(rd / "trained.done"):
             run_command(torchrun_module(
-                args.procs, "rao_megatron.train", "--config", args.config, f"model.init_checkpoint={policy_ckpt}",
+                args.procs, "rao_megatron.cli.train", "--config", args.config, f"model.init_checkpoint={policy_ckpt}",
                 f"data.train_path={rd / 'groups.jsonl'}", f"train.output_dir={fresh_dir(rd / 'train')}",
                 f"train.seed={args.train_seed + r}", "checkpoint.save_at_end=true", *args.overrides))
             _mark(rd / "trained.done")
         policy_ckpt = rd / "train" / "checkpoints"
         if not _done(rd / "exported.done"):
-            run_command(python_module("rao_megatron.convert", "megatron-to-hf", "--megatron", policy_ckpt,
+            run_command(python_module("rao_megatron.cli.convert", "megatron-to-hf", "--megatron", policy_ckpt,
                                       "--out", fresh_dir(rd / "hf"), "--no-progress"))
             _mark(rd / "exported.done")
         policy_hf = rd / "hf"
@@ -125,7 +125,7 @@ def run_online(args: argparse.Namespace) -> Path:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rao_megatron.online", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m rao_megatron.cli.online", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="GRAO training config (loss.name=grao)")
     p.add_argument("--prompts", required=True, help="prompt rows with a `reference` answer (JSONL / Parquet)")
@@ -134,8 +134,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (round_N/ and final_hf go here)")
     p.add_argument("--rounds", type=int, default=2)
     scorer = p.add_mutually_exclusive_group(required=True)
-    scorer.add_argument("--reward-fn", metavar="MODULE:FUNCTION", help="rule reward, as for rao_megatron.annotate")
-    scorer.add_argument("--reward-model", metavar="DIR", help="reward-model checkpoint, as for rao_megatron.annotate")
+    scorer.add_argument("--reward-fn", metavar="MODULE:FUNCTION", help="rule reward, as for rao_megatron.cli.annotate")
+    scorer.add_argument("--reward-model", metavar="DIR", help="reward-model checkpoint, as for rao_megatron.cli.annotate")
     p.add_argument("--n", type=int, default=4, help="G: answers sampled per prompt and round")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8)

@@ -1,0 +1,271 @@
+"""tools/gpu_check.py without a GPU: --dry-run, the no-CUDA exit, --only, its command lines, and its judgements."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TOOL = REPO / "tools" / "gpu_check.py"
+EXPECTED_CHECKS = ["pytest", "models", "smollm2", "train", "preemption", "kernels", "vllm", "multi_gpu"]
+NO_GPU = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"}
+
+
+@pytest.fixture(scope="module")
+def gc():
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOOL), *args], cwd=REPO, env=NO_GPU, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_dry_run_lists_every_check_and_imports_nothing_heavy(tmp_path):
+    out = tmp_path / "out"
+    code = (f"import runpy, sys\nsys.argv = ['gpu_check.py', '--dry-run', '--out', {str(out)!r}]\n"
+            f"try:\n    runpy.run_path({str(TOOL)!r}, run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+            "heavy = sorted(m for m in ('torch', 'megatron', 'transformers', 'rao_megatron') if m in sys.modules)\n"
+            "print('EXIT', code, 'HEAVY', heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=NO_GPU, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "EXIT 0 HEAVY []" in proc.stdout
+    listed = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ")]
+    assert listed == EXPECTED_CHECKS
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not out.exists(), "a dry run writes nothing"
+
+
+def test_dry_run_with_only_lists_the_subset():
+    proc = tool("--dry-run", "--only", "kernels,train")
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ")] == ["train", "kernels"]
+
+
+def test_without_cuda_one_line_and_exit_2(tmp_path):
+    out = tmp_path / "out"
+    proc = tool("--out", str(out))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no CUDA device"), proc.stderr
+    assert proc.stdout == ""
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args", [["--only", "train,nope"], ["--only", "nope", "--dry-run"]])
+def test_only_with_an_unknown_name_exits_2_naming_the_known_ones(args):
+    proc = tool(*args)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "'nope'" in proc.stderr
+    assert all(name in proc.stderr for name in EXPECTED_CHECKS)
+
+
+def test_check_table(gc):
+    assert list(gc.CHECK_NAMES) == EXPECTED_CHECKS
+    assert all(c.timeout_s > 0 and c.description for c in gc.CHECKS)
+    assert all(need in gc.DEPS or need == "smollm2" for c in gc.CHECKS for need in c.needs)
+
+
+def test_command_table_names_existing_modules(gc):
+    # the package is moving its commands: a stale table shows up here, not on the GPU box
+    for key, module in gc.COMMANDS.items():
+        assert importlib.util.find_spec(module) is not None, f"COMMANDS[{key!r}] = {module!r} does not exist"
+
+
+def test_library_table_resolves(gc):
+    # the workers find library functions through LIBRARY: a moved function shows up here, not on the GPU box
+    for name in gc.LIBRARY:
+        assert callable(gc.lib(name)), name
+
+
+def _config_args(args: list[str]) -> tuple[str, list[str]]:
+    assert args[0] == "--config"
+    return args[1], args[2:]
+
+
+def test_every_run_the_checks_start_has_a_valid_config(gc, tmp_path):
+    # the NEW keys (parallel.device, parallel.distributed_optimizer) and every override must load
+    from rao_megatron.config import load_config
+
+    runs = [args for _, args in gc.train_runs(tmp_path, triton=True).values()]
+    runs += [gc.cached_run(tmp_path)[1], gc.preemption_args(tmp_path / "p", 12)]
+    runs += [gc.parallel_args(tmp_path / n, *extra) for n, extra in gc.PARALLEL_LAYOUTS.items()]
+    for args in runs:
+        config, overrides = _config_args(args)
+        cfg = load_config(config, overrides)
+        assert cfg.model.dtype == "bf16" and cfg.parallel.device == "cuda", args
+    cfg = load_config(*_config_args(gc.train_runs(tmp_path, triton=True)["sft"][1]))
+    assert cfg.parallel.distributed_optimizer in (True, "on")
+    assert cfg.train.task == "sft" and cfg.train.steps == gc.TRAIN_STEPS
+    pre = load_config(*_config_args(gc.preemption_args(tmp_path / "p", 12)))
+    assert pre.train.min_lr == pre.train.lr, "the preemption comparison needs an LR schedule independent of steps"
+
+
+def record(step, loss, mem=0.5, **kw):
+    return {"step": step, "loss": loss, "gpu_max_mem_gib": mem, "tokens_per_s": 100.0, **kw}
+
+
+def test_judge_training(gc):
+    falling = [record(i, 2.0 - 0.05 * i) for i in range(1, 21)]
+    row = gc.judge_training("train/rao", falling, 20)
+    assert row.verdict == "PASS" and row.figures["gpu_max_mem_gib"] == 0.5
+    assert gc.judge_training("t", [record(i, 1.0 + 0.01 * i) for i in range(1, 21)], 20).verdict == "FAIL"
+    nan = [*falling[:5], record(6, float("nan")), *falling[6:]]
+    assert "non-finite loss at steps [6]" in gc.judge_training("t", nan, 20).reason
+    no_mem = [{k: v for k, v in r.items() if k != "gpu_max_mem_gib"} for r in falling]
+    assert "gpu_max_mem_gib" in gc.judge_training("t", no_mem, 20).reason
+    assert "19 of 20 steps" in gc.judge_training("t", falling[:19], 20).reason
+    assert gc.judge_training("t", [], 20).verdict == "FAIL"
+
+
+def test_compare_losses(gc):
+    a = [record(1, 1.0), record(2, 0.9)]
+    row = gc.compare_losses("x", a, a, [1, 2], rtol=1e-3, what="same")
+    assert row.verdict == "PASS" and row.figures["bit_identical"]
+    row = gc.compare_losses("x", [record(1, 1.0), record(2, 0.95)], a, [1, 2], rtol=1e-3, what="off")
+    assert row.verdict == "FAIL" and row.figures["max_rel_diff"] > 0.05
+    assert gc.compare_losses("x", a[:1], a, [1, 2], rtol=1e-3, what="short").verdict == "FAIL"
+    assert gc.compare_losses("x", [record(1, 1.0005)], a, [1], rtol=1e-3, what="close").verdict == "PASS"
+
+
+def test_gate_missing_skip_and_gpus(gc):
+    probe = {"deps": {k: {"ok": True} for k in gc.DEPS}, "gpus": 1}
+    by_name = {c.name: c for c in gc.CHECKS}
+    assert gc.gate(by_name["train"], probe) == []
+    probe["deps"]["transformer_engine"] = {"ok": False, "error": "ModuleNotFoundError: No module named 'transformer_engine'"}
+    (row,) = gc.gate(by_name["train"], probe)
+    assert row.verdict == "MISSING" and "transformer_engine not importable" in row.reason
+    assert "pip install -e '.[gpu]'" in row.reason
+    probe["deps"]["vllm"] = {"ok": False, "error": "not installed"}
+    assert gc.gate(by_name["vllm"], probe)[0].verdict == "SKIP"
+    probe["deps"]["transformer_engine"] = {"ok": True}
+    (row,) = gc.gate(by_name["multi_gpu"], probe)
+    assert row.verdict == "SKIP" and row.reason == "needs 2 GPUs (found 1)"
+    assert gc.gate(by_name["kernels"], probe) == []
+
+
+def test_exit_code(gc):
+    row = gc.Row
+    assert gc.exit_code([row("a", "PASS"), row("b", "SKIP")]) == 0
+    assert gc.exit_code([row("a", "PASS"), row("b", "MISSING")]) == 1
+    assert gc.exit_code([row("a", "FAIL")]) == 1
+
+
+def kernel_records(gc, *, triton_slower: bool = True, mem: float = 2.0) -> list[dict]:
+    recs = []
+    for v in gc.KERNEL_VOCABS:
+        for precision in ("bf16", "fp8"):
+            for impl in (["chunked", "triton"] if precision == "bf16" else ["chunked"]):
+                recs.append({"kind": "accuracy", "V": v, "precision": precision, "impl": impl, "max_abs_diff": 0.01,
+                             "mean_abs_diff": 0.001, "grad_hidden_rel_err": 0.003, "grad_weight_rel_err": 0.004})
+            recs.append({"kind": "perf", "V": v, "precision": precision, "impl": "reference", "time_s": 0.1,
+                         "extra_bytes": 16 * 2**30})
+            recs.append({"kind": "perf", "V": v, "precision": precision, "impl": "chunked", "time_s": 0.12,
+                         "extra_bytes": mem * 2**30})
+        recs.append({"kind": "perf", "V": v, "precision": "bf16", "impl": "triton",
+                     "time_s": 0.2 if triton_slower else 0.08, "extra_bytes": mem * 2**30})
+        recs.append({"kind": "perf", "V": v, "precision": "bf16", "impl": "liger", "time_s": 0.1, "extra_bytes": 3 * 2**30})
+    return recs
+
+
+def test_kernel_rows(gc):
+    rows = {r.name: r for r in gc.kernel_rows(kernel_records(gc), triton=True, hopper=True, liger=True)}
+    assert [r.verdict for r in rows.values()] == ["PASS"] * 5
+    assert "V=128256: chunked faster" in rows["kernels/triton_vs_chunked"].reason
+    assert rows["kernels/triton_vs_chunked"].figures["V128256"]["triton_over_chunked"] == pytest.approx(0.2 / 0.12)
+    assert rows["kernels/vs_naive"].figures["V64128/chunked"]["mem_vs_naive"] == pytest.approx(2 / 16)
+    rows = {r.name: r for r in gc.kernel_rows(kernel_records(gc, triton_slower=False, mem=12.0), triton=True,
+                                              hopper=False, liger=False)}
+    assert "triton faster" in rows["kernels/triton_vs_chunked"].reason
+    assert rows["kernels/vs_naive"].verdict == "FAIL"
+    assert rows["kernels/fp8"].verdict == "SKIP" and "Hopper" in rows["kernels/fp8"].reason
+    assert rows["kernels/liger"].verdict == "SKIP"
+    rows = {r.name: r for r in gc.kernel_rows(kernel_records(gc), triton=False, hopper=True, liger=True)}
+    assert rows["kernels/triton_vs_chunked"].verdict == "MISSING"
+    assert rows["kernels/accuracy_bf16"].verdict == "PASS"
+    bad = kernel_records(gc)
+    bad[1]["max_abs_diff"] = 0.3  # triton, V=128256, bf16
+    rows = {r.name: r for r in gc.kernel_rows(bad, triton=True, hopper=True, liger=True)}
+    assert rows["kernels/accuracy_bf16"].verdict == "FAIL" and "triton V=128256" in rows["kernels/accuracy_bf16"].reason
+    crashed = [r for r in kernel_records(gc) if r["impl"] != "triton"]
+    rows = {r.name: r for r in gc.kernel_rows(crashed, triton=True, hopper=True, liger=True)}
+    assert rows["kernels/accuracy_bf16"].verdict == "FAIL" and "no result" in rows["kernels/accuracy_bf16"].reason
+
+
+def test_judge_placement(gc):
+    good = {"parameters": 15, "cpu_parameters": [], "non_bf16_parameters": [], "cpu_buffers": [],
+            "non_bf16_buffers": {}, "tensor_attributes": {"rotary_pos_emb.inv_freq": "torch.float32 on cuda:0"},
+            "te_modules": ["TELayerNormColumnParallelLinear"], "sequence_parallel": False,
+            "sequence_parallel_expected": False, "finite": True, "output_device": "cuda:0"}
+    row = gc.judge_placement("models/policy", good)
+    assert row.verdict == "PASS" and "rotary_pos_emb.inv_freq" in row.reason
+    assert gc.judge_placement("m", {**good, "cpu_parameters": ["embedding.weight"]}).verdict == "FAIL"
+    assert gc.judge_placement("m", {**good, "non_bf16_parameters": ["x: torch.float32"]}).verdict == "FAIL"
+    assert "local layer spec" in gc.judge_placement("m", {**good, "te_modules": []}).reason
+    assert gc.judge_placement("m", {**good, "sequence_parallel": True}).verdict == "FAIL"
+    assert gc.judge_placement("m", {"error": "RuntimeError: boom"}).verdict == "FAIL"
+    assert gc.judge_scorer({"scores": [0.1, -0.2], "param_devices": ["cuda"], "param_dtypes": []}).verdict == "PASS"
+    assert gc.judge_scorer({"scores": [0.1, float("nan")], "param_devices": ["cuda"]}).verdict == "FAIL"
+    assert gc.judge_scorer({"scores": [0.1, 0.2], "param_devices": ["cpu"]}).verdict == "FAIL"
+
+
+def test_parse_junit(gc, tmp_path):
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuites><testsuite name="pytest">'
+                   '<testcase classname="tests.gpu.a" name="t1"/>'
+                   '<testcase classname="tests.gpu.a" name="t2"><failure message="boom"/></testcase>'
+                   '<testcase classname="tests.gpu.b" name="t3"><skipped message="needs vllm"/></testcase>'
+                   '<testcase classname="tests.gpu.b" name="t4"><skipped message="needs vllm"/></testcase>'
+                   "</testsuite></testsuites>")
+    got = gc.parse_junit(xml)
+    assert got == {"passed": 1, "failed": ["tests.gpu.a::t2"], "skipped": 2, "skip_reasons": ["needs vllm"]}
+
+
+def test_compare_safetensors_is_bitwise(gc, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    tensors = {"w": torch.tensor([1.0, -0.0, float("nan")]), "e": torch.arange(6, dtype=torch.bfloat16).view(2, 3)}
+    save_file(tensors, str(a / "model.safetensors"))
+    save_file({"e": tensors["e"]}, str(b / "model-00001-of-00002.safetensors"))  # sharded differently: fine
+    save_file({"w": tensors["w"].clone()}, str(b / "model-00002-of-00002.safetensors"))
+    same = gc.compare_safetensors(a, b)
+    assert same["identical"] and same["tensors"] == 2
+    save_file({"w": torch.tensor([1.0, 0.0, float("nan")])}, str(b / "model-00002-of-00002.safetensors"))  # -0.0 -> 0.0
+    diff = gc.compare_safetensors(a, b)
+    assert not diff["identical"] and diff["different"][0].startswith("w:")
+
+
+def test_last_error_prefers_the_one_line_error(gc, tmp_path):
+    log = tmp_path / "x.log"
+    log.write_text("progress\nTraceback (most recent call last):\nValueError: inner\nerror: config key 'x' bad\nbye\n")
+    assert gc.last_error(log) == "error: config key 'x' bad"
+    log.write_text("a\nRuntimeError: CUDA out of memory\n  something after\n")
+    assert gc.last_error(log) == "RuntimeError: CUDA out of memory"
+    assert gc.last_error(tmp_path / "missing.log") == "(no log)"
+
+
+def test_report_json(gc, tmp_path):
+    rows = [gc.Row("train/rao", "PASS", "ok", 1.5, {"gpu_max_mem_gib": 0.4}), gc.Row("vllm", "SKIP", "no vllm")]
+    report = gc.write_report(tmp_path, {"cuda": True}, rows, 0.0, done=True)
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["summary"] == report["summary"] == {"PASS": 1, "FAIL": 0, "SKIP": 1, "MISSING": 0}
+    assert saved["rows"][0] == {"name": "train/rao", "verdict": "PASS", "reason": "ok", "seconds": 1.5,
+                                "figures": {"gpu_max_mem_gib": 0.4}}
