@@ -56,14 +56,21 @@ def _assert_same_tensors(a_dir: Path, b_dir: Path) -> None:
 
 
 def _assert_argmax_agrees(out: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor) -> None:
-    """The top token agrees wherever rounding cannot swap it: where the reference's top-2 gap exceeds twice
-    the largest logit difference. Near ties (or exact ones, e.g. all-zero logits after a zero embedding row)
-    may go either way under another summation order, so they are left out; they must stay rare."""
+    """The top token agrees except at near ties, and near ties are rare.
+
+    Where the reference's top-2 gap exceeds twice the largest logit difference no rounding can swap the top
+    token (so agreement there follows from the max-diff bound); closer calls, or exact ties such as the
+    all-zero logits after a zero embedding row, may go either way under another summation order and are not
+    held to agreement. At most 10% of positions may be that close: the logits differ by far less than the
+    typical gap between the two best tokens.
+    """
     mask = torch.arange(ref.shape[1]) < lengths[:, None]
     a, b = out[mask].double(), ref[mask].double()
     top2 = b.topk(2, dim=-1).values
-    clear = top2[:, 0] - top2[:, 1] > 2 * (a - b).abs().max()
-    assert clear.float().mean() >= 0.9, f"only {int(clear.sum())}/{len(clear)} positions without a near tie"
+    diff = (a - b).abs().max().item()
+    clear = top2[:, 0] - top2[:, 1] > 2 * diff
+    assert clear.float().mean() >= 0.9, \
+        f"only {int(clear.sum())}/{len(clear)} positions have a top-2 gap > 2 x max |diff| = {2 * diff:.2e}"
     agree = a.argmax(-1) == b.argmax(-1)
     assert agree[clear].all(), f"argmax differs at {int((~agree[clear]).sum())} positions with a clear top token"
 

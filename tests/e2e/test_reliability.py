@@ -35,11 +35,11 @@ def losses(out: Path) -> list[float]:
 
 def forked(out: Path, *overrides: str, world: int = 1, result: Path | None = None) -> None:
     argv = ["--config", CONFIG, f"train.output_dir={out}", "train.eval_every=0", *overrides]
-    run_distributed(run_cli_worker, world, "rao_megatron.train", argv, str(result) if result else None)
+    run_distributed(run_cli_worker, world, "rao_megatron.cli.train", argv, str(result) if result else None)
 
 
 def command(out: Path, *overrides: str, nproc: int = 1) -> list[str]:
-    args = ["-m", "rao_megatron.train", "--config", CONFIG, f"train.output_dir={out}", "train.eval_every=0",
+    args = ["-m", "rao_megatron.cli.train", "--config", CONFIG, f"train.output_dir={out}", "train.eval_every=0",
             *overrides]
     if nproc == 1:
         return [sys.executable, *args]
@@ -133,7 +133,12 @@ def test_checkpoint_saved_at_tp2_resumes_at_tp1(tmp_path):
     shutil.rmtree(out / "checkpoints" / "step_0000006")  # as if the TP2 job had died after step 4
     forked(out, "train.steps=6", "parallel.tp=1", "train.reference=on_the_fly")
     assert [r["step"] for r in records(out)] == list(range(1, 7))
-    assert losses(out) == pytest.approx(losses(tp2), rel=1e-5, abs=1e-7)
+    got, want = losses(out), losses(tp2)
+    assert got[:4] == want[:4]  # the TP2 run's own records, kept as they were
+    # steps 5-6 ran at TP1: step 5 on the TP2 weights (fp32 rounding of another layout, seen 3e-7 relative),
+    # step 6 after an Adam step from TP1 gradients, where entries with rounding-level gradients may step
+    # the other way (seen 3e-7, CPU-dependent). A wrongly resharded weight or optimizer state is far off.
+    assert got[4:] == pytest.approx(want[4:], rel=1e-4)
 
 
 def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):

@@ -115,8 +115,12 @@ def test_rm_from_an_sft_checkpoint_trains_at_tp2_and_pp2(tmp_path):
     for other in (pp2, dp2):
         assert [r["loss"] for r in records(other)] == pytest.approx(losses, rel=1e-4, abs=1e-6)
         # held-out accuracy pools every pair, whichever rank or stage scored it
-        for key in ("eval/accuracy", "eval/pairs", "eval/groups", "eval/loss"):
+        for key in ("eval/pairs", "eval/groups", "eval/loss"):
             assert records(other)[-1][key] == pytest.approx(records(tp2)[-1][key], rel=1e-4)
+        # a pair whose two scores nearly tie may order differently in another summation order: one pair of slack
+        pairs = records(tp2)[-1]["eval/pairs"]
+        assert records(other)[-1]["eval/accuracy"] == pytest.approx(records(tp2)[-1]["eval/accuracy"],
+                                                                    abs=1.0 / pairs + 1e-12)
     assert records(tp2)[-1]["eval/groups"] == 8 and records(tp2)[-1]["eval/pairs"] > 8  # all_pairs of K = 4
 
 
