@@ -37,9 +37,9 @@ def _f(default: Any, help: str, *, choices: tuple | None = None, gt: float | Non
 @dataclass
 class ModelConfig:
     hf_config: str | None = _f(None, "HF model directory or config.json the architecture is read from "
-                                     "(Llama family or Qwen2); None uses `preset`.")
+                                     "(Llama family, Qwen2, Qwen3, Qwen3-MoE); None uses `preset`.")
     preset: str | None = _f("tiny-llama", "Built-in tiny architecture for tests and tiny runs.",
-                            choices=("tiny-llama", "tiny-qwen2", None))
+                            choices=("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-qwen3-moe", None))
     init_checkpoint: str | None = _f(None, "Megatron checkpoint directory to initialise from; None = random init.")
     tokenizer: str | None = _f(None, "HF tokenizer directory; None = the model directory (or the tiny test tokenizer).")
     dtype: str = _f("fp32", "Parameter and compute dtype.", choices=("fp32", "bf16"))
@@ -48,12 +48,19 @@ class ModelConfig:
     logprob_precision: str = _f("fp32", "Matmul precision of the log-prob kernel (fp8 needs Hopper).",
                                 choices=("fp32", "bf16", "fp8"))
     logprob_chunk_size: int = _f(1024, "Tokens per chunk in the fused log-prob kernel.", gt=0)
+    moe_aux_loss_coeff: float | None = _f(None, "MoE models: coefficient of the router load-balancing loss "
+                                                "(Megatron's per-layer switch loss) added to the training loss; "
+                                                "None = the HF config's router_aux_loss_coef; 0 = off.", ge=0)
 
 
 @dataclass
 class ParallelConfig:
     tp: int = _f(1, "Tensor-parallel size (must divide attention heads and KV groups).", ge=1)
     pp: int = _f(1, "Pipeline-parallel size (must divide the number of layers).", ge=1)
+    ep: int = _f(1, "Expert-parallel size (MoE models; must divide the experts): each rank holds 1/ep of the "
+                    "experts; taken from the data-parallel ranks (world divisible by etp x ep x pp).", ge=1)
+    etp: int | None = _f(None, "Expert tensor-parallel size (MoE; must divide the expert FFN width); None = tp.",
+                         ge=1)
     vpp: int | None = _f(None, "Virtual pipeline stages per rank (interleaved schedule); None = off.", ge=1)
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism: needs tp > 1 and the Transformer Engine "
                                         "layer spec (CUDA); refused otherwise.")
@@ -101,11 +108,21 @@ class DataConfig:
     max_length: int = _f(512, "Fixed sequence length (prompt + response) in tokens.", gt=1)
     overlength: str = _f("drop", "Responses longer than max_length: drop them (counted), truncate them, or "
                                  "stop with an error naming the row.", choices=("drop", "truncate", "error"))
-    groups_per_micro_batch: int = _f(1, "Whole prompt groups per micro-batch.", ge=1)
+    groups_per_micro_batch: int = _f(1, "Padded layout: whole prompt groups per micro-batch.", ge=1)
+    packing: bool = _f(True, "Pack several sequences into each row of max_length tokens (whole groups per "
+                             "micro-batch; attention never crosses a sequence); false pads every sequence to "
+                             "max_length.")
+    micro_batch_tokens: int | None = _f(None, "Packed layout: token slots per micro-batch, a multiple of max_length "
+                                              "(rows = micro_batch_tokens / max_length); None = the padded layout's "
+                                              "groups_per_micro_batch x responses per group x max_length.", gt=0)
     max_responses: int | None = _f(None, "Keep at most this many responses per group (best and worst first).", ge=2)
     ultrafeedback_rating: str = _f("overall", "Raw UltraFeedback rows: the reward is completions[].overall_score, "
                                    "or the mean of the fine-grained annotation ratings (N/A skipped).",
                                    choices=("overall", "fine_grained"))
+    token_store: bool = _f(True, "Tokenize each data file once into memory-mapped int32 arrays shared by every "
+                                 "rank and command (rebuilt when the data, tokenizer or length policy change).")
+    token_cache: str | None = _f(None, "Directory of the tokenize-once stores; None = beside the data file "
+                                       "(<data>.tokens/).")
     reference_cache: str | None = _f(None, "Precomputed reference log-probs; None = beside the data, if present.")
     seed: int = _f(1234, "Shuffle seed.")
 
@@ -247,17 +264,33 @@ def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
     setattr(getattr(cfg, section), name, coerced)
 
 
-def _flatten(data: Any, path: str) -> list[tuple[str, Any]]:
+def _flatten(data: Any, path: str, where: str = "") -> list[tuple[str, Any]]:
     if not isinstance(data, dict):
-        raise ConfigError(f"config{path and ' section ' + repr(path)} must be a mapping, got {type(data).__name__}")
+        what = f"section '{path}'" if path else "file"
+        raise ConfigError(f"config {what}{where} must be a mapping of keys (section: {{key: value}}), "
+                          f"got {type(data).__name__}")
     out: list[tuple[str, Any]] = []
     for k, v in data.items():
         key = f"{path}.{k}" if path else str(k)
+        if not path and key in SECTIONS and v is None:
+            continue  # `checkpoint:` with every key commented out: an empty section, all defaults
         if isinstance(v, dict) and not path:
-            out.extend(_flatten(v, key))
+            out.extend(_flatten(v, key, where))
+        elif not path and key in SECTIONS:
+            raise ConfigError(f"config section '{key}'{where} must be a mapping of keys, got "
+                              f"{type(v).__name__} {v!r}")
         else:
             out.append((key, v))
     return out
+
+
+def _yaml_error(p: Path, e: yaml.YAMLError) -> ConfigError:
+    """PyYAML's error as one line with the file, line and column (PyYAML counts from 0)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
+    context = getattr(e, "context", None)
+    return ConfigError(f"config file {p} is not valid YAML: {at}{problem}" + (f" ({context})" if context else ""))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -307,6 +340,16 @@ def validate(cfg: Config, where: str = "", cli_keys: frozenset[str] = frozenset(
                           f"sequence over the tensor-parallel group), got tp={cfg.parallel.tp}")
     if cfg.parallel.device == "cpu" and cfg.parallel.backend == "nccl":
         raise ConfigError(f"config key 'parallel.backend'{where}: nccl needs CUDA, but parallel.device=cpu")
+    etp_set = cfg.parallel.etp is not None and cfg.parallel.etp != cfg.parallel.tp
+    expert_key = "parallel.ep" if cfg.parallel.ep > 1 else "parallel.etp" if etp_set else None
+    dense_preset = cfg.model.preset in ("tiny-llama", "tiny-qwen2", "tiny-qwen3")
+    if expert_key and dense_preset and not (cfg.model.hf_config or cfg.model.init_checkpoint):
+        # a model read from a file is checked once it is known (experts divisible by ep, MoE at all)
+        raise ConfigError(f"config key '{expert_key}'{where}: model.preset={cfg.model.preset} is dense; expert "
+                          "parallelism needs a mixture-of-experts model (tiny-qwen3-moe, a Qwen3-MoE checkpoint)")
+    if cfg.data.micro_batch_tokens is not None and cfg.data.micro_batch_tokens % cfg.data.max_length:
+        raise ConfigError(f"config key 'data.micro_batch_tokens'{where}: {cfg.data.micro_batch_tokens} is not a "
+                          f"multiple of data.max_length={cfg.data.max_length} (a micro-batch is whole rows)")
     if cfg.train.min_lr > cfg.train.lr:
         raise ConfigError(f"config key 'train.min_lr'{where} ({cfg.train.min_lr}) must be <= train.lr ({cfg.train.lr})")
     if cfg.model.hf_config is None and cfg.model.preset is None and cfg.model.init_checkpoint is None:
@@ -323,10 +366,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                              f"{e.start}): a binary file, or another encoding?") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        for key, value in _flatten(data, ""):
+            raise _yaml_error(p, e) from None
+        for key, value in _flatten({} if data is None else data, "", f" in {p}"):
             _apply(cfg, key, value, f" in {p}")
     cli_keys = set()
     for text in overrides:
@@ -350,3 +396,31 @@ def describe() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"  {f.name} = {default!r}\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def check_writable(path: str | os.PathLike, what: str, *, directory: bool = True, hint: str = "") -> None:
+    """Refuse an output path before anything is computed or written; ``what`` names the key or option.
+
+    A directory output must not be an existing file (a file output not an existing directory), and the
+    nearest existing ancestor must take new entries: probed by creating and removing a temporary file
+    there, so permission bits, read-only mounts and root-squashed shares all count.
+    """
+    import tempfile
+
+    p = Path(path)
+    if directory and p.exists() and not p.is_dir():
+        raise ConfigError(f"{what}: {p} is a file, not a directory{hint}")
+    if not directory and p.is_dir():
+        raise ConfigError(f"{what}: {p} is a directory, not a file{hint}")
+    ancestor = p if directory and p.is_dir() else p.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{what}: {p} cannot be created: {ancestor} is a file, not a directory{hint}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".rao_write_probe_", dir=ancestor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{what}: {p} is not writable: cannot create files in {ancestor} "
+                          f"({e.strerror or type(e).__name__}){hint}") from None

@@ -80,6 +80,11 @@
 #     the requeued run then resumes from the last periodic checkpoint).
 # `scontrol requeue` puts the job back in the queue under the same job id (the log is appended to);
 # the next run resumes from the newest checkpoint in train.output_dir (checkpoint.resume=auto).
+#
+# Reading a failed job: a user error (config, data, paths, model layout) is printed once, by rank 0, as
+# one `error: ...` line, and every worker exits 2. torchrun itself then exits 1 and prints a
+# ChildFailedError traceback listing each rank's exit code; that traceback is torchrun's, not the
+# cause. rao_launch logs a reminder after a failed torchrun launch: the first `error:` line is the cause.
 
 # ---------------------------------------------------------------------------------------------------
 rao_log() { printf '[rao %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -348,7 +353,13 @@ rao_launch() {
     elif [ -n "$RAO_SIGNALLED" ]; then reason="exit $rc after SIG$RAO_SIGNALLED, no PREEMPTED marker"
     fi
   fi
-  if [ -n "$reason" ]; then rao_requeue "$reason"; fi
+  if [ -n "$reason" ]; then rao_requeue "$reason"
+  elif [ "$rc" -ne 0 ] && [ "${RAO_LAUNCHER:-}" = torchrun ]; then
+    # torchrun exits 1 whatever its workers did and prints a ChildFailedError traceback after their output
+    rao_log "the cause is the first 'error:' line above: a user error (config, data, paths, layout) is printed" \
+            "once, by rank 0, and every worker exits 2 (torchrun's ChildFailedError report lists 'exitcode: 2' per" \
+            "rank; its traceback is torchrun's own); other exit codes: 3 = non-finite loss, 75 = preempted"
+  fi
   exit "$rc"
 }
 

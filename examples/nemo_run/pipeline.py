@@ -34,6 +34,10 @@ of memory and ``--tool-time`` (4 h) instead. Examples::
         --account acct --partition gpu --nodes 2 \\
         --container-image /lustre/me/rao_megatron.sqsh --steps rao --hf-model /models/llama3-8b-sft \\
         --init-checkpoint /ckpt/llama3-8b-sft-tp2 --policy-data /data/ann.jsonl
+    # Qwen3-30B-A3B (mixture of experts): 2 nodes, TP4 x EP8 from the config (--ep overrides parallel.ep)
+    python examples/nemo_run/pipeline.py --executor slurm --account acct --partition gpu --nodes 2 \
+        --steps reference,rao,export --hf-model /models/Qwen3-30B-A3B --init-checkpoint /ckpt/qwen3-30b-a3b \
+        --policy-data /data/ann.jsonl --rao-config examples/configs/rao_qwen3_30b_a3b.yaml
     # CPU smoke test: tiny model and data, 2 gloo processes (what the tests run)
     python examples/nemo_run/pipeline.py --executor local --steps rao --device cpu --gpus-per-node 2 \\
         --tp 2 --rao-config examples/configs/rao_tiny.yaml --override train.steps=3
@@ -73,6 +77,7 @@ class PipelineSettings:
     reward_fn: str | None = None
     tp: int | None = None
     pp: int | None = None
+    ep: int | None = None  # expert parallel (mixture-of-experts models)
     nodes: int = 1
     gpus_per_node: int = 8
     device: str = "cuda"
@@ -165,6 +170,8 @@ def _model_overrides(s: PipelineSettings) -> list[str]:
         out.append(f"parallel.tp={s.tp}")
     if s.pp is not None:
         out.append(f"parallel.pp={s.pp}")
+    if s.ep is not None:
+        out.append(f"parallel.ep={s.ep}")
     # with cuda the training side refuses to start without a GPU instead of training on the CPU
     out.append(f"parallel.device={s.device}")
     if s.device == "cpu":
@@ -360,6 +367,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--rao-config", default=PipelineSettings.rao_config)
     g.add_argument("--tp", type=int)
     g.add_argument("--pp", type=int)
+    g.add_argument("--ep", type=int, help="expert-parallel size (MoE models, e.g. Qwen3-30B-A3B)")
     g.add_argument("--nodes", type=int, default=1)
     g.add_argument("--gpus-per-node", type=int, default=8, help="processes per node (CPU processes with --device cpu)")
     g.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -405,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             work_dir=Path(args.work_dir), steps=tuple(x.strip() for x in args.steps.split(",") if x.strip()),
             hf_model=args.hf_model, init_checkpoint=args.init_checkpoint, rm_data=args.rm_data,
             policy_data=args.policy_data, rm_config=args.rm_config, rao_config=args.rao_config,
-            reward_fn=args.reward_fn, tp=args.tp, pp=args.pp, nodes=args.nodes,
+            reward_fn=args.reward_fn, tp=args.tp, pp=args.pp, ep=args.ep, nodes=args.nodes,
             gpus_per_node=args.gpus_per_node, device=args.device, overrides=list(args.override),
             repo_dir=args.repo_dir)
         slurm = SlurmOptions(

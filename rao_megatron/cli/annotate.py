@@ -4,10 +4,12 @@
     torchrun --nproc-per-node 2 -m rao_megatron.cli.annotate --data in.jsonl --out scored.parquet \\
         --reward-model runs/rm_tiny/checkpoints --tp 2
 
-Input: project groups, pairs / ultrafeedback_binarized, raw UltraFeedback or UltraChat rows (JSONL,
-Parquet, a saved `datasets` directory or name). Output: the group format with a `rewards` column
-(Parquet if --out ends in .parquet). Rows that cannot be scored go to OUT.rejected.jsonl with file,
-row, field and reason. Interrupted? Rerun the same command: it resumes after the last finished chunk.
+Input: project groups, every TRL preference form (pairs, ultrafeedback_binarized, unpaired
+prompt/completion/label), raw UltraFeedback or UltraChat rows (JSONL, Parquet, a saved `datasets`
+directory or name). Output: the group format with a `rewards` column (Parquet if --out ends in
+.parquet). Rows that cannot be scored go to OUT.rejected.jsonl with file, row, field and reason; when
+every row is rejected nothing is written to OUT and the command exits 2 with the first reason.
+Interrupted? Rerun the same command: it resumes after the last finished chunk.
 With a reward model, launch TP × PP × DP processes with torchrun (DP ranks split the sequences).
 """
 
@@ -17,6 +19,7 @@ import argparse
 import sys
 
 from rao_megatron.cli.common import run_cli
+from rao_megatron.data.formats import FORMATS
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,8 +33,7 @@ def parser() -> argparse.ArgumentParser:
     scorer.add_argument("--reward-fn", metavar="MODULE:FUNCTION",
                         help="reward function fn(prompt, response[, row]) -> float, e.g. "
                              "rao_megatron.rewards.rule:letter_share or rao_megatron.rewards.rule:exact_final_number")
-    p.add_argument("--format", choices=("group", "pair", "ultrafeedback", "sft"),
-                   help="input row format (default: detected from the first row)")
+    p.add_argument("--format", choices=FORMATS, help="input row format (default: detected from the first row)")
     p.add_argument("--split", default="train", help="split of a `datasets` input")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch per DP rank (reward model)")
     p.add_argument("--max-length", type=int, default=2048,
@@ -48,7 +50,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    from rao_megatron.config import check_writable
     from rao_megatron.rewards.annotate import annotate
+
+    check_writable(args.out, "--out", directory=False)  # before a reward model is loaded or a row scored
 
     if args.reward_model:
         from rao_megatron.rewards.scorers import start_model_scorer

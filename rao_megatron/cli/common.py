@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
 
 # Megatron-Core announces each CPU fallback (no Transformer Engine / apex) at import; on a CPU box that
 # is the expected set-up, and the dozen lines bury the tool's own output.
@@ -25,6 +28,11 @@ EXIT_NON_FINITE = 3
 EXIT_PREEMPTED = 75
 
 
+#: seconds a rank other than 0 waits for rank 0 to print the same user error before printing its own
+ERROR_WAIT_S = 20.0
+_PRINTED_KEY = "rao_megatron/user_error_printed"
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     from rao_megatron.config import ConfigError
     from rao_megatron.training.reference_cache import ReferenceCacheError
@@ -39,9 +47,75 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def _error_store() -> Any:
+    """A key-value store every rank of this job reaches: the process group's, else torchrun's agent store."""
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized():
+            return dist.distributed_c10d._get_default_store()
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_PORT" in os.environ:
+            return dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"]),
+                                 is_master=False, timeout=timedelta(seconds=ERROR_WAIT_S))
+    except Exception:  # noqa: BLE001 - no store: each rank prints its own line
+        return None
+    return None
+
+
+def report_user_error(message: str) -> None:
+    """Print ``error: message`` once per job: rank 0 prints; another rank prints only if rank 0 did not.
+
+    A user error (config, data, paths, layout) is found by every rank at the same check, so rank 0's
+    line is the job's. Through the job's store every rank says it has reached the error, rank 0 says it
+    has printed and, once all have reached it, releases them (each wait at most :data:`ERROR_WAIT_S`
+    seconds). A rank other than 0 prints its own line, prefixed ``[rank N]``, only if rank 0's mark does
+    not come: an error that only some ranks hit is never lost. Under torchrun, which stops the remaining
+    workers with SIGTERM as soon as one exits, a rank that is leaving with a user error ignores SIGTERM,
+    so that every rank exits 2 (a slow rank killed on its way out would show as -15).
+    """
+    rank = os.environ.get("RANK", "0")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # leaving anyway, with exit code 2
+    store = _error_store() if world > 1 else None
+    wait = timedelta(seconds=ERROR_WAIT_S)
+    try:
+        if store is not None:
+            store.set(f"{_PRINTED_KEY}/reached/{rank}", "1")
+    except Exception:  # noqa: BLE001 - without the store every rank prints its own line
+        store = None
+    if rank == "0":
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        if store is not None:
+            try:
+                store.set(_PRINTED_KEY, "1")
+                store.wait([f"{_PRINTED_KEY}/reached/{r}" for r in range(1, world)], wait)
+                store.set(f"{_PRINTED_KEY}/release", "1")
+            except Exception:  # noqa: BLE001 - a rank that did not reach it: torchrun stops it
+                pass
+        return
+    if store is not None:
+        try:
+            store.wait([_PRINTED_KEY], wait)
+        except Exception:  # noqa: BLE001 - timeout or store gone: rank 0 did not report it
+            store = None
+    if store is None:
+        print(f"[rank {rank}] error: {message}", file=sys.stderr, flush=True)
+        return
+    try:
+        store.wait([f"{_PRINTED_KEY}/release"], wait)
+    except Exception:  # noqa: BLE001 - leave anyway
+        pass
+
+
 def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
             argv: list[str] | None = None) -> int:
-    """Parse ``argv``, run ``main``; a user error prints ``error: …`` on one line and exits with code 2."""
+    """Parse ``argv``, run ``main``; a user error prints ``error: …`` on one line and exits with code 2.
+
+    Under torchrun every rank exits 2 and the line is printed once (:func:`report_user_error`); torchrun
+    then adds its own ``ChildFailedError`` report (each rank's exit code) and exits 1 itself: the first
+    ``error:`` line is the cause.
+    """
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     args = parser.parse_args(argv)
     try:
@@ -52,9 +126,6 @@ def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.A
     except user_error_types() as e:
         if args.debug:
             raise
-        rank = os.environ.get("RANK", "0")
-        if rank == "0" or not isinstance(e, user_error_types()[:2]):
-            prefix = "" if rank == "0" else f"[rank {rank}] "
-            msg = str(e) if not isinstance(e, KeyError) else str(e.args[0] if e.args else e)
-            print(f"{prefix}error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+        msg = str(e) if not isinstance(e, KeyError) else str(e.args[0] if e.args else e)
+        report_user_error(msg.splitlines()[0] if msg.strip() else type(e).__name__)
         return EXIT_USER_ERROR

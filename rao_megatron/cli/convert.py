@@ -1,10 +1,10 @@
 """``python -m rao_megatron.cli.convert``: HF <-> Megatron checkpoint conversion and logit comparison, on CPU.
 
-    hf-to-megatron --hf DIR --out DIR [--tp N] [--pp M] [--dtype auto|fp32|bf16] [--task policy|rm]
+    hf-to-megatron --hf DIR --out DIR [--tp N] [--pp M] [--ep E] [--etp T] [--dtype auto|fp32|bf16] [--task policy|rm]
     megatron-to-hf --megatron DIR --out DIR [--dtype auto|fp32|bf16] [--max-shard-size 2GB]
-    compare        --hf DIR --megatron DIR [--tp N] [--pp M] [--prompts P ...] [--atol 1e-3]
+    compare        --hf DIR --megatron DIR [--tp N] [--pp M] [--ep E] [--etp T] [--prompts P ...] [--atol 1e-3]
 
-Run it as a plain process: it starts the tp x pp CPU (gloo) processes itself. GPUs are hidden.
+Run it as a plain process: it starts the tp x pp (x dp for --ep) CPU (gloo) processes itself. GPUs are hidden.
 Heavy imports happen inside ``main``: dist_checkpointing spawns a helper process that re-imports this
 module, which should stay cheap.
 """
@@ -28,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
     h2m.add_argument("--out", required=True, help="new (or empty) output directory")
     h2m.add_argument("--tp", type=int, default=1, help="tensor-parallel size the ranks are written at")
     h2m.add_argument("--pp", type=int, default=1, help="pipeline-parallel size the ranks are written at")
+    _expert_args(h2m, "written at")
     h2m.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"), help=dtype_help)
     h2m.add_argument("--task", default=None, choices=("policy", "rm"),
                      help="policy (causal LM) or rm (scalar head); default: rm for *ForSequenceClassification")
@@ -45,6 +46,7 @@ def parser() -> argparse.ArgumentParser:
     cmp.add_argument("--megatron", required=True, help="Megatron model checkpoint directory")
     cmp.add_argument("--tp", type=int, default=1, help="tensor-parallel size to load the checkpoint at")
     cmp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to load the checkpoint at")
+    _expert_args(cmp, "loaded at")
     cmp.add_argument("--prompts", nargs="+", default=None,
                      help="user messages, chat-templated with the model's tokenizer (default: a few fixed ones)")
     cmp.add_argument("--atol", type=float, default=1e-3, help="largest allowed max |logits difference|")
@@ -54,14 +56,21 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expert_args(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument("--ep", type=int, default=1, help=f"expert-parallel size the checkpoint is {verb} (MoE models)")
+    p.add_argument("--etp", type=int, default=None,
+                   help=f"expert tensor-parallel size the checkpoint is {verb} (MoE; default: --tp)")
+
+
 def main(args: argparse.Namespace) -> int:
     """Run one sub-command; returns the exit code (compare: 1 past tolerance)."""
     if args.command == "hf-to-megatron":
         from rao_megatron.conversion.convert import hf_to_megatron
 
-        out = hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, task=args.task,
-                             progress=not args.no_progress)
-        print(f"wrote Megatron checkpoint {out} (written at TP{args.tp} PP{args.pp}; loads at any layout)")
+        out = hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, dtype=args.dtype,
+                             task=args.task, progress=not args.no_progress)
+        experts = f" EP{args.ep}" if args.ep > 1 else ""
+        print(f"wrote Megatron checkpoint {out} (written at TP{args.tp} PP{args.pp}{experts}; loads at any layout)")
         return 0
     if args.command == "megatron-to-hf":
         from rao_megatron.conversion.convert import megatron_to_hf
@@ -72,7 +81,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     from rao_megatron.conversion.compare import compare_checkpoints
 
-    result = compare_checkpoints(args.hf, args.megatron, tp=args.tp, pp=args.pp, prompts=args.prompts)
+    result = compare_checkpoints(args.hf, args.megatron, tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
+                                 prompts=args.prompts)
     print(result.report(args.atol))
     return 0 if result.within(args.atol) else 1
 

@@ -56,14 +56,21 @@ def parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
+    from rao_megatron.config import check_writable
+
     if args.reward_model and not args.baseline:
         raise ValueError("--reward-model judges the win rate against --baseline; give --baseline too")
+    out_dir = args.out_dir or Path(args.answers[0]).parent
+    check_writable(out_dir, "--out-dir")  # before any answer is scored (every rank: all leave together)
     summary = evaluate_answers(args.answers, args.label, reward_fn=args.reward_fn, reward_model=args.reward_model,
                                baseline=args.baseline, tokenizer=args.tokenizer, batch_size=args.batch_size,
                                max_length=args.max_length, tp=args.tp, pp=args.pp)
     if dist.is_initialized() and dist.get_rank() != 0:
         return 0
-    md, js = write_report(summary, args.out_dir or Path(args.answers[0]).parent)
+    md, js = write_report(summary, out_dir)
+    for res in summary["results"]:
+        if res.get("note"):
+            print(f"note: {res['note']}", flush=True)
     print(markdown_table(summary), flush=True)
     print(f"wrote {md} and {js}", flush=True)
     return 0

@@ -27,8 +27,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def compute_file_cache(cfg, tokenizer, chunks, hf_config, groups, data_path: str, out_path, *, heldout: bool) -> int:
-    """Forward-only pass over ``groups``; rank 0 writes the cache for ``data_path``. Returns sequences written."""
+def compute_file_cache(cfg, tokenizer, chunks, hf_config, groups, data_path: str, out_path, *,
+                       identity: tuple[dict[str, str], dict[str, str]]) -> int:
+    """Forward-only pass over ``groups``; rank 0 writes the cache for ``data_path`` with ``identity``
+    (``run_data.reference_fingerprints``). Returns sequences written."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from tqdm import tqdm
@@ -44,7 +46,7 @@ def compute_file_cache(cfg, tokenizer, chunks, hf_config, groups, data_path: str
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batcher = GroupBatcher(groups, seq_length=cfg.data.max_length, pad_id=pad, groups_per_micro_batch=gpm,
                            global_batch_groups=dp * gpm, dp_rank=ps.get_data_parallel_rank(), dp_size=dp,
-                           seed=cfg.data.seed)
+                           seed=cfg.data.seed, **run_data.packing_settings(cfg))
     settings = LogprobSettings(impl=cfg.model.logprob_impl, precision=cfg.model.logprob_precision,
                                chunk_size=cfg.model.logprob_chunk_size)
     keep_results = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
@@ -75,8 +77,9 @@ def compute_file_cache(cfg, tokenizer, chunks, hf_config, groups, data_path: str
                 all_keys += part[0]
                 all_p += part[1]
                 all_r += part[2]
-        fingerprints = run_data.reference_fingerprints(cfg, tokenizer, data_path)
-        extra = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "layout": f"tp{cfg.parallel.tp}-pp{cfg.parallel.pp}-dp{dp}"}
+        fingerprints, info = identity
+        extra = {**info, "info_created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 "info_layout": f"tp{cfg.parallel.tp}-pp{cfg.parallel.pp}-dp{dp}"}
         write_cache(out_path, all_keys, all_p, all_r, fingerprints, extra)
         count = len(set(all_keys))
     dist.barrier()
@@ -86,7 +89,7 @@ def compute_file_cache(cfg, tokenizer, chunks, hf_config, groups, data_path: str
 def main(args: argparse.Namespace) -> int:
     from rao_megatron.config import load_config
     from rao_megatron.parallel import startup
-    from rao_megatron.training import model_init, run_data
+    from rao_megatron.training import model_init, preflight, run_data
 
     cfg = load_config(args.config, args.overrides)
     startup.start(cfg)
@@ -95,15 +98,18 @@ def main(args: argparse.Namespace) -> int:
         startup.log0(f"note: loss '{spec.name}' does not use reference log-probs; computing them anyway")
     tokenizer = run_data.load_run_tokenizer(cfg)
     hf_config = model_init.resolve_hf_config(cfg, tokenizer)
+    preflight.check_model_fits(cfg, tokenizer, hf_config)
     groups = run_data.load_groups(cfg, tokenizer, spec)
     startup.log0(groups.report.summary())
+    preflight.warn_about_data(groups)
+    files = groups.files(cfg)  # the training file's cache also holds its held-out split
+    outs = [run_data.reference_cache_path(cfg, path, heldout=i > 0) for i, (path, _) in enumerate(files)]
+    preflight.check_cache_outputs(cfg, outs)  # before hours of forward passes, not after
+    model = preflight.on_rank0(lambda: run_data.model_identity(cfg, hf_config))
     chunks = model_init.build_initial_model(cfg, hf_config, "reference")
-    files = [(cfg.data.train_path, groups.train + groups.heldout if not cfg.data.eval_path else groups.train, False)]
-    if cfg.data.eval_path:
-        files.append((cfg.data.eval_path, groups.heldout, True))
-    for data_path, file_groups, heldout in files:
-        out = run_data.reference_cache_path(cfg, data_path, heldout=heldout)
-        n = compute_file_cache(cfg, tokenizer, chunks, hf_config, file_groups, data_path, out, heldout=heldout)
+    for (data_path, file_groups), out in zip(files, outs):
+        identity = run_data.reference_fingerprints(cfg, tokenizer, model, file_groups)
+        n = compute_file_cache(cfg, tokenizer, chunks, hf_config, file_groups, data_path, out, identity=identity)
         startup.log0(f"wrote {n} reference log-prob pairs to {out}")
     return 0
 

@@ -9,9 +9,12 @@ from rao_megatron.models.hf_mappings import (
     ParamMapping,
     RowParallel,
     VocabParallel,
+    hf_checkpoint_layout,
     llama_mappings,
     mappings_for,
     qwen2_mappings,
+    qwen3_mappings,
+    qwen3_moe_mappings,
     replicated,
 )
 from rao_megatron.models.hf_state import (
@@ -29,11 +32,14 @@ __all__ = [
     "ParamMapping",
     "RowParallel",
     "VocabParallel",
+    "hf_checkpoint_layout",
     "llama_mappings",
     "load_hf_state_dict_into_megatron",
     "mappings_for",
     "megatron_to_hf_shard",
     "megatron_to_hf_state_dict",
     "qwen2_mappings",
+    "qwen3_mappings",
+    "qwen3_moe_mappings",
     "replicated",
 ]

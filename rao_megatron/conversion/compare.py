@@ -20,7 +20,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 
 from rao_megatron.conversion.convert import build_chunks, run_ranks
 from rao_megatron.conversion.hf_io import TOKENIZER_FILES, ConversionError
-from rao_megatron.conversion.validate import check_layout, config_for_task
+from rao_megatron.conversion.validate import check_layout, config_for_task, conversion_world_size
 from rao_megatron.parallel.state import destroy_model_parallel, initialize_model_parallel
 
 DEFAULT_PROMPTS = ("What is the capital of France?", "Write a haiku about autumn leaves.",
@@ -106,34 +106,36 @@ def _output_step(task: str, data_iterator: Any, model: torch.nn.Module) -> tuple
 
 
 def _megatron_outputs_worker(checkpoint: str, cfg: dict[str, Any], task: str, ids: torch.Tensor, tp: int,
-                             pp: int, out_file: str) -> None:
+                             pp: int, out_file: str, ep: int = 1, etp: int | None = None) -> None:
     from rao_megatron.models.checkpoint import load_model_checkpoint
     from rao_megatron.training.engine import forward_backward
 
-    initialize_model_parallel(tp=tp, pp=pp)
+    initialize_model_parallel(tp=tp, pp=pp, ep=ep, etp=etp)
     chunks = build_chunks(cfg, task, torch.float32)
     load_model_checkpoint(chunks, checkpoint, strict=True)
     position_ids = torch.arange(ids.shape[1]).unsqueeze(0)
     microbatches = [{"tokens": ids[i: i + 1], "position_ids": position_ids} for i in range(ids.shape[0])]
     outputs = forward_backward(chunks, functools.partial(_output_step, task), microbatches, forward_only=True)
-    if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 and \
+            ps.get_data_parallel_rank() == 0:  # DP replicas (ranks for EP) compute the same
         torch.save(torch.cat([o["out"] for o in outputs]), out_file)
     destroy_model_parallel()
 
 
-def megatron_outputs(checkpoint: str | os.PathLike, ids: torch.Tensor, *, tp: int = 1, pp: int = 1) -> torch.Tensor:
-    """fp32 logits ``[B, S, V]`` (padding columns dropped), or RM values ``[B, S, 1]``, at layout TP x PP."""
+def megatron_outputs(checkpoint: str | os.PathLike, ids: torch.Tensor, *, tp: int = 1, pp: int = 1, ep: int = 1,
+                     etp: int | None = None) -> torch.Tensor:
+    """fp32 logits ``[B, S, V]`` (padding columns dropped), or RM values ``[B, S, 1]``, at layout TP x PP (x EP)."""
     from rao_megatron.models.checkpoint import read_checkpoint_meta, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(checkpoint)
     meta = read_checkpoint_meta(checkpoint)
     task = "rm" if meta.get("task") == "rm" else "policy"
     cfg = config_for_task(meta["hf_config"], task)
-    check_layout(cfg, tp, pp)
+    check_layout(cfg, tp, pp, ep, etp)
     with tempfile.TemporaryDirectory(prefix="rao-compare-") as tmp:
         out_file = os.path.join(tmp, "outputs.pt")
-        run_ranks(_megatron_outputs_worker, tp * pp, str(Path(checkpoint).resolve()), cfg, task, ids, tp, pp,
-                  out_file)
+        run_ranks(_megatron_outputs_worker, conversion_world_size(tp, pp, ep, etp), str(Path(checkpoint).resolve()),
+                  cfg, task, ids, tp, pp, out_file, ep, etp)
         out = torch.load(out_file)
     return out if task == "rm" else out[..., : cfg["vocab_size"]]
 
@@ -156,7 +158,7 @@ def hf_outputs(hf_dir: str | os.PathLike, ids: torch.Tensor) -> torch.Tensor:
 
 def compare_checkpoints(hf_dir: str | os.PathLike, checkpoint: str | os.PathLike, *, tp: int = 1, pp: int = 1,
                         prompts: list[str] | tuple[str, ...] | None = None,
-                        ids: torch.Tensor | None = None) -> Comparison:
+                        ids: torch.Tensor | None = None, ep: int = 1, etp: int | None = None) -> Comparison:
     """Run the same token ids through the HF model and the Megatron checkpoint (fp32) and compare.
 
     Token ids: ``ids`` if given, else ``prompts`` (default ``DEFAULT_PROMPTS``) through the tokenizer of
@@ -181,6 +183,7 @@ def compare_checkpoints(hf_dir: str | os.PathLike, checkpoint: str | os.PathLike
             source = "4 random sequences (no tokenizer)"
     if lengths is None:
         lengths = torch.full((ids.shape[0],), ids.shape[1])
-    mega = megatron_outputs(checkpoint, ids, tp=tp, pp=pp)
+    mega = megatron_outputs(checkpoint, ids, tp=tp, pp=pp, ep=ep, etp=etp)
     ref = hf_outputs(hf_dir, ids)
-    return compare_outputs(mega, ref, lengths, f"{source}, Megatron at TP{tp} PP{pp}, fp32")
+    layout = f"TP{tp} PP{pp}" + (f" EP{ep} ETP{tp if etp is None else etp}" if ep > 1 or etp not in (None, tp) else "")
+    return compare_outputs(mega, ref, lengths, f"{source}, Megatron at {layout}, fp32")

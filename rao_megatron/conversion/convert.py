@@ -1,7 +1,8 @@
 """HF <-> Megatron checkpoint conversion drivers: validate, run the ranks on CPU, write atomically.
 
-``hf_to_megatron`` starts TP x PP forked gloo processes (``run_distributed``); each builds its model
-shard, reads only the HF tensors it needs (``LazyHFStateDict``) and writes its part of a torch_dist
+``hf_to_megatron`` starts TP x PP forked gloo processes (``run_distributed``; more when expert
+parallelism needs data-parallel ranks, :func:`conversion_world_size`); each builds its model shard,
+reads only the HF tensors it needs (``LazyHFStateDict``) and writes its part of a torch_dist
 checkpoint. ``megatron_to_hf`` loads any layout at TP1/PP1 in one process (dist_checkpointing
 reshards) and streams the HF tensors into safetensors shards. The caller's process holds no weights.
 """
@@ -39,10 +40,16 @@ from rao_megatron.conversion.hf_io import (
     staged_output,
     write_json,
 )
-from rao_megatron.conversion.validate import check_hf_tensors, check_layout, config_for_task, task_of
-from rao_megatron.models.hf_config import transformer_config_from_hf
-from rao_megatron.models.hf_mappings import ModelDims, mappings_for
-from rao_megatron.models.hf_state import iter_mapped_params, load_hf_state_dict_into_megatron
+from rao_megatron.conversion.validate import (
+    check_hf_tensors,
+    check_layout,
+    config_for_task,
+    conversion_world_size,
+    task_of,
+)
+from rao_megatron.models.hf_config import is_moe, transformer_config_from_hf
+from rao_megatron.models.hf_mappings import mappings_for
+from rao_megatron.models.hf_state import iter_mapped_params, load_hf_state_dict_into_megatron, rank_dims
 from rao_megatron.models.provider import build_gpt_model
 from rao_megatron.models.reward import build_reward_model
 from rao_megatron.parallel.launch import run_distributed
@@ -105,7 +112,9 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
 def build_chunks(cfg: dict[str, Any], task: str, dtype: torch.dtype) -> list[torch.nn.Module]:
     """This rank's model (one chunk, no VPP) with uninitialised weights: they are all loaded next."""
     config = transformer_config_from_hf(cfg, tp=ps.get_tensor_model_parallel_world_size(),
-                                        pp=ps.get_pipeline_model_parallel_world_size(), params_dtype=dtype,
+                                        pp=ps.get_pipeline_model_parallel_world_size(),
+                                        ep=ps.get_expert_model_parallel_world_size(),
+                                        etp=ps.get_expert_tensor_parallel_world_size(), params_dtype=dtype,
                                         perform_initialization=False)
     builder = build_reward_model if task == "rm" else build_gpt_model
     return [builder(cfg, config=config, params_dtype=dtype)]
@@ -129,14 +138,16 @@ class _HfToMegatronJob:
     cfg: dict[str, Any]
     meta: dict[str, Any]
     progress: bool
+    ep: int = 1
+    etp: int | None = None
 
 
 def _hf_to_megatron_worker(job: _HfToMegatronJob) -> None:
     from rao_megatron.models.checkpoint import save_model_checkpoint
 
-    initialize_model_parallel(tp=job.tp, pp=job.pp)
+    initialize_model_parallel(tp=job.tp, pp=job.pp, ep=job.ep, etp=job.etp)
     chunks = build_chunks(job.cfg, job.task, DTYPES[job.dtype])
-    reads = sum(len(m.hf) for _, _, m, _ in iter_mapped_params(chunks, mappings_for(job.cfg, job.task == "rm")))
+    reads = sum(len(m.hf) for _, _, m, _, _ in iter_mapped_params(chunks, mappings_for(job.cfg, job.task == "rm")))
     bar = _progress(reads, "reading HF tensors (rank 0)", job.progress)
     hf = LazyHFStateDict(job.hf_dir, on_read=lambda _name: bar.update())
     load_hf_state_dict_into_megatron(chunks, hf, job.cfg)
@@ -146,17 +157,20 @@ def _hf_to_megatron_worker(job: _HfToMegatronJob) -> None:
 
 
 def hf_to_megatron(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1, pp: int = 1,
-                   dtype: str = "auto", task: str | None = None, progress: bool = True) -> Path:
+                   ep: int = 1, etp: int | None = None, dtype: str = "auto", task: str | None = None,
+                   progress: bool = True) -> Path:
     """Convert an HF safetensors model directory into a Megatron torch_dist checkpoint at ``out``.
 
     ``task``: 'policy' or 'rm' (default: 'rm' for ``*ForSequenceClassification``); an RM converted from
     a causal LM keeps a freshly initialised scalar head. ``dtype``: fp32, bf16 or auto (the config's).
+    ``ep`` / ``etp``: expert parallel / expert tensor parallel sizes the ranks write at (MoE); the
+    checkpoint is reshardable, so any layout reads it.
     """
     hf_dir = Path(hf_dir).resolve()
     source = read_hf_config(hf_dir)
     task = task or task_of(source)
     cfg = config_for_task(source, task)
-    check_layout(cfg, tp, pp)
+    check_layout(cfg, tp, pp, ep, etp)
     new_head = check_hf_tensors(LazyHFStateDict(hf_dir).shapes(), cfg, task, where=f"HF checkpoint {hf_dir}")
     out = check_output_dir(out).resolve()
     dtype = dtype if dtype != "auto" else ("bf16" if config_dtype(cfg) == torch.bfloat16 else "fp32")
@@ -171,13 +185,15 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int
         "tokenizer": str(out / "tokenizer") if has_tokenizer else None,
         "generation_config": _read_json(hf_dir / "generation_config.json"),
         "provenance": {"converter": "rao_megatron.cli.convert hf-to-megatron", "source": str(hf_dir),
-                       "written_at_layout": {"tp": tp, "pp": pp}, "rao_megatron": rao_megatron.__version__,
+                       "written_at_layout": {"tp": tp, "pp": pp, **({"ep": ep, "etp": tp if etp is None else etp}
+                                                                   if is_moe(cfg) else {})},
+                       "rao_megatron": rao_megatron.__version__,
                        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "new_reward_head": bool(new_head)},
     }
     with staged_output(out) as target:
-        run_ranks(_hf_to_megatron_worker, tp * pp,
-                  _HfToMegatronJob(str(hf_dir), str(target), tp, pp, task, dtype, cfg, meta, progress))
+        run_ranks(_hf_to_megatron_worker, conversion_world_size(tp, pp, ep, etp),
+                  _HfToMegatronJob(str(hf_dir), str(target), tp, pp, task, dtype, cfg, meta, progress, ep, etp))
         copy_tokenizer_files(hf_dir, target / "tokenizer")
     return out
 
@@ -192,14 +208,15 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def iter_hf_tensors(chunks: list[torch.nn.Module], cfg: dict[str, Any], task: str,
                     ) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) for every parameter of a TP1/PP1 model, one at a time (views, no copies)."""
-    if ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
-        raise ValueError("iter_hf_tensors needs the whole model on one rank (TP1 PP1)")
-    dims = ModelDims.from_hf(cfg)
+    if ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1 or \
+            ps.get_expert_model_parallel_world_size() != 1 or ps.get_expert_tensor_parallel_world_size() != 1:
+        raise ValueError("iter_hf_tensors needs the whole model on one rank (TP1 PP1 EP1)")
+    dims = rank_dims(cfg)
     tied = any(getattr(c, "share_embeddings_and_output_weights", False) for c in chunks)
-    for name, param, mapping, layer in iter_mapped_params(chunks, mappings_for(cfg, task == "rm")):
+    for name, param, mapping, layer, expert in iter_mapped_params(chunks, mappings_for(cfg, task == "rm"), dims):
         if tied and name == "output_layer.weight":
             continue  # the tied embedding, exported once as model.embed_tokens.weight
-        yield from zip(mapping.hf_names(layer), mapping.to_hf([param.detach()], dims), strict=True)
+        yield from zip(mapping.hf_names(layer, expert), mapping.to_hf([param.detach()], dims), strict=True)
 
 
 @dataclass(frozen=True)

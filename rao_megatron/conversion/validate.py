@@ -9,7 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from rao_megatron.conversion.hf_io import ConversionError
-from rao_megatron.models.hf_config import model_family, transformer_config_from_hf
+from rao_megatron.models.hf_config import (
+    QK_NORM_FAMILIES,
+    check_expert_layout,
+    model_family,
+    moe_spec,
+    transformer_config_from_hf,
+)
 from rao_megatron.models.hf_mappings import mappings_for
 
 TASKS = ("policy", "rm")
@@ -43,8 +49,9 @@ def _valid_divisors(*values: int) -> list[int]:
     return [d for d in range(1, min(values) + 1) if all(v % d == 0 for v in values)]
 
 
-def check_layout(cfg: dict[str, Any], tp: int, pp: int) -> None:
-    """TP must divide the heads and the KV groups, PP the layers; then the full TransformerConfig checks."""
+def check_layout(cfg: dict[str, Any], tp: int, pp: int, ep: int = 1, etp: int | None = None) -> None:
+    """TP must divide the heads and the KV groups, PP the layers, EP the experts, ETP the expert width;
+    then the full TransformerConfig checks."""
     heads = cfg["num_attention_heads"]
     groups = cfg.get("num_key_value_heads") or heads
     layers = cfg["num_hidden_layers"]
@@ -56,7 +63,21 @@ def check_layout(cfg: dict[str, Any], tp: int, pp: int) -> None:
     if pp < 1 or layers % pp:
         raise ConversionError(f"--pp {pp}: num_hidden_layers={layers} is not divisible by the pipeline-parallel "
                               f"size; valid --pp values: {', '.join(map(str, _valid_divisors(layers)))}")
-    transformer_config_from_hf(cfg, tp=tp, pp=pp)  # activation, rope type, bias layout
+    try:
+        check_expert_layout(cfg, tp=tp, ep=ep, etp=etp)
+    except ValueError as e:
+        raise ConversionError(str(e).replace("parallel.ep", "--ep").replace("parallel.etp", "--etp")) from None
+    transformer_config_from_hf(cfg, tp=tp, pp=pp, ep=ep, etp=etp)  # activation, rope type, bias layout
+
+
+def conversion_world_size(tp: int, pp: int, ep: int = 1, etp: int | None = None) -> int:
+    """Ranks a conversion at this layout needs: tp x pp x dp with the smallest dp for which the experts'
+    etp x ep tiles the tp x dp ranks of a stage (Megatron takes EP from the data-parallel ranks)."""
+    etp = tp if etp is None else etp
+    dp = 1
+    while (tp * dp) % (etp * ep):
+        dp += 1
+    return tp * pp * dp
 
 
 def expected_hf_shapes(cfg: dict[str, Any], task: str) -> dict[str, tuple[int, ...]]:
@@ -67,10 +88,22 @@ def expected_hf_shapes(cfg: dict[str, Any], task: str) -> dict[str, tuple[int, .
     q, kv = heads * head_dim, (cfg.get("num_key_value_heads") or heads) * head_dim
     layer = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
              "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
-             "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
-             "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h), "mlp.down_proj.weight": (h, inter)}
-    if model_family(cfg) == "qwen2":
+             "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q)}
+    family = model_family(cfg)
+    moe = moe_spec(cfg)
+    if moe is None:
+        layer.update({"mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h),
+                      "mlp.down_proj.weight": (h, inter)})
+    else:
+        layer["mlp.gate.weight"] = (moe.num_experts, h)
+        f = moe.ffn_hidden_size
+        for e in range(moe.num_experts):
+            layer.update({f"mlp.experts.{e}.gate_proj.weight": (f, h), f"mlp.experts.{e}.up_proj.weight": (f, h),
+                          f"mlp.experts.{e}.down_proj.weight": (h, f)})
+    if family == "qwen2":
         layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+    if family in QK_NORM_FAMILIES:
+        layer.update({"self_attn.q_norm.weight": (head_dim,), "self_attn.k_norm.weight": (head_dim,)})
     shapes = {f"model.layers.{i}.{k}": v for i in range(cfg["num_hidden_layers"]) for k, v in layer.items()}
     shapes.update({"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)})
     if task == "rm":
@@ -83,11 +116,14 @@ def expected_hf_shapes(cfg: dict[str, Any], task: str) -> dict[str, tuple[int, .
 def mapped_hf_names(cfg: dict[str, Any], task: str) -> set[str]:
     """The HF names the mapping table reads (required ones): must equal ``expected_hf_shapes``' keys."""
     names: set[str] = set()
+    moe = moe_spec(cfg)
     for m in mappings_for(cfg, reward_head=task == "rm"):
         if m.optional:
             continue
+        experts = range(moe.num_experts) if m.is_expert and moe is not None else [None]
         for i in (range(cfg["num_hidden_layers"]) if "{layer}" in m.megatron else [None]):
-            names.update(m.hf_names(i))
+            for e in experts:
+                names.update(m.hf_names(i, e))
     return names
 
 
@@ -114,9 +150,12 @@ def check_hf_tensors(shapes: dict[str, tuple[int, ...]], cfg: dict[str, Any], ta
         raise ConversionError(f"{where} has unexpected tensor {extra[0]!r}{more}, not part of {arch}")
     for name, shape in sorted(shapes.items(), key=lambda kv: _natural(kv[0])):
         if name in expected and tuple(shape) != expected[name]:
+            moe = moe_spec(cfg)
+            width = (f"moe_intermediate_size={moe.ffn_hidden_size}" if moe is not None
+                     else f"intermediate_size={cfg['intermediate_size']}")
             raise ConversionError(f"tensor {name!r} has shape {tuple(shape)} but the config needs "
                                   f"{expected[name]} (hidden_size={cfg['hidden_size']}, "
-                                  f"vocab_size={cfg['vocab_size']}, intermediate_size={cfg['intermediate_size']})")
+                                  f"vocab_size={cfg['vocab_size']}, {width})")
     return sorted(optional - set(shapes))
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from torch import Tensor
 
 from .collate import collate_sequences, sequence_key
+from .packing import GroupTooLargeError, collate_packed, empty_packed, plan_micro_batches
 from .tokenize import TokenizedGroup
 
 
@@ -31,16 +32,23 @@ class GroupBatcher:
     The last ``len(groups) % global_batch_groups`` groups of each shuffle sit the epoch out (drop_last,
     a different few each epoch): a step never holds one group twice, which would merge two copies into
     one group in the loss. The position is global, so resuming at another ``dp_size`` is exact too.
+
+    With ``packing``, a rank's groups of the step are packed (:mod:`.packing`) into micro-batches of
+    ``packed_rows`` rows (default: the padded layout's ``groups_per_micro_batch * responses_per_group``),
+    so the number of micro-batches follows the tokens, not the group count, and may differ between DP
+    ranks (each rank's schedule runs its own; gradients meet once per step).
     """
 
     def __init__(self, groups: Sequence[TokenizedGroup], *, seq_length: int, pad_id: int,
                  groups_per_micro_batch: int, global_batch_groups: int, dp_rank: int = 0, dp_size: int = 1,
                  responses_per_group: int | None = None, seed: int = 0,
-                 reference: ReferenceLookup | None = None):
+                 reference: ReferenceLookup | None = None, packing: bool = False,
+                 packed_rows: int | None = None):
         gpm, g, dp = groups_per_micro_batch, global_batch_groups, dp_size
-        if min(gpm, g, dp) < 1 or g % (dp * gpm):
-            raise ValueError(f"global_batch_groups={g} must split evenly over dp_size={dp} ranks of "
-                             f"groups_per_micro_batch={gpm} (a positive multiple of {dp * gpm})")
+        unit = dp if packing else dp * gpm
+        if min(gpm, g, dp) < 1 or g % unit:
+            per = f"dp_size={dp} ranks" + ("" if packing else f" of groups_per_micro_batch={gpm}")
+            raise ValueError(f"global_batch_groups={g} must split evenly over {per} (a positive multiple of {unit})")
         if not 0 <= dp_rank < dp:
             raise ValueError(f"dp_rank={dp_rank} is outside [0, dp_size={dp})")
         self.groups = list(groups)
@@ -61,6 +69,15 @@ class GroupBatcher:
         self.groups_per_micro_batch, self.global_batch_groups = gpm, g
         self.dp_rank, self.dp_size = dp_rank, dp
         self.micro_batches_per_step = g // (dp * gpm)
+        self.packing = packing
+        self.packed_rows = packed_rows or gpm * self.rows_per_group
+        if packing:  # refuse a group that can never fit, naming its row, before training starts
+            for grp in self.groups:
+                try:
+                    plan_micro_batches([[len(grp.prompt_ids) + len(y) for y in grp.responses]],
+                                       rows=self.packed_rows, seq_length=seq_length)
+                except GroupTooLargeError as e:
+                    raise GroupTooLargeError(f"row {grp.row}: {str(e).split(': ', 1)[1]}") from None
         self.epoch, self.index = 0, 0
         self._perm: tuple[int, np.ndarray] | None = None
         self._fp: str | None = None
@@ -72,7 +89,9 @@ class GroupBatcher:
 
     @property
     def num_eval_microbatches(self) -> int:
-        """Micro-batches each rank gets from :meth:`iter_eval_microbatches` (the same on every rank)."""
+        """Micro-batches this rank gets from :meth:`iter_eval_microbatches` (padded: the same on every rank)."""
+        if self.packing:
+            return max(1, len(self._plan(self._eval_share())))
         return math.ceil(len(self.groups) / (self.dp_size * self.groups_per_micro_batch))
 
     def _fingerprint(self) -> str:
@@ -103,38 +122,75 @@ class GroupBatcher:
         self.index += self.global_batch_groups
         per_rank = self.global_batch_groups // self.dp_size
         mine = step[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank].tolist()
+        if self.packing:
+            return [self._collate_packed(mine, plan) for plan in self._plan(mine)]
         gpm = self.groups_per_micro_batch
         return [self._collate(mine[k * gpm:(k + 1) * gpm]) for k in range(self.micro_batches_per_step)]
 
     def iter_eval_microbatches(self) -> Iterator[dict[str, Tensor]]:
-        """One pass over all groups in data order, no shuffle; every rank yields the same number of
-        fixed-shape micro-batches (an empty tail is all PAD rows)."""
+        """One pass over all groups in data order, no shuffle. Padded: every rank yields the same number of
+        fixed-shape micro-batches (an empty tail is all PAD rows); packed: this rank's share of the groups,
+        packed (at least one micro-batch, all padding if the share is empty)."""
+        if self.packing:
+            mine = self._eval_share()
+            plans = self._plan(mine)
+            if not plans:
+                yield empty_packed(self.packed_rows, self.seq_length, self.pad_id)
+            for plan in plans:
+                yield self._collate_packed(mine, plan)
+            return
         gpm, dp = self.groups_per_micro_batch, self.dp_size
         for k in range(self.num_eval_microbatches):
             start = (k * dp + self.dp_rank) * gpm
             yield self._collate(list(range(start, min(start + gpm, len(self.groups)))))
 
-    def _collate(self, indices: list[int]) -> dict[str, Tensor]:
+    def _eval_share(self) -> list[int]:
+        return list(range(self.dp_rank, len(self.groups), self.dp_size))
+
+    def _plan(self, indices: list[int]) -> list[list[list[tuple[int, int]]]]:
+        """Packed micro-batches of the groups ``indices``: rows of (position in ``indices``, response)."""
+        lengths = [[len(self.groups[i].prompt_ids) + len(y) for y in self.groups[i].responses] for i in indices]
+        return plan_micro_batches(lengths, rows=self.packed_rows, seq_length=self.seq_length)
+
+    def _collate_packed(self, indices: list[int], plan: list[list[tuple[int, int]]]) -> dict[str, Tensor]:
+        """One packed micro-batch of ``plan`` (from :meth:`_plan` over ``indices``)."""
+        # the columns in data order (groups whole, responses as given: pairs without rewards are chosen-first)
+        sequences = sorted((g, j) for row in plan for g, j in row)
+        number = {gj: n for n, gj in enumerate(sequences)}
+        columns = self._columns([(indices[g], j) for g, j in sequences])
+        placement = [[number[gj] for gj in row] for row in plan]
+        prompts, responses, gids = columns.pop("prompts"), columns.pop("responses"), columns.pop("group_ids")
+        return collate_packed(prompts, responses, placement=placement, seq_length=self.seq_length,
+                              pad_id=self.pad_id, group_ids=gids, **columns)
+
+    def _columns(self, sequences: list[tuple[int, int]]) -> dict[str, list | None]:
+        """Per-sequence columns of the ``(group index, response index)`` sequences, in that order."""
         prompts, responses, gids, rewards, is_ref, keys = [], [], [], [], [], []
-        for i in indices:
+        for i, j in sequences:
             grp = self.groups[i]
-            for j, y in enumerate(grp.responses):
-                prompts.append(grp.prompt_ids)
-                responses.append(y)
-                gids.append(grp.group_id)
-                keys.append(sequence_key(grp.prompt_ids, y))
-                if grp.rewards is not None:
-                    rewards.append(grp.rewards[j])
-                is_ref.append(bool(grp.is_reference[j]) if grp.is_reference is not None else False)
+            y = grp.responses[j]
+            prompts.append(grp.prompt_ids)
+            responses.append(y)
+            gids.append(grp.group_id)
+            keys.append(sequence_key(grp.prompt_ids, y))
+            if grp.rewards is not None:
+                rewards.append(grp.rewards[j])
+            is_ref.append(bool(grp.is_reference[j]) if grp.is_reference is not None else False)
         ref_prompt = ref_response = None
         if self.reference is not None:
             ref_prompt, ref_response = self.reference.lookup(keys) if keys else ([], [])
-        return collate_sequences(
-            prompts, responses, seq_length=self.seq_length, pad_id=self.pad_id, group_ids=gids,
-            rewards=rewards if self.has_rewards else None,
-            is_reference_answer=is_ref if self.has_reference_flags else None,
-            ref_logps=ref_response, ref_prompt_logps=ref_prompt, seq_keys=keys,
-            num_rows=self.groups_per_micro_batch * self.rows_per_group)
+        return {"prompts": prompts, "responses": responses, "group_ids": gids,
+                "rewards": rewards if self.has_rewards else None,
+                "is_reference_answer": is_ref if self.has_reference_flags else None,
+                "ref_logps": ref_response, "ref_prompt_logps": ref_prompt, "seq_keys": keys}
+
+    def _collate(self, indices: list[int]) -> dict[str, Tensor]:
+        """One padded micro-batch of the groups ``indices``: one sequence per row, PAD rows to a fixed count."""
+        columns = self._columns([(i, j) for i in indices for j in range(len(self.groups[i].responses))])
+        prompts, responses, gids = columns.pop("prompts"), columns.pop("responses"), columns.pop("group_ids")
+        return collate_sequences(prompts, responses, seq_length=self.seq_length, pad_id=self.pad_id,
+                                 group_ids=gids, num_rows=self.groups_per_micro_batch * self.rows_per_group,
+                                 **columns)
 
     def state_dict(self) -> dict[str, int | str]:
         """The exact stream position (global: independent of the DP layout) plus a data fingerprint."""

@@ -63,16 +63,26 @@ def collate_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequ
         "position_ids": torch.arange(seq_length, dtype=torch.int64).expand(rows, seq_length).contiguous(),
         "lengths": lengths, "seq_lengths": seq_lengths, "group_ids": gid,
     }
-    for name, values, dtype in (("rewards", rewards, torch.float32),
-                                ("ref_logps", ref_logps, torch.float32),
-                                ("ref_prompt_logps", ref_prompt_logps, torch.float32),
-                                ("is_reference_answer", is_reference_answer, torch.bool),
-                                ("seq_keys", seq_keys, torch.int64)):
-        if values is not None:
-            t = torch.zeros(rows, dtype=dtype)
-            t[:n] = torch.as_tensor(list(values), dtype=dtype)
-            batch[name] = t
+    batch.update(per_sequence_tensors(dict(rewards=rewards, ref_logps=ref_logps, ref_prompt_logps=ref_prompt_logps,
+                                           is_reference_answer=is_reference_answer, seq_keys=seq_keys), n, rows))
     return batch
+
+
+#: the optional per-sequence columns of a micro-batch and their dtypes
+PER_SEQUENCE_COLUMNS = {"rewards": torch.float32, "ref_logps": torch.float32, "ref_prompt_logps": torch.float32,
+                        "is_reference_answer": torch.bool, "seq_keys": torch.int64}
+
+
+def per_sequence_tensors(columns: dict[str, Sequence | None], n: int, rows: int) -> dict[str, Tensor]:
+    """``[rows]`` tensors of the given per-sequence columns (``n`` values each, zero-padded); None skips one."""
+    out = {}
+    for name, values in columns.items():
+        if values is not None:
+            dtype = PER_SEQUENCE_COLUMNS[name]
+            t = torch.zeros(rows, dtype=dtype)
+            t[:n] = torch.as_tensor(list(values), dtype=dtype).reshape(n)
+            out[name] = t
+    return out
 
 
 def sequence_key(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> int:

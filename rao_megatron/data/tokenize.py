@@ -48,6 +48,15 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [tokenizer.eos_token_id]
 
 
+def _render_prompt(tokenizer: PreTrainedTokenizerBase, ex: Example, source: str) -> str:
+    """The prompt through the chat template; a template that refuses it (jinja's raise_exception: roles
+    out of order, a system turn it does not support) is a :class:`DataError` naming the row."""
+    try:
+        return tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # noqa: BLE001 - jinja2's TemplateError and whatever a template raises
+        raise DataError(source, ex.where, "prompt", f"the chat template refuses it: {e}") from None
+
+
 def _token(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
     return f"{token_id} ({tokenizer.decode([token_id])!r})"
 
@@ -82,7 +91,7 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenize
         raise ValueError(f"min_responses must be >= 1, got {min_responses}")
     if max_responses is not None and max_responses < min_responses:
         raise ValueError(f"max_responses={max_responses} is below min_responses={min_responses}")
-    report = DataReport(source=source, rows_read=len(examples))
+    report = DataReport(source=source, rows_read=sum(ex.rows for ex in examples))
     if not examples:
         return [], report
     eot = end_of_turn_ids(tokenizer)
@@ -91,8 +100,7 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenize
     groups: list[TokenizedGroup] = []
     for start in range(0, len(examples), chunk_size):
         chunk = examples[start:start + chunk_size]
-        prompt_texts = [tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=False)
-                        for ex in chunk]
+        prompt_texts = [_render_prompt(tokenizer, ex, source) for ex in chunk]
         prompt_ids = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
         flat = [y for ex in chunk for y in ex.responses]
         flat_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -71,6 +72,40 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike[str]) -> Path:
     return out
 
 
+#: the roles every chat template is probed for; others count when the template names them (tool, ipython)
+STANDARD_ROLES = ("system", "user", "assistant")
+_PROBE = "\u2063PROBE\u2063"
+# `message['role'] == 'tool'`, `m.role != "ipython"`, `'tool' == message['role']`
+_NAMED_ROLE = re.compile(r"""role['"]?\]?\s*[!=]=\s*['"]([A-Za-z_][\w-]*)['"]"""
+                         r"""|['"]([A-Za-z_][\w-]*)['"]\s*[!=]=\s*\w+(?:\[['"]role['"]\]|\.role)""")
+
+
+def template_roles(tokenizer: PreTrainedTokenizerBase) -> frozenset[str]:
+    """Message roles the tokenizer's chat template accepts.
+
+    A standard role (system / user / assistant) counts when a probe turn of it renders without an error
+    and keeps its content (a template that raises on, or silently drops, a system turn does not accept
+    it); any other role counts when the template names it in a comparison (``== 'tool'``). A template
+    that pastes any role into its markup (ChatML) therefore accepts the standard three only: an unknown
+    role such as ``wizard`` would train on text the model never saw in that position.
+    """
+    template = tokenizer.chat_template
+    text = template if isinstance(template, str) else json.dumps(template)
+    named = {a or b for a, b in _NAMED_ROLE.findall(text or "")}
+    probes = {"system": [{"role": "system", "content": _PROBE}, {"role": "user", "content": "u"}],
+              "user": [{"role": "user", "content": _PROBE}],
+              "assistant": [{"role": "user", "content": "u"}, {"role": "assistant", "content": _PROBE}]}
+    accepted = set(named - set(STANDARD_ROLES))
+    for role, messages in probes.items():
+        try:
+            rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception:  # noqa: BLE001 - a template may raise on a role it refuses (jinja's raise_exception)
+            continue
+        if isinstance(rendered, str) and _PROBE in rendered:
+            accepted.add(role)
+    return frozenset(accepted)
+
+
 def load_tokenizer(path: str | os.PathLike[str] | None) -> PreTrainedTokenizerBase:
     """Load a tokenizer with a chat template from a local directory; ``None`` gives the tiny tokenizer.
 
@@ -85,8 +120,9 @@ def load_tokenizer(path: str | os.PathLike[str] | None) -> PreTrainedTokenizerBa
             "`AutoTokenizer.from_pretrained(name).save_pretrained(dir)` on a machine with hub access)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise OSError(f"cannot load a tokenizer from '{directory}': {e}") from e
+    except (OSError, ValueError) as e:  # a ValueError: a user error, one line (no tokenizer files, damaged ones)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot load a tokenizer from '{directory}': {first}") from None
     if not tokenizer.chat_template:
         raise ValueError(
             f"tokenizer at '{directory}' has no chat template: use the instruct/chat model's tokenizer, or set "

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import checks
-from .groups import best_index, group_mean, make_groups
+from .groups import best_index, group_max, group_mean, make_groups
 from .registry import register
 from .stats import SequenceStats
 
@@ -68,19 +68,27 @@ def rao_terms(stats: SequenceStats, beta: float = 0.1, log_z0: float | None = No
 
 def _metrics(stats: SequenceStats, groups, r_hat: Tensor, target: Tensor, residual: Tensor,
              log_z: Tensor) -> dict[str, float]:
-    best = best_index(groups, target)
-    worst = best_index(groups, -target)
-    delta_r = (stats.policy_logps - stats.ref_logps).detach()
-    metrics = {
-        "rewards/best": float(r_hat[best].mean()),
-        "rewards/worst": float(r_hat[worst].mean()),
-        "rewards/gap": float((r_hat[best] - r_hat[worst]).mean()),
-        "log_z": float(log_z.mean()),
-        "residual": float(residual.mean()),
-        # likelihood displacement: the best response became less likely than under the reference
-        "displacement": float((delta_r[best] < 0).float().mean()),
-    }
+    """DESIGN §2's metrics. "Best" and "worst" only mean something where a group's rewards differ: in an
+    all-tied group (every answer wrong, or K = 1) the first response would be "best" by convention and its
+    target is set by β·log Z alone, so it would count as displaced by construction. Tied groups are
+    reported on their own: ``tied_share`` (of the groups) and ``tied/delta_r`` (their mean Δ_R)."""
     idx = groups.index
+    delta_r = (stats.policy_logps - stats.ref_logps).detach()
+    differs = group_max(target, idx, groups.count) > -group_max(-target, idx, groups.count)  # [G]
+    metrics = {"log_z": float(log_z.mean()), "residual": float(residual.mean()),
+               "tied_share": float((~differs).float().mean())}
+    if bool(differs.any()):
+        best = best_index(groups, target)[differs]
+        worst = best_index(groups, -target)[differs]
+        metrics.update({
+            "rewards/best": float(r_hat[best].mean()),
+            "rewards/worst": float(r_hat[worst].mean()),
+            "rewards/gap": float((r_hat[best] - r_hat[worst]).mean()),
+            # likelihood displacement: the best response became less likely than under the reference
+            "displacement": float((delta_r[best] < 0).float().mean()),
+        })
+    if not bool(differs.all()):
+        metrics["tied/delta_r"] = float(delta_r[~differs[idx]].mean())
     ordered = (idx[:, None] == idx[None, :]) & (target[:, None] > target[None, :])
     if bool(ordered.any()):
         metrics["ranking_accuracy"] = float((r_hat[:, None] > r_hat[None, :])[ordered].float().mean())

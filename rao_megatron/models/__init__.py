@@ -1,4 +1,4 @@
-"""GPTModel provider from HF configs (Llama family, Qwen2), final-hidden-state output, reward head."""
+"""GPTModel provider from HF configs (Llama family, Qwen2, Qwen3, Qwen3-MoE), final-hidden-state output, reward head."""
 
 from rao_megatron.models.hf_config import (
     LLAMA3_TINY_ROPE,

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from rao_megatron.models.provider import as_chunks
+from rao_megatron.parallel.compat import apply_compat_shims
 
 META_FILE = "rao_model.json"
 #: a checkpoints root names its newest complete checkpoint in this file
@@ -104,6 +105,7 @@ def load_model_checkpoint(chunks: Any, path: str | os.PathLike, *, strict: bool 
     """
     path = resolve_checkpoint(path)
     read_checkpoint_meta(path)
+    apply_compat_shims()  # a checkpoint of any supported megatron-core release loads under this one
     sharded = model_sharded_state_dict(chunks)
     if skip_prefixes:
         sharded = {name: {k: v for k, v in chunk.items() if not k.startswith(skip_prefixes)}

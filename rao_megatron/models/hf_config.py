@@ -1,4 +1,4 @@
-"""Hugging Face config -> Megatron-Core ``TransformerConfig`` for the Llama and Qwen2 families."""
+"""Hugging Face config -> Megatron-Core ``TransformerConfig`` for the Llama, Qwen2, Qwen3 and Qwen3-MoE families."""
 
 from __future__ import annotations
 
@@ -17,11 +17,19 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",  # Llama-2/3/3.1, SmolLM2, EuroLLM
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",  # Qwen2 / Qwen2.5: qkv bias
+    "Qwen3ForCausalLM": "qwen3",  # Qwen3 dense: q/k RMSNorm, no qkv bias
+    "Qwen3MoeForCausalLM": "qwen3_moe",  # Qwen3-MoE: q/k RMSNorm, routed experts, no shared expert
     "LlamaForSequenceClassification": "llama",  # reward models
     "MistralForSequenceClassification": "llama",
     "Qwen2ForSequenceClassification": "qwen2",
+    "Qwen3ForSequenceClassification": "qwen3",
+    "Qwen3MoeForSequenceClassification": "qwen3_moe",
 }
-_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe"}
+#: families whose attention normalises q and k per head (Megatron's ``qk_layernorm``)
+QK_NORM_FAMILIES = frozenset({"qwen3", "qwen3_moe"})
+#: families with routed experts (Megatron's MoE layer)
+MOE_FAMILIES = frozenset({"qwen3_moe"})
 
 
 def hf_config_to_dict(hf_config: Any) -> dict[str, Any]:
@@ -40,7 +48,7 @@ def hf_config_to_dict(hf_config: Any) -> dict[str, Any]:
 
 
 def model_family(cfg: dict[str, Any]) -> str:
-    """'llama' or 'qwen2' from ``architectures`` (or ``model_type``); ValueError for anything else."""
+    """'llama', 'qwen2', 'qwen3' or 'qwen3_moe' from ``architectures`` (or ``model_type``); ValueError otherwise."""
     archs = cfg.get("architectures") or []
     for arch in archs:
         if arch in SUPPORTED_ARCHITECTURES:
@@ -104,19 +112,91 @@ def _check_divisible(name: str, value: int, by_name: str, by: int) -> None:
         raise ValueError(f"{name}={value} is not divisible by {by_name}={by}")
 
 
+def is_moe(hf_config: Any) -> bool:
+    """Whether the config's family has routed experts (Qwen3-MoE)."""
+    return model_family(hf_config_to_dict(hf_config)) in MOE_FAMILIES
+
+
+def num_experts(cfg: dict[str, Any]) -> int:
+    """Routed experts per MoE layer: ``num_experts`` (Qwen's config.json) or ``num_local_experts``
+    (what transformers 5 writes for the same attribute)."""
+    value = cfg.get("num_experts", cfg.get("num_local_experts"))
+    if not value:
+        raise ValueError("MoE config without num_experts")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """The routed-expert settings of a Qwen3-MoE config, in HF's terms."""
+
+    num_experts: int
+    top_k: int
+    ffn_hidden_size: int
+    norm_topk_prob: bool
+    router_aux_loss_coef: float
+
+
+def moe_spec(cfg: dict[str, Any]) -> MoeSpec | None:
+    """The config's MoE settings (None for a dense family); ValueError for layouts not mapped.
+
+    Every decoder layer must be a MoE layer (``decoder_sparse_step`` 1, no ``mlp_only_layers``): true of
+    all released Qwen3-MoE models. Qwen3-MoE has no shared expert.
+    """
+    if model_family(cfg) not in MOE_FAMILIES:
+        return None
+    if int(cfg.get("decoder_sparse_step", 1) or 1) != 1 or cfg.get("mlp_only_layers"):
+        raise ValueError("Qwen3-MoE configs with dense layers (decoder_sparse_step != 1 or mlp_only_layers) "
+                         "are not supported: every layer must be a MoE layer")
+    if cfg.get("shared_expert_intermediate_size"):
+        raise ValueError("shared experts are not supported (Qwen3-MoE has none)")
+    spec = MoeSpec(num_experts=num_experts(cfg), top_k=int(cfg["num_experts_per_tok"]),
+                   ffn_hidden_size=int(cfg["moe_intermediate_size"]),
+                   norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                   router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.0) or 0.0))
+    if not 1 <= spec.top_k <= spec.num_experts:
+        raise ValueError(f"num_experts_per_tok={spec.top_k} must be between 1 and num_experts={spec.num_experts}")
+    return spec
+
+
+def check_expert_layout(cfg: dict[str, Any], *, tp: int = 1, ep: int = 1, etp: int | None = None) -> None:
+    """Expert parallel sizes against the model: EP divides the experts, ETP the expert FFN width.
+
+    A dense model takes only ep = 1 and etp unset or equal to tp. Messages name the config keys.
+    """
+    etp = tp if etp is None else etp
+    if ep < 1 or etp < 1:
+        raise ValueError(f"parallel.ep={ep} and parallel.etp={etp} must be >= 1")
+    spec = moe_spec(cfg)
+    if spec is None:
+        if ep != 1 or etp != tp:
+            raise ValueError(f"parallel.ep={ep} / parallel.etp={etp} need a mixture-of-experts model; "
+                             f"{model_family(cfg)} is dense (use ep=1 and leave etp unset)")
+        return
+    if spec.num_experts % ep:
+        raise ValueError(f"parallel.ep={ep} must divide num_experts={spec.num_experts}; valid: "
+                         f"{', '.join(str(d) for d in range(1, spec.num_experts + 1) if spec.num_experts % d == 0)}")
+    if spec.ffn_hidden_size % etp:
+        raise ValueError(f"parallel.etp={etp} must divide moe_intermediate_size={spec.ffn_hidden_size}")
+
+
 def transformer_config_from_hf(hf_config: Any, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
+                               ep: int = 1, etp: int | None = None,
                                params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
                                **overrides: Any) -> TransformerConfig:
-    """Megatron ``TransformerConfig`` for an HF Llama/Mistral/Qwen2 config at the given TP/PP/VPP.
+    """Megatron ``TransformerConfig`` for an HF Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE config at the given layout.
 
+    ``ep`` / ``etp``: expert parallel and expert tensor parallel sizes (MoE only; ``etp`` None = ``tp``).
     ``overrides`` are passed to ``TransformerConfig`` last (e.g. ``recompute_granularity``).
     """
     cfg = hf_config_to_dict(hf_config)
     family = model_family(cfg)
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={cfg['hidden_act']!r} is not supported (SwiGLU with silu only)")
-    if family == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
-        raise ValueError("Llama configs with attention_bias/mlp_bias are not supported")
+    if family != "qwen2" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
+        raise ValueError(f"{family} configs with attention_bias/mlp_bias are not supported")
+    if family in QK_NORM_FAMILIES and cfg.get("use_sliding_window"):
+        raise ValueError(f"{family} configs with use_sliding_window=true are not supported (full causal attention)")
     rope_spec(cfg)  # rejects unsupported rope types early
     # Mistral v0.1's sliding_window (4096) is not mapped: attention is fully causal, which is the same
     # as long as sequences are no longer than the window.
@@ -134,6 +214,7 @@ def transformer_config_from_hf(hf_config: Any, *, tp: int = 1, pp: int = 1, vpp:
         _check_divisible("num_hidden_layers", layers, "pp*vpp", pp * vpp)
     if sequence_parallel and tp == 1:
         raise ValueError("sequence_parallel needs tp > 1 (it splits the sequence over the TP group)")
+    check_expert_layout(cfg, tp=tp, ep=ep, etp=etp)
     on_gpu = torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(
         num_layers=layers,
@@ -167,16 +248,53 @@ def transformer_config_from_hf(hf_config: Any, *, tp: int = 1, pp: int = 1, vpp:
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         bias_dropout_fusion=False,
+        qk_layernorm=family in QK_NORM_FAMILIES,
     )
+    moe = moe_spec(cfg)
+    if moe is not None:
+        kwargs.update(_moe_kwargs(moe, ep=ep, etp=tp if etp is None else etp, on_gpu=on_gpu))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def _moe_kwargs(moe: MoeSpec, *, ep: int, etp: int, on_gpu: bool) -> dict[str, Any]:
+    """Megatron's MoE settings for HF's Qwen3-MoE router and experts.
+
+    HF routes with ``softmax(logits)`` (fp32), keeps the top k and, with ``norm_topk_prob``, renormalises
+    them to sum to 1. Megatron's default (``moe_router_pre_softmax=False``) takes the top k logits and
+    softmaxes over those: the same numbers. Without ``norm_topk_prob`` HF keeps the unnormalised top-k
+    probabilities: Megatron's ``moe_router_pre_softmax=True``. The router logits are computed in fp32
+    (HF: in the model dtype; the same in fp32, more precise in bf16). The load-balancing loss is
+    Megatron's per-layer switch loss with ``router_aux_loss_coef`` as its coefficient; the trainer
+    overrides it with ``model.moe_aux_loss_coeff`` (see docs/conversion.md).
+    """
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.top_k,
+        moe_ffn_hidden_size=moe.ffn_hidden_size,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not moe.norm_topk_prob,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=moe.router_aux_loss_coef,
+        # no token dropping: every token reaches its k experts, as in HF
+        moe_expert_capacity_factor=None,
+        # Megatron's all-to-all dispatcher needs CUDA streams; the all-gather one runs over gloo
+        moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
+        # TE's grouped GEMM on GPU (the layer spec follows it), one MLP per expert on CPU
+        moe_grouped_gemm=on_gpu,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
 
 
 def tiny_hf_config(family: str = "llama", **overrides: Any) -> Any:
     """A tiny random-init ``transformers`` config for tests: 2 layers, hidden 64, 4 heads / 2 KV groups.
 
     llama: untied, plain rope (pass ``tie_word_embeddings=True`` or ``rope_scaling=LLAMA3_TINY_ROPE``);
-    qwen2: untied, qkv bias.
+    qwen2: untied, qkv bias; qwen3: tied (as the small Qwen3 sizes are), q/k norm, head_dim 32 so that
+    heads x head_dim (128) differs from hidden_size (64), as in Qwen3-0.6B; qwen3_moe: the same attention, untied,
+    4 experts of width 32, top-2 with renormalised top-k weights (``norm_topk_prob``, as Qwen3-30B-A3B).
     """
     from transformers import LlamaConfig, Qwen2Config
 
@@ -194,7 +312,22 @@ def tiny_hf_config(family: str = "llama", **overrides: Any) -> Any:
         common.update(rope_theta=1000000.0, architectures=["Qwen2ForCausalLM"])
         common.update(overrides)
         return Qwen2Config(**common)
-    raise ValueError(f"unknown tiny family {family!r}; use 'llama' or 'qwen2'")
+    if family in ("qwen3", "qwen3_moe"):
+        try:
+            from transformers import Qwen3Config, Qwen3MoeConfig
+        except ImportError as e:  # Qwen3 arrived in transformers 4.51
+            raise ValueError(f"the {family} family needs transformers >= 4.51 (Qwen3Config): {e}") from None
+        common.update(rope_theta=1000000.0, head_dim=32, attention_bias=False)
+        if family == "qwen3":
+            common.update(tie_word_embeddings=True, architectures=["Qwen3ForCausalLM"])
+            common.update(overrides)
+            return Qwen3Config(**common)
+        common.update(architectures=["Qwen3MoeForCausalLM"], num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32, norm_topk_prob=True, router_aux_loss_coef=0.001,
+                      decoder_sparse_step=1, mlp_only_layers=[])
+        common.update(overrides)
+        return Qwen3MoeConfig(**common)
+    raise ValueError(f"unknown tiny family {family!r}; use 'llama', 'qwen2', 'qwen3' or 'qwen3_moe'")
 
 
 # Llama-3.1-style scaling squeezed to tiny context lengths, so that every frequency band

@@ -3,18 +3,32 @@
 A mapping turns the HF tensor(s) of one parameter into this TP rank's Megatron shard (``to_megatron``)
 and the shards of all TP ranks back into the HF tensor(s) (``to_hf``). It does no I/O and knows nothing
 about pipeline stages: ``{layer}`` in a name is the layer index, global on the HF side; the caller maps
-it to the chunk-local index on the Megatron side.
+it to the chunk-local index on the Megatron side. ``{expert}`` (MoE) is the expert index, global on the
+HF side and local to this expert-parallel rank on the Megatron side; expert weights are split over the
+expert tensor-parallel group (``ModelDims.for_experts``) instead of the TP group.
+
+HF names are those of the checkpoint files (``mlp.experts.{e}.gate_proj.weight`` per expert), which is
+also what transformers 4.x holds in memory; transformers 5 fuses the experts in memory
+(``mlp.experts.gate_up_proj [E, 2I, H]``), which :func:`hf_checkpoint_layout` presents per expert.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from rao_megatron.models.hf_config import hf_config_to_dict, model_family, padded_vocab_size
+from rao_megatron.models.hf_config import (
+    MOE_FAMILIES,
+    hf_config_to_dict,
+    model_family,
+    num_experts,
+    padded_vocab_size,
+)
 
 
 @dataclass(frozen=True)
@@ -27,18 +41,39 @@ class ModelDims:
     vocab_size: int
     tp_size: int = 1
     tp_rank: int = 0
+    num_experts: int = 0  # routed experts per layer (0: dense)
+    ep_size: int = 1  # expert parallel: each rank holds num_experts / ep_size experts
+    ep_rank: int = 0
+    etp_size: int = 1  # expert tensor parallel: each expert's weights are split this many ways
+    etp_rank: int = 0
 
     @property
     def padded_vocab_size(self) -> int:
         return padded_vocab_size(self.vocab_size, self.tp_size)
 
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.ep_size
+
+    def global_expert(self, local: int) -> int:
+        """The HF (global) index of this EP rank's local expert ``local``."""
+        return self.ep_rank * self.num_local_experts + local
+
+    def for_experts(self) -> ModelDims:
+        """The dims an expert weight is sharded by: the expert tensor-parallel group in place of TP."""
+        return dataclasses.replace(self, tp_size=self.etp_size, tp_rank=self.etp_rank)
+
     @classmethod
-    def from_hf(cls, hf_config: Any, tp_size: int = 1, tp_rank: int = 0) -> ModelDims:
+    def from_hf(cls, hf_config: Any, tp_size: int = 1, tp_rank: int = 0, *, ep_size: int = 1, ep_rank: int = 0,
+                etp_size: int | None = None, etp_rank: int = 0) -> ModelDims:
         cfg = hf_config_to_dict(hf_config)
         heads = cfg["num_attention_heads"]
+        experts = num_experts(cfg) if model_family(cfg) in MOE_FAMILIES else 0
         return cls(num_heads=heads, num_query_groups=cfg.get("num_key_value_heads") or heads,
                    head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                   vocab_size=cfg["vocab_size"], tp_size=tp_size, tp_rank=tp_rank)
+                   vocab_size=cfg["vocab_size"], tp_size=tp_size, tp_rank=tp_rank, num_experts=experts,
+                   ep_size=ep_size, ep_rank=ep_rank, etp_size=tp_size if etp_size is None else etp_size,
+                   etp_rank=tp_rank if etp_size is None else etp_rank)
 
 
 @dataclass(frozen=True)
@@ -50,11 +85,17 @@ class ParamMapping:
     optional: bool = False  # missing in the HF checkpoint -> keep the Megatron init (e.g. a new RM head)
     tp_sharded = False
 
-    def hf_names(self, layer: int | None) -> list[str]:
-        return [n.format(layer=layer) for n in self.hf]
+    @property
+    def is_expert(self) -> bool:
+        """One routed expert's weight: sharded over the expert TP group, ``{expert}`` local on the Megatron side."""
+        return "{expert}" in self.megatron
+
+    def hf_names(self, layer: int | None, expert: int | None = None) -> list[str]:
+        return [n.format(layer=layer, expert=expert) for n in self.hf]
 
     def megatron_pattern(self) -> re.Pattern[str]:
-        return re.compile(re.escape(self.megatron).replace(r"\{layer\}", r"(\d+)") + "$")
+        pattern = re.escape(self.megatron).replace(r"\{layer\}", r"(?P<layer>\d+)")
+        return re.compile(pattern.replace(r"\{expert\}", r"(?P<expert>\d+)") + "$")
 
     def to_megatron(self, hf: list[torch.Tensor], dims: ModelDims) -> torch.Tensor:
         """HF tensor(s) -> this TP rank's Megatron tensor."""
@@ -195,7 +236,40 @@ def qwen2_mappings(tied: bool, reward_head: bool = False) -> list[ParamMapping]:
     ]
 
 
-FAMILY_MAPPINGS = {"llama": llama_mappings, "qwen2": qwen2_mappings}
+def _qk_norm_mappings() -> list[ParamMapping]:
+    """Per-head RMSNorm of q and k (``[head_dim]``, shared by all heads): Megatron's ``qk_layernorm``."""
+    return [replicated(_L + f"self_attention.{p}_layernorm.weight", _H + f"self_attn.{p}_norm.weight") for p in "qk"]
+
+
+def qwen3_mappings(tied: bool, reward_head: bool = False) -> list[ParamMapping]:
+    """Qwen3 dense: the Llama table plus the q/k norms (no qkv bias)."""
+    return llama_mappings(tied, reward_head) + _qk_norm_mappings()
+
+
+_E, _HE = _L + "mlp.experts.", _H + "mlp.experts.{expert}."
+
+
+def qwen3_moe_mappings(tied: bool, reward_head: bool = False) -> list[ParamMapping]:
+    """Qwen3-MoE: the Qwen3 attention; every MLP is a router plus routed experts (no shared expert).
+
+    Per expert: fc1 = gate ⊕ up (each ETP shard ``[gate_shard; up_shard]``), fc2 = down. Local spec
+    (CPU): ``SequentialMLP``, one module per local expert; TE spec (GPU, grouped GEMM): ``TEGroupedMLP``,
+    whose fc1/fc2 hold one ``weight{i}`` per local expert. Both write the same dist checkpoint keys.
+    """
+    dense_mlp = (_L + "mlp.linear_fc1.", _L + "mlp.linear_fc2.")
+    table = [m for m in llama_mappings(tied, reward_head) if not m.megatron.startswith(dense_mlp)]
+    gate_up = (_HE + "gate_proj.weight", _HE + "up_proj.weight")
+    return table + _qk_norm_mappings() + [
+        replicated(_L + "mlp.router.weight", _H + "mlp.gate.weight"),
+        GatedMLP(_E + "local_experts.{expert}.linear_fc1.weight", gate_up),
+        RowParallel(_E + "local_experts.{expert}.linear_fc2.weight", (_HE + "down_proj.weight",)),
+        GatedMLP(_E + "linear_fc1.weight{expert}", gate_up),
+        RowParallel(_E + "linear_fc2.weight{expert}", (_HE + "down_proj.weight",)),
+    ]
+
+
+FAMILY_MAPPINGS = {"llama": llama_mappings, "qwen2": qwen2_mappings, "qwen3": qwen3_mappings,
+                   "qwen3_moe": qwen3_moe_mappings}
 
 
 def mappings_for(hf_config: Any, reward_head: bool = False) -> list[ParamMapping]:
@@ -203,3 +277,54 @@ def mappings_for(hf_config: Any, reward_head: bool = False) -> list[ParamMapping
     cfg = hf_config_to_dict(hf_config)
     tied = bool(cfg.get("tie_word_embeddings", False)) and not reward_head
     return FAMILY_MAPPINGS[model_family(cfg)](tied, reward_head)
+
+
+# transformers 5 keeps a MoE layer's experts fused in memory; checkpoint files hold them per expert
+_FUSED_EXPERTS = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
+
+
+class _PerExpertView(Mapping[str, torch.Tensor]):
+    """A state dict with fused expert tensors shown under the checkpoint's per-expert names (views, no copies)."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        self._sd = state_dict
+        self._names: dict[str, tuple[str, int, slice | None]] = {}
+        for key, tensor in state_dict.items():
+            m = _FUSED_EXPERTS.match(key)
+            if m is None:
+                self._names[key] = (key, -1, None)
+                continue
+            prefix = m.group("prefix")
+            for e in range(tensor.shape[0]):
+                if m.group("kind") == "down_proj":  # [E, H, I]
+                    self._names[f"{prefix}.{e}.down_proj.weight"] = (key, e, None)
+                else:  # gate_up_proj [E, 2I, H]: gate rows first, then up (transformers' Concatenate(dim=1))
+                    half = tensor.shape[1] // 2
+                    self._names[f"{prefix}.{e}.gate_proj.weight"] = (key, e, slice(0, half))
+                    self._names[f"{prefix}.{e}.up_proj.weight"] = (key, e, slice(half, None))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        key, expert, rows = self._names[name]
+        tensor = self._sd[key]
+        if expert < 0:
+            return tensor
+        return tensor[expert] if rows is None else tensor[expert, rows]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def hf_checkpoint_layout(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """``state_dict`` under checkpoint-file names: fused in-memory experts (transformers 5) split per expert.
+
+    Returns ``state_dict`` itself when nothing is fused (dense models, safetensors files, transformers 4).
+    """
+    if not any(_FUSED_EXPERTS.match(k) for k in state_dict):
+        return state_dict
+    return _PerExpertView(state_dict)

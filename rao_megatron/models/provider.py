@@ -29,14 +29,24 @@ def te_usable() -> bool:
 
 
 def layer_spec(config: TransformerConfig, use_te: bool | None = None) -> Any:
-    """TE layer spec on GPU with TE, else the local (pure PyTorch) spec; same parameters either way."""
+    """TE layer spec on GPU with TE, else the local (pure PyTorch) spec; same parameters either way.
+
+    MoE (``num_moe_experts``): TE's grouped-GEMM experts with TE when ``config.moe_grouped_gemm``, else
+    one local MLP per expert (``SequentialMLP``); q/k norms with ``config.qk_layernorm`` (Qwen3).
+    """
     if use_te is None:
         use_te = te_usable()
+    moe = {"num_experts": config.num_moe_experts, "qk_layernorm": config.qk_layernorm}
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization=config.normalization)
+        return get_gpt_layer_with_transformer_engine_spec(moe_grouped_gemm=config.moe_grouped_gemm, **moe)
+    return get_gpt_layer_local_spec(normalization=config.normalization, moe_grouped_gemm=False, **moe)
+
+
+def uses_thd(model: torch.nn.Module) -> bool:
+    """Whether packed micro-batches run this model as one THD sequence (it was built with the TE spec)."""
+    return bool(getattr(unwrap_model(model), "built_with_te", False))
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -63,6 +73,42 @@ def _stage_flags(pre_process: bool | None, post_process: bool | None,
     return pre_process, post_process
 
 
+def prepare_moe(config: TransformerConfig, use_te: bool) -> None:
+    """Make a MoE config buildable with this spec: grouped GEMM only with TE, and Megatron without TE.
+
+    Megatron-Core 0.16's ``moe_utils`` names ``te_general_gemm`` (router logits) only when TE imports, yet
+    reads it unconditionally; 0.19 defines it as None. Without TE it is set to None here (torch matmul).
+    """
+    if not use_te:
+        config.moe_grouped_gemm = False  # one local MLP per expert (SequentialMLP)
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.__dict__.setdefault("te_general_gemm", None)
+
+
+def mark_expert_params(model: torch.nn.Module, config: TransformerConfig) -> None:
+    """Mark every routed-expert weight as expert-parallel (``allreduce=False``), whatever the layout.
+
+    DDP then reduces their gradients over the expert data-parallel group, and Megatron's optimizer keeps
+    them in an optimizer of their own (a ``ChainedOptimizer`` of dense + experts). Megatron marks them only
+    when the experts are laid out unlike the attention -- 0.19: EP > 1 or ETP != TP; 0.16: EP > 1 only, so
+    with EP 1 and ETP != TP DDP all-reduced each rank's expert shard with the other shards' over the
+    attention DP group (wrong gradients). Marking them always also gives every layout the same optimizer
+    structure, so a training checkpoint saved at EP 2 resumes at EP 1 and back. At EP 1 and ETP = TP the
+    expert data-parallel group is the DP group: the same reduction.
+    """
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False
+
+
+def set_moe_aux_loss_coeff(model_or_chunks: Any, coeff: float) -> None:
+    """The load-balancing loss coefficient of MoE chunks (routers read it from the shared config per step)."""
+    for chunk in as_chunks(model_or_chunks):
+        if getattr(chunk.config, "num_moe_experts", None):
+            chunk.config.moe_aux_loss_coeff = float(coeff)
+
+
 def build_gpt_model(hf_config: Any, *, config: TransformerConfig | None = None,
                     pre_process: bool | None = None, post_process: bool | None = None,
                     vp_stage: int | None = None, use_te: bool | None = None,
@@ -82,7 +128,10 @@ def build_gpt_model(hf_config: Any, *, config: TransformerConfig | None = None,
         config = transformer_config_from_hf(
             cfg, tp=tp, pp=ps.get_pipeline_model_parallel_world_size(),
             vpp=ps.get_virtual_pipeline_model_parallel_world_size(), params_dtype=params_dtype,
-            sequence_parallel=sequence_parallel)
+            sequence_parallel=sequence_parallel, ep=ps.get_expert_model_parallel_world_size(),
+            etp=ps.get_expert_tensor_parallel_world_size())
+    if config.num_moe_experts:
+        prepare_moe(config, use_te)
     if config.sequence_parallel and not use_te:
         raise ValueError("sequence parallelism needs the Transformer Engine layer spec (CUDA with "
                          "transformer_engine installed: pip install -e '.[gpu]'); set parallel.sequence_parallel=false")
@@ -112,6 +161,9 @@ def build_gpt_model(hf_config: Any, *, config: TransformerConfig | None = None,
         seq_len_interpolation_factor=rope.factor if rope.rope_type == "linear" else None,
         **kwargs,
     )
+    model.built_with_te = use_te  # packed micro-batches: THD with TE, an explicit mask with the local spec
+    if config.num_moe_experts:
+        mark_expert_params(model, config)
     if rope.rope_type == "llama3":
         # Megatron's built-in llama3 scaling (rope_scaling=True) fixes low/high_freq_factor and
         # original_max_position_embeddings; compute HF's formula with the checkpoint's values instead.

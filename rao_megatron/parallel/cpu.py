@@ -8,9 +8,12 @@ nothing else; on a machine with CUDA it does nothing. What it changes, and why:
 2. The model-parallel RNG tracker (``CudaRNGStatesTracker``) keeps CPU generator states, so
    ``model_parallel_cuda_manual_seed`` and ``get_cuda_rng_tracker().fork()`` (weight init, dropout) work.
 3. Modules that hard-code ``device="cuda"`` in tensor factories (pipeline schedules, p2p, causal masks,
-   DDP buffers, optimizer, grad clipping) see a ``torch`` whose factories map cuda to cpu and whose
-   ``torch.cuda.synchronize`` / ``empty_cache`` are no-ops. Only those modules' global name ``torch`` is
-   replaced; the rest of the process keeps the real module.
+   DDP buffers, optimizer, grad clipping) see a ``torch`` whose factories map cuda to cpu, whose
+   ``torch.cuda.synchronize`` / ``empty_cache`` are no-ops and whose ``torch.cuda`` streams and events
+   (``current_stream``, ``default_stream``, ``stream``, ``Stream``, ``Event``) are in-order stand-ins, so
+   a CUDA build of torch on a machine without GPUs never initialises CUDA (megatron-core 0.19's DDP grad
+   sync asks for the current stream). Only those modules' global name ``torch`` is replaced; the rest of
+   the process keeps the real module.
 4. Tied embeddings with PP>1: ``LanguageModule.setup_embeddings_and_output_layer`` calls ``.cuda()``
    on the shared weight; during that call only, ``Tensor.cuda`` returns the tensor itself.
 5. Gradient clipping: ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``
@@ -49,8 +52,8 @@ import torch
 
 _APPLIED = False
 
-# Megatron modules whose `torch` global is swapped for the cuda->cpu proxy. Missing modules (renamed or
-# removed in another megatron-core version) are skipped.
+# Megatron modules whose `torch` global is swapped for the cuda->cpu proxy. Every one exists (and imports
+# torch) in megatron-core 0.16.1 through 0.19.x; a release that renames one fails here, loudly.
 _PATCHED_MODULES = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.pipeline_parallel.p2p_communication",
@@ -90,8 +93,63 @@ def _cpu_factory(fn: Any) -> Any:
     return wrapper
 
 
+class _CpuEvent:
+    """A CUDA event on CPU: work is done in order when it is queued, so an event is always complete."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, stream: Any = None) -> None:
+        return None
+
+    def wait(self, stream: Any = None) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+class _CpuStream:
+    """A CUDA stream on CPU: every operation runs in program order, so waits and syncs are no-ops."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        return None
+
+    def wait_stream(self, stream: Any) -> None:
+        return None
+
+    def record_event(self, event: Any = None) -> Any:
+        return event if event is not None else _CpuEvent()
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    @staticmethod
+    def priority_range() -> tuple[int, int]:
+        return 0, 0
+
+
+_CPU_STREAM = _CpuStream()
+
+
 class _CpuCuda(types.ModuleType):
-    """``torch.cuda`` as the patched modules see it: device-sync calls are no-ops."""
+    """``torch.cuda`` as the patched modules see it: device-sync calls are no-ops, streams and events are
+    stand-ins. None of these may reach the real ``torch.cuda``: with a CUDA build of torch on a machine
+    without GPUs, its stream calls initialise CUDA (an error, and in a forked gloo worker "Cannot
+    re-initialize CUDA in forked subprocess"). Megatron-Core 0.19's DDP grad sync
+    (``param_and_grad_buffer.start_grad_sync``) calls ``torch.cuda.current_stream()`` on every step."""
+
+    Stream = _CpuStream
+    Event = _CpuEvent
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch.cuda, name)
@@ -99,6 +157,18 @@ class _CpuCuda(types.ModuleType):
     @staticmethod
     def synchronize(*args: Any, **kwargs: Any) -> None:
         return None
+
+    @staticmethod
+    def current_stream(*args: Any, **kwargs: Any) -> _CpuStream:
+        return _CPU_STREAM
+
+    @staticmethod
+    def default_stream(*args: Any, **kwargs: Any) -> _CpuStream:
+        return _CPU_STREAM
+
+    @staticmethod
+    def stream(stream: Any = None) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     @staticmethod
     def empty_cache() -> None:
@@ -232,14 +302,10 @@ def _cuda_type_names() -> Iterator[None]:
 def _patch_optimizer_type_checks() -> None:
     """Run the optimizers' constructors (where the dtype checks live) under ``_cuda_type_names``."""
     from megatron.core.optimizer import optimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    classes = [optimizer.Float16OptimizerWithFloat16Params]
-    try:
-        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    classes = [optimizer.Float16OptimizerWithFloat16Params, DistributedOptimizer]
 
-        classes.append(DistributedOptimizer)
-    except ImportError:
-        pass
     def under_cuda_type_names(original: Any) -> Any:
         @functools.wraps(original)
         def init(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -254,11 +320,9 @@ def _patch_optimizer_type_checks() -> None:
 
 def _patch_distributed_optimizer_torch_adam_step() -> None:
     """Item 7 of the module docstring: the ``step`` of torch's Adam inside the distributed optimizer."""
-    try:
-        from megatron.core.optimizer import distrib_optimizer
-    except ImportError:
-        return
-    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
         return  # FusedAdam keeps ``step`` in its param groups; those branches are not taken
     cls = distrib_optimizer.DistributedOptimizer
     original_state_dict, original_load_state_dict = cls.state_dict, cls.load_state_dict
@@ -312,10 +376,7 @@ def apply_cpu_patches() -> bool:
     _patch_rng_tracker()
     proxy = _CpuTorch()
     for name in _PATCHED_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
+        mod = importlib.import_module(name)
         if getattr(mod, "torch", None) is torch:
             mod.torch = proxy
     _patch_tied_embedding_setup()

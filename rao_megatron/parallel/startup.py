@@ -1,7 +1,8 @@
-"""Process start-up: the process group (torchrun or a 1-rank one), device checks, Megatron's TP/PP/DP layout."""
+"""Process start-up: the process group (torchrun or a 1-rank one), device checks, Megatron's TP/PP/DP/EP layout."""
 
 from __future__ import annotations
 
+import math
 import os
 from datetime import timedelta
 from typing import Any
@@ -60,12 +61,18 @@ def check_device(device: str = "auto") -> None:
 
 
 def check_layout(cfg: Config) -> None:
-    """World size must be a multiple of TP × PP: say so before Megatron does, in the config's words."""
+    """World size must be a multiple of TP × PP and of ETP × EP × PP (Megatron's attention and expert
+    layouts tile the same ranks): say so before Megatron does, in the config's words."""
     world = dist.get_world_size()
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    tp, pp, ep = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep
+    etp = tp if cfg.parallel.etp is None else cfg.parallel.etp
     if world % (tp * pp):
         raise ConfigError(f"world size {world} is not divisible by parallel.tp × parallel.pp = {tp} × {pp}; "
                           f"launch a multiple of {tp * pp} processes (torchrun --nproc-per-node)")
+    if world % (etp * ep * pp):
+        raise ConfigError(f"world size {world} is not divisible by parallel.etp × parallel.ep × parallel.pp = "
+                          f"{etp} × {ep} × {pp}; expert parallelism takes its ranks from data parallelism: "
+                          f"launch a multiple of {pp * math.lcm(tp, etp * ep)} processes")
 
 
 def is_rank0() -> bool:
@@ -84,4 +91,5 @@ def start(cfg: Config) -> None:
 
     init_distributed(cfg.parallel.backend, device=cfg.parallel.device)
     check_layout(cfg)
-    initialize_model_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp, seed=cfg.train.seed)
+    initialize_model_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp, seed=cfg.train.seed,
+                              ep=cfg.parallel.ep, etp=cfg.parallel.etp)

@@ -1,4 +1,4 @@
-"""Model-parallel state: set up Megatron's TP/PP/DP groups (CPU or GPU) and read the layout."""
+"""Model-parallel state: set up Megatron's TP/PP/DP (and expert EP/ETP) groups (CPU or GPU) and read the layout."""
 
 from __future__ import annotations
 
@@ -10,9 +10,23 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from rao_megatron.parallel.cpu import apply_cpu_patches
 
 
+def check_expert_world(world: int, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> None:
+    """Megatron's two layouts must both tile the world: tp x pp x dp (attention) and etp x ep x pp x edp (experts)."""
+    etp = tp if etp is None else etp
+    if ep < 1 or etp < 1:
+        raise ValueError(f"expert_parallel={ep} and expert_tensor_parallel={etp} must be >= 1")
+    if world % (etp * ep * pp):
+        raise ValueError(f"world size {world} is not divisible by expert_tensor_parallel={etp} x "
+                         f"expert_parallel={ep} x pipeline_parallel={pp} (= {etp * ep * pp})")
+
+
 def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234,
-                              timeout_s: float = 600.0) -> None:
-    """Create Megatron's parallel groups (world = tp * pp * dp), patch for CPU when needed, seed RNGs."""
+                              timeout_s: float = 600.0, ep: int = 1, etp: int | None = None) -> None:
+    """Create Megatron's parallel groups (world = tp * pp * dp), patch for CPU when needed, seed RNGs.
+
+    ``ep`` / ``etp``: expert parallel and expert tensor parallel sizes (MoE; ``etp`` None = ``tp``); the
+    expert layout is etp x ep x pp x edp over the same ranks, EP taken from the data-parallel ranks first.
+    """
     if not dist.is_initialized():
         from rao_megatron.parallel.startup import init_distributed
 
@@ -21,6 +35,7 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, 
     if tp < 1 or pp < 1 or world % (tp * pp) != 0:
         raise ValueError(f"world size {world} is not divisible by tensor_parallel={tp} x "
                          f"pipeline_parallel={pp} (= {tp * pp})")
+    check_expert_world(world, tp, pp, ep, etp)
     if vpp is not None and vpp > 1 and pp < 2:
         raise ValueError(f"virtual pipeline size {vpp} needs pipeline_parallel > 1 (got {pp})")
     if ps.model_parallel_is_initialized():
@@ -29,6 +44,8 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, 
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
     )
     # Patches must precede seeding: the RNG tracker is created by model_parallel_cuda_manual_seed.
     apply_cpu_patches()
@@ -90,6 +107,16 @@ def is_last_stage(vp_stage: int | None = None) -> bool:
     if vp_stage is None:
         return ps.is_pipeline_last_stage(ignore_virtual=True)
     return ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+
+
+def ep_world_size() -> int:
+    """Size of the expert-parallel group (1 for dense models)."""
+    return ps.get_expert_model_parallel_world_size()
+
+
+def etp_world_size() -> int:
+    """Size of the expert tensor-parallel group."""
+    return ps.get_expert_tensor_parallel_world_size()
 
 
 def dp_group() -> dist.ProcessGroup:

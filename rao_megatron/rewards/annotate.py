@@ -7,7 +7,9 @@ in ``.parquet``): ``prompt`` (a string) or ``messages``, ``responses``, ``reward
 ``prompt_id``, ...) are kept, the fields of the input format that the group row replaces are not.
 
 Nothing is dropped silently: a row that cannot be parsed or scored goes to ``out + ".rejected.jsonl"``
-with its file, row, field and reason; the summary counts kept, truncated and rejected rows.
+with its file, row, field and reason; the summary counts kept, truncated and rejected rows. When every
+row is rejected (a reward function that returns a string, say), no output is written and
+:func:`annotate` raises :class:`NothingKept` with the first reason.
 
 Resuming: scored rows are appended to ``out + ".partial.jsonl"`` (rejected ones to the side file's
 ``.partial``) and, after each chunk, ``out + ".progress.json"`` records how many input rows are done and
@@ -32,6 +34,10 @@ from rao_megatron.data.formats import FORMATS, detect_format
 from .rows import ParsedRow, Rejection, count_input_rows, iter_input, output_row, parse_input_row
 
 PROGRESS_VERSION = 1
+
+
+class NothingKept(ValueError):
+    """Every input row was rejected: no output was written (the reasons are in the rejected side file)."""
 
 
 @dataclass
@@ -68,6 +74,7 @@ class AnnotateSummary:
     resumed_at: int = 0
     out: str = ""
     rejected_path: str = ""
+    first_rejection: str = ""        # "line 3, field 'chosen': why" of the first rejected row
 
     def text(self) -> str:
         """Human-readable summary (printed at the end of a run)."""
@@ -157,7 +164,11 @@ def _start(paths: dict[str, Path], identity: dict[str, Any], restart: bool, writ
 def _finish(paths: dict[str, Path], summary: AnnotateSummary) -> None:
     """Move the partial output into place (converting to Parquet if asked) and drop the progress record."""
     out = paths["out"]
-    if out.suffix == ".parquet":
+    if not summary.rows_kept and summary.rows_read:
+        # an empty output would pass for a scored data set downstream: write none (the reasons stay)
+        paths["partial"].unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
+    elif out.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -188,6 +199,9 @@ def _write_chunk(paths: dict[str, Path], rows: list[ParsedRow], results: list[Ro
             summary.rows_read += 1
             if res.rejection is not None:
                 summary.rows_rejected += 1
+                if not summary.first_rejection:
+                    field = f", field '{res.rejection.field}'" if res.rejection.field else ""
+                    summary.first_rejection = f"{row.where}{field}: {res.rejection.reason}"
                 bad.write(json.dumps({"source": source, "row": row.where, "field": res.rejection.field,
                                       "reason": res.rejection.reason, "data": row.raw}, ensure_ascii=False) + "\n")
                 continue
@@ -245,7 +259,8 @@ def annotate(data: str, out: str | os.PathLike, scorer: Scorer, *, format: str |
             exhausted = True
             for index, row, one_based, raw, error in rows:
                 if fmt is None and error is None and isinstance(raw, Mapping):
-                    fmt = detect_format(raw) or None
+                    found = detect_format(raw)
+                    fmt = found if found in FORMATS else None  # prompt-only rows: nothing to score
                 if fmt is None:
                     chunk.append(_undetected(parse_input_row(index, row, one_based, raw, None, "group", data), error))
                 else:
@@ -267,4 +282,9 @@ def annotate(data: str, out: str | os.PathLike, scorer: Scorer, *, format: str |
     summary.finished = exhausted
     if prog is not None and exhausted:
         _finish(paths, summary)
+    if exhausted:  # every rank learns whether anything was kept (rank 0 counted)
+        read, kept, first = _broadcast((summary.rows_read, summary.rows_kept, summary.first_rejection))
+        if read and not kept:
+            raise NothingKept(f"all {read} rows of {data} were rejected, so nothing was written to {paths['out']}; "
+                              f"the first: {first} (every reason: {paths['rejected']})")
     return summary

@@ -200,8 +200,14 @@ def evaluate_answers(answers: Sequence[str | os.PathLike], labels: Sequence[str]
     def rule_for(ans: Answers) -> tuple[Callable[..., Any] | None, str | None]:
         if fn is not None:
             return fn, explicit_fn
-        if all(r.get("answer") is not None for r in ans.rows):
+        lacking = [ex.where for ex, r in zip(ans.examples, ans.rows) if r.get("answer") is None]
+        if not lacking:
             return load_reward_fn(DEFAULT_REWARD_FN), DEFAULT_REWARD_FN
+        if len(lacking) < len(ans.rows):  # some rows carry one: accuracy was meant, never a silent n/a
+            shown = ", ".join(lacking[:5]) + (", ..." if len(lacking) > 5 else "")
+            raise DataError(ans.path, lacking[0], "answer",
+                            f"missing in {len(lacking)} of {len(ans.rows)} rows ({shown}): accuracy with "
+                            f"{DEFAULT_REWARD_FN} needs an 'answer' on every row; add them, or pass --reward-fn")
         return None, None
 
     judge = None
@@ -240,6 +246,9 @@ def evaluate_answers(answers: Sequence[str | os.PathLike], labels: Sequence[str]
             scores, unscored = rule_scores(ans, rule, name)
             res.update(reward_fn=name, accuracy=_mean([s for row in scores for s in row]),
                        **{"pass@1": _mean([row[0] for row in scores])}, unscored=unscored)
+        else:
+            res["note"] = (f"accuracy n/a for {label}: no row of {ans.path} carries an 'answer' and no --reward-fn "
+                           "was given")
         if base is not None:
             _check_same_prompts(ans, base)
             mine, theirs = judge_scores(ans), judge_scores(base)

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rao_megatron.data.errors import DataError, row_label
-from rao_megatron.data.formats import Example, iter_raw_rows, parse_row
+from rao_megatron.data.formats import (
+    Example,
+    check_reward,
+    iter_raw_rows,
+    iter_text_lines,
+    parse_json,
+    parse_row,
+)
 
 #: fields of each input format that the group row replaces (everything else in the row is kept)
 REPLACED_FIELDS = {
     "group": {"prompt", "messages", "responses", "rewards", "reference", "reference_reward"},
     "pair": {"prompt", "messages", "chosen", "rejected", "score_chosen", "score_rejected"},
+    "unpaired": {"prompt", "completion", "label"},
+    "prompt_completion": {"prompt", "completion"},
     "ultrafeedback": {"instruction", "completions"},
     "sft": {"prompt", "messages"},
 }
@@ -44,7 +51,8 @@ class ParsedRow:
 def iter_input(path: str, *, start: int = 0, split: str = "train") -> Iterator[tuple[int, int, bool, Any, str | None]]:
     """Yield ``(index, row, one_based_line, raw, error)`` from input position ``start``.
 
-    A JSONL line that is not JSON yields its text with an error (the row is rejected, the file goes on).
+    A JSONL line that is not JSON yields its text with an error (the row is rejected, the file goes on);
+    a file that is not UTF-8 text stops with a :class:`DataError` naming the line.
     """
     p = Path(path)
     if p.suffix != ".jsonl":
@@ -55,16 +63,13 @@ def iter_input(path: str, *, start: int = 0, split: str = "train") -> Iterator[t
     if not p.is_file():
         raise DataError(path, None, None, "no such file")
     index = 0
-    with p.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if index >= start:  # rows already done are not even parsed
-                try:
-                    yield index, line_no, True, json.loads(line), None
-                except json.JSONDecodeError as e:
-                    yield index, line_no, True, line.rstrip("\r\n"), f"invalid JSON: {e.msg} at column {e.colno}"
-            index += 1
+    for line_no, line in iter_text_lines(p):
+        if not line.strip():
+            continue
+        if index >= start:  # rows already done are not even parsed
+            raw, error = parse_json(line)
+            yield index, line_no, True, line.rstrip("\r\n") if error else raw, error
+        index += 1
 
 
 def count_input_rows(path: str) -> int | None:
@@ -137,8 +142,11 @@ def response_field(ex: Example, j: int) -> str:
 
 
 def check_finite(ex: Example, rewards: list[float], what: str) -> Rejection | None:
-    """A rejection for the first non-finite reward (a NaN reward must never reach training)."""
+    """A rejection for the first reward that is not a finite number within ±MAX_ABS_REWARD (a NaN or a
+    1e300 reward must never reach training)."""
     for j, r in enumerate(rewards):
-        if not isinstance(r, (int, float)) or isinstance(r, bool) or not math.isfinite(float(r)):
-            return Rejection(response_field(ex, j), f"{what} returned {r!r}, not a finite number")
+        try:
+            check_reward(r)
+        except ValueError as e:
+            return Rejection(response_field(ex, j), f"{what} returned an unusable reward: {e}")
     return None

@@ -96,12 +96,14 @@ def _checked(ex: Example, rewards: list[Any], what: str) -> RowScores:
 class ModelScorer:
     """Reward-model scores through the Megatron engine at any TP / PP / DP (all ranks call :meth:`score`).
 
-    Needs the model-parallel state (``initialize_model_parallel``). Sequences are sharded over DP ranks,
-    sorted by length and scored ``batch_size`` per micro-batch; every rank gets all scores back.
+    Needs the model-parallel state (``initialize_model_parallel``). Sequences are sharded over DP ranks and
+    scored in micro-batches of ``batch_size`` rows: packed several to a row of ``max_length`` tokens
+    (``packing``, default), or one per row, sorted by length and padded to the block's longest. Every rank
+    gets all scores back.
     """
 
     def __init__(self, checkpoint: str | os.PathLike, *, batch_size: int = 16, max_length: int = 2048,
-                 tokenizer: str | None = None) -> None:
+                 tokenizer: str | None = None, packing: bool = True) -> None:
         from transformers import AutoConfig
 
         from rao_megatron.data.tokenizer import load_tokenizer
@@ -126,7 +128,7 @@ class ModelScorer:
         self.chunks = build_model_chunks(AutoConfig.for_model(**meta["hf_config"]), task="rm", wrap_ddp=False,
                                          params_dtype=dtype)
         load_model_checkpoint(self.chunks, path)
-        self.batch_size, self.max_length = batch_size, max_length
+        self.batch_size, self.max_length, self.packing = batch_size, max_length, packing
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.fingerprint = f"model:{Path(resolve_checkpoint(path)).resolve()}:max_length={max_length}"
         self.writes = not dist.is_initialized() or dist.get_rank() == 0
@@ -181,6 +183,8 @@ class ModelScorer:
         from rao_megatron.training.engine import forward_backward
         from rao_megatron.training.forward_step import ScoreStep
 
+        if self.packing:
+            return self._forward_packed(seqs)
         order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][1]) + len(seqs[k][2]))
         scores = [0.0] * len(seqs)
         per_call = self.batch_size * BLOCK
@@ -196,6 +200,27 @@ class ModelScorer:
             for j, out in enumerate(outputs):
                 part = block[j * self.batch_size:(j + 1) * self.batch_size]
                 for k, s in zip(part, out["scores"][:len(part)].tolist()):
+                    scores[k] = s
+        return scores
+
+    def _forward_packed(self, seqs: list[tuple[int, list[int], list[int]]]) -> list[float]:
+        """Packed: each sequence its own group, first-fit decreasing into ``batch_size`` rows of ``max_length``."""
+        from rao_megatron.data.packing import collate_packed, empty_packed, packed_order, plan_micro_batches
+        from rao_megatron.training.engine import forward_backward
+        from rao_megatron.training.forward_step import ScoreStep
+
+        plans = plan_micro_batches([[len(x) + len(y)] for _, x, y in seqs], rows=self.batch_size,
+                                   seq_length=self.max_length)
+        scores = [0.0] * len(seqs)
+        for start in range(0, max(len(plans), 1), BLOCK):
+            block = plans[start:start + BLOCK]
+            placements = [[[k for k, _ in row] for row in plan] for plan in block]
+            mbs = [collate_packed([seqs[k][1] for k in range(len(seqs))], [seqs[k][2] for k in range(len(seqs))],
+                                  placement=placement, seq_length=self.max_length, pad_id=self.pad,
+                                  group_ids=list(range(len(seqs)))) for placement in placements]
+            mbs = mbs or [empty_packed(self.batch_size, self.max_length, self.pad)]  # a rank with nothing to score
+            for out, placement in zip(forward_backward(self.chunks, ScoreStep(), mbs, forward_only=True), placements):
+                for k, s in zip(packed_order(placement), out["scores"].tolist()):
                     scores[k] = s
         return scores
 

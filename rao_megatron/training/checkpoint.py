@@ -25,6 +25,7 @@ from rao_megatron.models.checkpoint import (
     prepare_synchronous_save,
 )
 from rao_megatron.models.provider import as_chunks
+from rao_megatron.parallel.compat import apply_compat_shims
 
 TRAIN_STATE = "train_state.json"
 MANIFEST = "manifest.json"
@@ -245,6 +246,7 @@ def load_training_checkpoint(path: str | os.PathLike, chunks: Any, optimizer: An
     problem = verify_checkpoint(path)
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} cannot be resumed: {problem}")
+    apply_compat_shims()  # a checkpoint of any supported megatron-core release loads under this one
     metadata = _load_optimizer_metadata(path, optimizer)
     state = dist_checkpointing.load(_training_sharded_state_dict(chunks, optimizer, True, metadata), str(path))
     for i, chunk in enumerate(as_chunks(chunks)):

@@ -15,7 +15,8 @@ from megatron.core.distributed import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
-from rao_megatron.models.provider import build_gpt_model, enable_hidden_state_output
+from rao_megatron.data.packing import is_packed
+from rao_megatron.models.provider import build_gpt_model, enable_hidden_state_output, uses_thd
 from rao_megatron.models.reward import build_reward_model
 from rao_megatron.parallel.device import compute_device, move_modules, to_device
 
@@ -84,6 +85,8 @@ def forward_backward(chunks: Sequence[torch.nn.Module] | torch.nn.Module, step: 
         if tuple(mb["tokens"].shape) != (rows, seq_length):
             raise ValueError(f"micro-batch {i} has shape {tuple(mb['tokens'].shape)}; pipeline parallelism needs "
                              f"every micro-batch at ({rows}, {seq_length})")
+    if is_packed(microbatches[0]) and uses_thd(chunks[0]):
+        rows, seq_length = 1, rows * seq_length  # the forward step runs packed rows as one THD sequence
     if hasattr(step, "grad_scale"):
         step.grad_scale = float(len(microbatches) * ps.get_data_parallel_world_size())
     iterators: Any = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)

@@ -23,10 +23,11 @@ from megatron.core import parallel_state as ps
 from torch import Tensor
 
 from rao_megatron.data.collate import PAD_GROUP
+from rao_megatron.data.packing import is_packed, packed_attention_mask
 from rao_megatron.logprobs import vocab_parallel_logprobs
 from rao_megatron.losses import BoundLoss, SequenceStats
 from rao_megatron.losses.groups import make_groups, preference_pairs
-from rao_megatron.models.provider import output_weight, unwrap_model
+from rao_megatron.models.provider import output_weight, unwrap_model, uses_thd
 from rao_megatron.models.reward import reward_scores
 
 
@@ -52,10 +53,28 @@ def token_logprobs(model: torch.nn.Module, hidden: Tensor, labels: Tensor, *, vo
 
 
 def sequence_sums(token_logps: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """``(P(x) [B], R(y) [B])``: prompt-after-t0 and response sums of per-token log-probs."""
-    prompt = (token_logps * batch["prompt_mask"]).sum(dim=1)
-    response = (token_logps * batch["response_mask"]).sum(dim=1)
-    return prompt, response
+    """``(P(x) [N], R(y) [N])``: prompt-after-t0 and response sums of per-token log-probs, per sequence.
+
+    Padded batches hold one sequence per row (N = rows); packed ones sum each sequence's segment.
+    """
+    if not is_packed(batch):
+        return (token_logps * batch["prompt_mask"]).sum(dim=1), (token_logps * batch["response_mask"]).sum(dim=1)
+    segments = batch["segment_ids"].reshape(-1)
+    real = segments >= 0
+    flat = token_logps.reshape(-1)
+    n = batch["lengths"].shape[0]
+
+    def per_sequence(mask: Tensor) -> Tensor:
+        return flat.new_zeros(n).index_add(0, segments[real], (flat * mask.reshape(-1))[real])
+
+    return per_sequence(batch["prompt_mask"]), per_sequence(batch["response_mask"])
+
+
+def last_token_values(values: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    """Per-sequence ``[N]`` values at each sequence's last token, from ``values[B, S(, 1)]``."""
+    if is_packed(batch):
+        return values.reshape(-1)[batch["last_index"]]
+    return reward_scores(values, lengths=batch["seq_lengths"])
 
 
 def _optional(batch: dict[str, Tensor], name: str, keep: Tensor) -> Tensor | None:
@@ -63,7 +82,25 @@ def _optional(batch: dict[str, Tensor], name: str, keep: Tensor) -> Tensor | Non
 
 
 def _forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    return model(batch["tokens"], batch["position_ids"], None)
+    """The model on one micro-batch: causal rows (padded), or packed rows with sequences kept apart.
+
+    Packed: with Transformer Engine the rows are flattened to one THD sequence with ``cu_seqlens`` (TE's
+    fused attention never looks across a boundary); the local spec gets an explicit block-diagonal mask.
+    """
+    if not is_packed(batch):
+        return model(batch["tokens"], batch["position_ids"], None)
+    if uses_thd(model):
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        rows, seq_length = batch["tokens"].shape
+        cu, longest = batch["cu_seqlens"], int(batch["max_seqlen"])
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                                 max_seqlen_kv=longest)
+        out = model(batch["tokens"].reshape(1, -1), batch["position_ids"].reshape(1, -1), None,
+                    packed_seq_params=params)
+        # the last stage returns [1, rows * seq_length, *]; earlier stages hand their activations on as they are
+        return out.reshape(rows, seq_length, *out.shape[2:]) if unwrap_model(model).post_process else out
+    return model(batch["tokens"], batch["position_ids"], packed_attention_mask(batch["segment_ids"]))
 
 
 @dataclass
@@ -139,7 +176,7 @@ class RewardModelStep(_LossStep):
         return _forward(model, batch), partial(self.loss_func, batch)
 
     def loss_func(self, batch: dict[str, Tensor], values: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        scores = reward_scores(values.float(), lengths=batch["seq_lengths"])
+        scores = last_token_values(values.float(), batch)
         keep = batch["group_ids"] != PAD_GROUP
         if not bool(keep.any()):
             loss, reduced = self._empty(values)
@@ -187,4 +224,4 @@ class ScoreStep:
 
     @staticmethod
     def loss_func(batch: dict[str, Tensor], values: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        return values.new_zeros(()), {"scores": reward_scores(values.float(), lengths=batch["seq_lengths"]).detach()}
+        return values.new_zeros(()), {"scores": last_token_values(values.float(), batch).detach()}

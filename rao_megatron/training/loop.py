@@ -13,9 +13,10 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from rao_megatron.config import Config, ConfigError, dump_config
+from rao_megatron.data.packing import layout_summary
 from rao_megatron.parallel import startup
 from rao_megatron.parallel.device import compute_device, to_device
-from rao_megatron.training import model_init, run_data
+from rao_megatron.training import model_init, preflight, run_data
 from rao_megatron.training.engine import (
     attach_reference_logps,
     build_model_chunks,
@@ -27,6 +28,7 @@ from rao_megatron.training.metrics import MetricsWriter, plot_metrics
 from rao_megatron.training.reductions import (
     count_tokens,
     global_normalizer,
+    moe_aux_metrics,
     step_loss,
     step_metrics,
     summed_counts,
@@ -65,11 +67,14 @@ class Trainer:
         self.cfg = cfg
         startup.start(cfg)
         self.output_dir = Path(cfg.train.output_dir)
+        preflight.check_output_dir(cfg)  # start-up checks come before anything is built or written
         self.loss = cfg.loss.build()  # the loss with its checked hyper-parameters, passed down as an object
         self.spec = self.loss.spec
         self.tokenizer = run_data.load_run_tokenizer(cfg)
         self.hf_config = model_init.resolve_hf_config(cfg, self.tokenizer)
+        preflight.check_model_fits(cfg, self.tokenizer, self.hf_config)
         self.groups = run_data.load_groups(cfg, self.tokenizer, self.spec)
+        preflight.warn_about_data(self.groups)
         self._build_batchers()
         self.logprobs = LogprobSettings(impl=cfg.model.logprob_impl, precision=cfg.model.logprob_precision,
                                         chunk_size=cfg.model.logprob_chunk_size)
@@ -87,6 +92,10 @@ class Trainer:
         self.skipped_steps = 0
         self.bad_in_row = 0
         self.resumed_from = self._resume()
+        if self.resumed_from is None and self.train_batcher.reference is not None:
+            startup.log0(preflight.step0_reference_check(self.chunks, self.train_batcher,
+                                                         vocab_size=self.hf_config.vocab_size,
+                                                         settings=self.logprobs))
 
     @property
     def checkpoint_root(self) -> Path:
@@ -134,25 +143,16 @@ class Trainer:
         return path
 
     def _reference_caches(self) -> tuple[Any, Any]:
-        """The precomputed reference caches (train, held-out) this run uses, or (None, None)."""
-        from rao_megatron.training.reference_cache import ReferenceCache
-
+        """The precomputed reference caches (train, held-out) this run uses, or (None, None); checked
+        against the run and for every sequence of it (:func:`preflight.open_reference_caches`)."""
         cfg = self.cfg
         if not self.spec.needs_reference or cfg.train.reference == "on_the_fly":
             return None, None
-        train_path = run_data.reference_cache_path(cfg, cfg.data.train_path)
-        if cfg.train.reference == "auto" and not train_path.exists():
-            startup.log0(f"no reference cache at {train_path}: computing reference log-probs on the fly")
-            return None, None
-        train = ReferenceCache(train_path, run_data.reference_fingerprints(cfg, self.tokenizer, cfg.data.train_path))
-        if not cfg.data.eval_path:
-            return train, train
-        heldout_path = run_data.reference_cache_path(cfg, cfg.data.eval_path, heldout=True)
-        return train, ReferenceCache(heldout_path,
-                                     run_data.reference_fingerprints(cfg, self.tokenizer, cfg.data.eval_path))
+        return preflight.open_reference_caches(cfg, self.tokenizer, self.hf_config, self.groups)
 
     def _build_batchers(self) -> None:
         from rao_megatron.data import GroupBatcher
+        from rao_megatron.data.packing import GroupTooLargeError
 
         cfg, g = self.cfg, self.groups
         ref_train, ref_heldout = self._reference_caches()
@@ -160,14 +160,17 @@ class Trainer:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         common = dict(seq_length=cfg.data.max_length, pad_id=pad, groups_per_micro_batch=cfg.data.groups_per_micro_batch,
-                      dp_rank=dp_rank, dp_size=dp, responses_per_group=k, seed=cfg.data.seed)
+                      dp_rank=dp_rank, dp_size=dp, responses_per_group=k, seed=cfg.data.seed,
+                      **run_data.packing_settings(cfg))
         try:
             self.train_batcher = GroupBatcher(g.train, global_batch_groups=cfg.train.global_batch_groups,
                                               reference=ref_train, **common)
+            self.eval_batcher = (GroupBatcher(g.heldout, global_batch_groups=dp * cfg.data.groups_per_micro_batch,
+                                              reference=ref_heldout, **common) if g.heldout else None)
+        except GroupTooLargeError as e:
+            raise ConfigError(f"{cfg.data.eval_path or cfg.data.train_path}: {e}") from None
         except ValueError as e:
             raise ConfigError(f"config keys 'train.global_batch_groups' / 'data.groups_per_micro_batch': {e}") from None
-        self.eval_batcher = (GroupBatcher(g.heldout, global_batch_groups=dp * cfg.data.groups_per_micro_batch,
-                                          reference=ref_heldout, **common) if g.heldout else None)
 
     def _loss_step(self, normalizer: float) -> Any:
         if self.cfg.train.task == "rm":
@@ -192,7 +195,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()
         host = self.train_batcher.next_step()
         normalizer = global_normalizer(self.loss, host)  # from the host copies: no device sync
-        tokens = count_tokens(host)
+        tokens, slots = count_tokens(host)
         microbatches = to_device(host)
         self._prepare(microbatches)
         for c in self.chunks:
@@ -200,6 +203,7 @@ class Trainer:
         self.optimizer.zero_grad()
         outputs = forward_backward(self.chunks, self._loss_step(normalizer), microbatches)
         loss = step_loss(outputs)
+        moe = moe_aux_metrics(self.chunks, len(microbatches))  # MoE: the router load-balancing term, reported apart
         self.step += 1
         if self.step in fault_steps():
             loss = float("nan")
@@ -223,11 +227,12 @@ class Trainer:
                                      "train.max_bad_steps")
         elapsed = time.perf_counter() - start
         record.update(lr=self.optimizer.param_groups[0]["lr"], tokens_per_s=tokens / elapsed,
-                      step_time_s=elapsed, skipped_steps=self.skipped_steps)
+                      step_time_s=elapsed, skipped_steps=self.skipped_steps, packing_efficiency=tokens / slots)
         if cuda:
             record["gpu_max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if finite:
             record.update(step_metrics(outputs))
+            record.update(moe)
         return record
 
     @torch.no_grad()
@@ -266,6 +271,9 @@ class Trainer:
             startup.log0(self.groups.report.summary())
             if self.groups.heldout_report is not None:
                 startup.log0(self.groups.heldout_report.summary())
+            b = self.train_batcher
+            startup.log0(layout_summary([[len(g.prompt_ids) + len(y) for y in g.responses] for g in b.groups],
+                                        seq_length=b.seq_length, rows=b.packed_rows, packing=b.packing))
             startup.log0(f"{len(self.groups.train)} training groups, {len(self.groups.heldout)} held out; "
                        f"reference log-probs: {self._reference_mode()}")
         writer = MetricsWriter(self.output_dir, enabled=rank0, resume=self.resumed_from is not None)

@@ -10,7 +10,7 @@ import torch
 from rao_megatron.config import Config, ConfigError
 from rao_megatron.parallel.startup import log0
 
-PRESET_FAMILIES = {"tiny-llama": "llama", "tiny-qwen2": "qwen2"}
+PRESET_FAMILIES = {"tiny-llama": "llama", "tiny-qwen2": "qwen2", "tiny-qwen3": "qwen3", "tiny-qwen3-moe": "qwen3_moe"}
 
 
 def model_dir(cfg: Config) -> str | None:
@@ -40,6 +40,37 @@ def resolve_hf_config(cfg: Config, tokenizer: Any) -> Any:
     family = PRESET_FAMILIES[cfg.model.preset]
     return tiny_hf_config(family, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def check_model_layout(cfg: Config, hf_config: Any, task: str = "policy") -> None:
+    """The parallel layout against the model, before anything is built: experts divisible by
+    ``parallel.ep``, the expert width by ``parallel.etp``, MoE training with TP > 1 only with sequence
+    parallelism (Megatron's MoE layer refuses it otherwise, at the first training step; forward-only
+    passes, ``task`` reference, run)."""
+    from rao_megatron.models.hf_config import check_expert_layout, hf_config_to_dict, moe_spec
+
+    p = cfg.parallel
+    hf = hf_config_to_dict(hf_config)
+    try:
+        check_expert_layout(hf, tp=p.tp, ep=p.ep, etp=p.etp)
+        moe = moe_spec(hf)
+    except ValueError as e:
+        raise ConfigError(f"config key '{'parallel.ep' if p.ep > 1 else 'parallel.etp'}': {e}") from None
+    if moe is not None and p.tp > 1 and not p.sequence_parallel and task != "reference":
+        raise ConfigError("config key 'parallel.tp': Megatron trains MoE layers at tp > 1 only with "
+                          "parallel.sequence_parallel=true (Transformer Engine, CUDA); on CPU use tp=1 with "
+                          "parallel.ep / parallel.etp / parallel.pp")
+
+
+def moe_aux_loss_coeff(cfg: Config, hf_config: Any) -> float | None:
+    """The router load-balancing coefficient of this run (None for a dense model): ``model.moe_aux_loss_coeff``
+    or the HF config's ``router_aux_loss_coef``."""
+    from rao_megatron.models.hf_config import hf_config_to_dict, moe_spec
+
+    moe = moe_spec(hf_config_to_dict(hf_config))
+    if moe is None:
+        return None
+    return moe.router_aux_loss_coef if cfg.model.moe_aux_loss_coeff is None else cfg.model.moe_aux_loss_coeff
 
 
 def params_dtype(cfg: Config) -> torch.dtype:
@@ -90,8 +121,10 @@ def init_skip_prefixes(init_checkpoint: str, task: str) -> tuple[str, ...]:
 def build_initial_model(cfg: Config, hf_config: Any, task: str) -> list[torch.nn.Module]:
     """This rank's model chunks for ``task``, initialised from ``model.init_checkpoint`` or at random."""
     from rao_megatron.models.checkpoint import load_model_checkpoint
+    from rao_megatron.models.provider import set_moe_aux_loss_coeff
     from rao_megatron.training.engine import build_model_chunks
 
+    check_model_layout(cfg, hf_config, task)
     chunks = build_model_chunks(hf_config, task=task, params_dtype=params_dtype(cfg),
                                 sequence_parallel=cfg.parallel.sequence_parallel,
                                 distributed_optimizer=cfg.parallel.distributed_optimizer)
@@ -100,4 +133,7 @@ def build_initial_model(cfg: Config, hf_config: Any, task: str) -> list[torch.nn
                               skip_prefixes=init_skip_prefixes(cfg.model.init_checkpoint, task))
     else:
         init_random_weights(chunks, hf_config, cfg.train.seed)
+    coeff = moe_aux_loss_coeff(cfg, hf_config)
+    if coeff is not None:
+        set_moe_aux_loss_coeff(chunks, coeff)
     return chunks

@@ -80,10 +80,15 @@ def global_normalizer(loss: Any, microbatches: Sequence[dict[str, torch.Tensor]]
     return total
 
 
-def count_tokens(microbatches: Sequence[dict[str, torch.Tensor]]) -> int:
-    """Real tokens of this step over all DP ranks (host-side batches: no device sync)."""
-    local = sum(int(mb["seq_lengths"][mb["group_ids"] != PAD_GROUP].sum()) for mb in microbatches)
-    return int(sum_over_data([local])[0])
+def count_tokens(microbatches: Sequence[dict[str, torch.Tensor]]) -> tuple[int, int]:
+    """``(real tokens, token slots)`` of this step over all DP ranks (host-side batches: no device sync).
+
+    Their ratio is ``packing_efficiency``: the share of the micro-batches' ``rows x seq_length`` that holds data.
+    """
+    real = sum(int(mb["seq_lengths"][mb["group_ids"] != PAD_GROUP].sum()) for mb in microbatches)
+    slots = sum(int(mb["tokens"].numel()) for mb in microbatches)
+    total_real, total_slots = sum_over_data([real, slots])
+    return int(total_real), int(total_slots)
 
 
 def step_loss(outputs: list[dict[str, Any]]) -> float:
@@ -108,3 +113,52 @@ def step_metrics(outputs: list[dict[str, Any]]) -> dict[str, float]:
     metrics = dict(from_last_stage(merged))
     metrics.pop("loss", None)  # the step loss is the normalised global sum, reported separately
     return metrics
+
+
+def _moe_tracker_entry(name: str) -> tuple[torch.Tensor | None, Any]:
+    """(per-layer values, reduce group) of one of Megatron's MoE metrics, or (None, None).
+
+    Megatron-Core 0.19 keeps them in ``moe_logging.get_moe_metrics_tracker()``; 0.16 in the dict of
+    ``moe_utils.get_moe_layer_wise_logging_tracker()`` (deprecated, and a view of the former, in 0.19).
+    """
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        entry = get_moe_layer_wise_logging_tracker().get(name)
+        return (entry["values"], entry.get("reduce_group")) if entry else (None, None)
+    entry = get_moe_metrics_tracker().metrics.get(name)
+    return (entry.values, entry.reduce_group) if entry is not None else (None, None)
+
+
+def moe_aux_metrics(chunks: Sequence[torch.nn.Module], num_microbatches: int) -> dict[str, float]:
+    """The router load-balancing loss of the step just run (MoE models), on every rank; resets Megatron's tracker.
+
+    Every MoE router adds ``coeff × L_l`` per micro-batch to what its gradients see (Megatron's
+    ``MoEAuxLossAutoScaler``, scaled by 1/M per micro-batch and averaged over DP like the main loss), with
+    ``L_l = E · Σ_i f_i · P_i`` (f: share of routed tokens, P: mean router probability per expert; 1.0
+    when perfectly balanced). Reported: ``moe/load_balancing_loss``, the mean of ``L_l`` over MoE layers,
+    micro-batches and DP ranks, and ``moe/aux_loss``, the term added to the preference loss:
+    ``coeff × Σ_layers`` of the per-micro-batch mean. Empty for dense models or with coefficient 0.
+    """
+    from rao_megatron.models.provider import as_chunks
+
+    config = as_chunks(list(chunks))[0].config
+    coeff = getattr(config, "moe_aux_loss_coeff", 0.0) or 0.0
+    if not getattr(config, "num_moe_experts", None) or coeff <= 0:
+        return {}
+    values, reduce_group = _moe_tracker_entry("load_balancing_loss")
+    local = values.detach().clone() if values is not None else torch.zeros(config.num_layers, device=compute_device())
+    if values is not None:
+        values.zero_()  # the next step starts from 0 (Megatron's own trainer clears it the same way)
+    if ps.get_pipeline_model_parallel_world_size() > 1:  # each stage holds its own layers' entries
+        dist.all_reduce(local, group=ps.get_pipeline_model_parallel_group())
+    if reduce_group is not None and dist.get_world_size(reduce_group) > 1:
+        dist.all_reduce(local, group=reduce_group)  # sequence parallelism: partial sums over the TP group
+    dp = ps.get_data_parallel_world_size()
+    if dp > 1:  # gloo has no AVG: sum, then divide
+        dist.all_reduce(local, group=ps.get_data_parallel_group())
+        local /= dp
+    per_layer_sum = float(local.sum()) / num_microbatches  # Σ_layers L_l, mean over micro-batches
+    return {"moe/load_balancing_loss": per_layer_sum / config.num_layers, "moe/aux_loss": coeff * per_layer_sum}

@@ -27,15 +27,18 @@ def tiny_model(tied: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
     return cfg, sd
 
 
-def synthetic_groups(num_groups: int, k: int, seed: int = 0) -> list[dict[str, Any]]:
-    """Groups of K responses with random tokens, distinct rewards and reference log-probs."""
+def synthetic_groups(num_groups: int, k: int, seed: int = 0, max_response: int | None = None) -> list[dict[str, Any]]:
+    """Groups of K responses with random tokens, distinct rewards and reference log-probs (responses of at
+    most ``max_response`` tokens: short ones pack several to a row)."""
     rng = random.Random(seed)
     groups = []
     for g in range(num_groups):
         prompt = [T0] + [rng.randrange(3, VOCAB) for _ in range(rng.randrange(2, 6))]
         responses, rewards = [], rng.sample(range(100), k)
         for _ in range(k):
-            responses.append([rng.randrange(3, VOCAB) for _ in range(rng.randrange(2, SEQ - len(prompt)))])
+            longest = SEQ - len(prompt) if max_response is None else min(max_response + 1, SEQ - len(prompt))
+            responses.append([rng.randrange(3, VOCAB) for _ in range(rng.randrange(1 if max_response else 2,
+                                                                                   longest))])
         groups.append({"id": g, "prompt": prompt, "responses": responses,
                        "rewards": [r / 10 for r in rewards],
                        "ref_logps": [-rng.uniform(10, 40) for _ in range(k)],
@@ -43,29 +46,44 @@ def synthetic_groups(num_groups: int, k: int, seed: int = 0) -> list[dict[str, A
     return groups
 
 
-def microbatches(groups: list[dict[str, Any]], groups_per_mb: int) -> list[dict[str, torch.Tensor]]:
-    """Pack whole groups into fixed-shape micro-batches."""
-    from rao_megatron.data import collate_sequences
+def microbatches(groups: list[dict[str, Any]], groups_per_mb: int, packed: bool = False,
+                 rows: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Whole groups in fixed-shape micro-batches: one sequence per row (padded), or packed into ``rows`` rows
+    (default: one more row than the largest chunk's tokens need, so most rows hold several sequences)."""
+    from rao_megatron.data import collate_sequences, sequence_key
+    from rao_megatron.data.packing import collate_packed, plan_micro_batches
 
+    chunks = [groups[i:i + groups_per_mb] for i in range(0, len(groups), groups_per_mb)]
+    tokens = [sum(len(g["prompt"]) + len(y) for g in chunk for y in g["responses"]) for chunk in chunks]
+    rows = rows or -(-max(tokens) // SEQ) + 1  # one shape for every micro-batch (pipeline parallelism)
     out = []
-    for i in range(0, len(groups), groups_per_mb):
-        chunk = groups[i:i + groups_per_mb]
-        prompts, responses, gids, rewards, ref, ref_p = [], [], [], [], [], []
-        for g in chunk:
-            for y, r, lp in zip(g["responses"], g["rewards"], g["ref_logps"]):
+    for chunk in chunks:
+        prompts, responses, gids, rewards, ref, ref_p, where = [], [], [], [], [], [], {}
+        for c, g in enumerate(chunk):
+            for j, (y, r, lp) in enumerate(zip(g["responses"], g["rewards"], g["ref_logps"])):
+                where[c, j] = len(prompts)
                 prompts.append(g["prompt"])
                 responses.append(y)
                 gids.append(g["id"])
                 rewards.append(r)
                 ref.append(lp)
                 ref_p.append(g["ref_prompt_logps"])
-        out.append(collate_sequences(prompts, responses, seq_length=SEQ, pad_id=0, group_ids=gids,
-                                     rewards=rewards, ref_logps=ref, ref_prompt_logps=ref_p))
+        columns = dict(rewards=rewards, ref_logps=ref, ref_prompt_logps=ref_p,
+                       seq_keys=[sequence_key(x, y) for x, y in zip(prompts, responses)])
+        if not packed:
+            out.append(collate_sequences(prompts, responses, seq_length=SEQ, pad_id=0, group_ids=gids, **columns))
+            continue
+        lengths = [[len(g["prompt"]) + len(y) for y in g["responses"]] for g in chunk]
+        for plan in plan_micro_batches(lengths, rows=rows, seq_length=SEQ):
+            placement = [[where[c, j] for c, j in row] for row in plan]
+            out.append(collate_packed(prompts, responses, placement=placement, seq_length=SEQ, pad_id=0,
+                                      group_ids=gids, **columns))
     return out
 
 
 def run_step(tp: int, pp: int, loss: str, hparams: dict, groups_per_mb: int, hf_cfg: Any,
-             hf_sd: dict[str, torch.Tensor], groups: list[dict[str, Any]], out_path: str) -> None:
+             hf_sd: dict[str, torch.Tensor], groups: list[dict[str, Any]], out_path: str,
+             packed: bool = False) -> None:
     """Worker: one forward/backward at (tp, pp, dp = world / tp / pp); rank 0 saves loss and grads."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -82,7 +100,7 @@ def run_step(tp: int, pp: int, loss: str, hparams: dict, groups_per_mb: int, hf_
     task = "rm" if loss == "bt" else "policy"
     chunks = build_model_chunks(hf_cfg, task=task)
     load_hf_state_dict_into_megatron(chunks, hf_sd, hf_cfg)
-    mbs = microbatches(groups, groups_per_mb)
+    mbs = microbatches(groups, groups_per_mb, packed=packed)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = mbs[dp_rank::dp]
     bound = get_loss(loss).bind(hparams)
@@ -106,7 +124,7 @@ def run_step(tp: int, pp: int, loss: str, hparams: dict, groups_per_mb: int, hf_
 
 
 def run_logps(tp: int, pp: int, hf_cfg: Any, hf_sd: dict[str, torch.Tensor], groups: list[dict[str, Any]],
-              out_path: str) -> None:
+              out_path: str, packed: bool = False) -> None:
     """Worker: forward-only per-sequence sums, checked against the training forward's, saved by the last stage."""
     from megatron.core import parallel_state as ps
 
@@ -119,7 +137,7 @@ def run_logps(tp: int, pp: int, hf_cfg: Any, hf_sd: dict[str, torch.Tensor], gro
     initialize_model_parallel(tp=tp, pp=pp)
     chunks = build_model_chunks(hf_cfg, task="policy")
     load_hf_state_dict_into_megatron(chunks, hf_sd, hf_cfg)
-    mbs = microbatches(groups, 2)
+    mbs = microbatches(groups, 2, packed=packed)
     sums = sequence_logps(chunks, mbs, vocab_size=hf_cfg.vocab_size)
     step = PolicyStep(loss=get_loss("rao").bind({}), normalizer=float(len(groups)), vocab_size=hf_cfg.vocab_size)
     outputs = forward_backward(chunks, step, mbs)
@@ -127,5 +145,5 @@ def run_logps(tp: int, pp: int, hf_cfg: Any, hf_sd: dict[str, torch.Tensor], gro
         for (_, response), out in zip(sums, outputs):
             torch.testing.assert_close(response, out["policy_logps"], rtol=0, atol=1e-5)
         if ps.get_data_parallel_rank() == 0:
-            torch.save({"prompt": torch.cat([p for p, _ in sums]), "response": torch.cat([r for _, r in sums])},
-                       out_path)
+            torch.save({"prompt": torch.cat([p for p, _ in sums]), "response": torch.cat([r for _, r in sums]),
+                        "keys": torch.cat([mb["seq_keys"] for mb in mbs])}, out_path)

@@ -12,7 +12,7 @@ from .engine_cases import run_step, synthetic_groups, tiny_model
 pytestmark = pytest.mark.distributed
 
 LOSSES = {"rao": {"beta": 0.1, "log_z0": 1.0}, "dpo": {"beta": 0.1}, "simpo": {"beta": 2.0, "gamma": 0.5},
-          "bt": {"margin": 0.1}}
+          "bt": {"margin": 0.1}, "sft": {}}
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +20,11 @@ def model():
     return tiny_model(tied=True)
 
 
-def _run(tmp_path, name, tp, pp, dp, loss, groups, model, groups_per_mb=2):
+def _run(tmp_path, name, tp, pp, dp, loss, groups, model, groups_per_mb=2, packed=False):
     cfg, sd = model
-    out = tmp_path / f"{name}-{loss}.pt"
-    run_distributed(run_step, tp * pp * dp, tp, pp, loss, LOSSES[loss], groups_per_mb, cfg, sd, groups, str(out))
+    out = tmp_path / f"{name}-{loss}-{'packed' if packed else 'padded'}.pt"
+    run_distributed(run_step, tp * pp * dp, tp, pp, loss, LOSSES[loss], groups_per_mb, cfg, sd, groups, str(out),
+                    packed)
     return torch.load(out, weights_only=True)
 
 
@@ -40,7 +41,7 @@ def _assert_same(a, b, what):
                                    msg=lambda m, key=key: f"{what}: gradient of {key}: {m}")
 
 
-@pytest.mark.parametrize("loss", sorted(LOSSES))
+@pytest.mark.parametrize("loss", sorted(set(LOSSES) - {"sft"}))
 def test_layouts_match_tp1_pp1(tmp_path, model, loss):
     groups = synthetic_groups(4, 2, seed=1)
     ref = _run(tmp_path, "tp1", 1, 1, 1, loss, groups, model)

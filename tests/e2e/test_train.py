@@ -177,3 +177,37 @@ def test_overlength_rows_are_counted(tmp_path):
 def test_bad_config_is_one_line_error(tmp_path):
     err = _fail(tmp_path, "loss.beta=-1")
     assert "config key 'loss.beta'" in err and err.count("\n") <= 1
+
+
+def test_a_group_that_cannot_fit_one_packed_micro_batch_is_named(tmp_path):
+    # one row of 64 tokens per micro-batch cannot hold a group of 4 responses: refused up front, naming the row
+    err = _fail(tmp_path, "data.micro_batch_tokens=64")
+    line = err.strip().splitlines()[-1]
+    assert "examples/data/tiny_groups.jsonl: row " in line and "do not fit one micro-batch of 1 rows x 64" in line, err
+    assert "data.micro_batch_tokens" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_packed_and_padded_runs_train_the_same(tmp_path):
+    # the whole pipeline (tokenizer, batcher, cache lookups, reductions) packed vs padded: same loss curve
+    packed = losses(train(tmp_path, "packed", "train.steps=4", "train.reference=on_the_fly"))
+    padded = losses(train(tmp_path, "padded", "train.steps=4", "train.reference=on_the_fly", "data.packing=false"))
+    assert_same_losses(packed, padded, "packed vs padded")
+
+
+def test_data_is_tokenized_once_into_a_shared_store(tmp_path):
+    # DP2: rank 0 builds the store, both ranks train from the memory-mapped arrays; a rerun reuses it and
+    # changed data gets a store of its own
+    data = tmp_path / "data.jsonl"
+    data.write_text(Path(DATA).read_text())
+    first = losses(train(tmp_path, "a", "train.steps=2", world=2, data=str(data)))
+    stores = sorted((tmp_path / "data.jsonl.tokens").iterdir())
+    assert len(stores) == 1 and (stores[0] / "tokens.npy").is_file()
+    stamp = (stores[0] / "tokens.npy").stat().st_mtime_ns
+    again = losses(train(tmp_path, "b", "train.steps=2", world=2, data=str(data)))
+    assert again == first and (stores[0] / "tokens.npy").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    unstored = losses(train(tmp_path, "c", "train.steps=2", "data.token_store=false", world=2, data=str(data)))
+    assert unstored == first
+    data.write_text("".join(Path(DATA).read_text().splitlines(keepends=True)[:40]))
+    train(tmp_path, "d", "train.steps=2", world=2, data=str(data))
+    assert len(list((tmp_path / "data.jsonl.tokens").iterdir())) == 2

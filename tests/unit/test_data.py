@@ -381,3 +381,174 @@ def test_split_heldout_is_deterministic_and_disjoint(tok):
     assert sorted(g.group_id for g in train + held) == list(range(20))
     assert [g.group_id for g in split_heldout(groups, 0.25, seed=4)[1]] != [g.group_id for g in held]
     assert split_heldout(groups, 0.0, seed=3) == (groups, [])
+
+
+def test_packed_batches_keep_each_groups_response_order():
+    # pairs without rewards mean "chosen first": packing places longest-first, but the per-sequence tensors
+    # must stay in data order, or a short chosen answer would be scored as the rejected one
+    from rao_megatron.data import GroupBatcher, TokenizedGroup
+
+    groups = [TokenizedGroup(group_id=g, prompt_ids=[1, 5], responses=[[7] * (2 + g), [8] * (9 + g)], rewards=None,
+                             is_reference=None, row=g) for g in range(4)]
+    padded = GroupBatcher(groups, seq_length=16, pad_id=0, groups_per_micro_batch=2, global_batch_groups=4)
+    packed = GroupBatcher(groups, seq_length=16, pad_id=0, groups_per_micro_batch=2, global_batch_groups=4,
+                          packing=True, packed_rows=3)
+    a, b = padded.next_step(), packed.next_step()
+    def by_group(mbs: list) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for mb in mbs:
+            for k, g in zip(mb["seq_keys"].tolist(), mb["group_ids"].tolist()):
+                if g >= 0:
+                    out.setdefault(g, []).append(k)
+        return out
+
+    assert by_group(b) == by_group(a)  # the same groups, each whole and in its own order: chosen first
+    assert all(mb["tokens"].shape == (3, 16) for mb in b) and len(b) < len(a) * 2
+    for mb in b:  # the rows really hold several sequences, placed longest first
+        assert (mb["segment_ids"] >= 0).sum() == mb["seq_lengths"].sum()
+
+
+# ---------------------------------------------------------------- TRL formats, roles, rewards, encodings
+
+def _jsonl(tmp_path, rows, name="d.jsonl") -> Path:
+    p = tmp_path / name
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+USER = {"role": "user", "content": "What color is the sky?"}
+SYSTEM = {"role": "system", "content": "Be brief."}
+
+
+def _assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+@pytest.mark.parametrize("row, prompt", [
+    # standard, explicit prompt
+    ({"prompt": "What color is the sky?", "chosen": "Blue.", "rejected": "Green."}, [USER]),
+    # standard, implicit prompt: the shared leading text (TRL's extract_prompt; the space goes to the answers)
+    ({"chosen": "The sky is blue.", "rejected": "The sky is green."}, [{"role": "user", "content": "The sky is"}]),
+    # conversational, explicit prompt (the form that was refused)
+    ({"prompt": [USER], "chosen": [_assistant("Blue.")], "rejected": [_assistant("Green.")]}, [USER]),
+    # conversational, implicit prompt, with a system turn
+    ({"chosen": [SYSTEM, USER, _assistant("Blue.")], "rejected": [SYSTEM, USER, _assistant("Green.")]},
+     [SYSTEM, USER]),
+    # multi-turn explicit prompt
+    ({"prompt": [SYSTEM, USER, _assistant("Which sky?"), {"role": "user", "content": "Ours."}],
+      "chosen": [_assistant("Blue.")], "rejected": [_assistant("Green.")]},
+     [SYSTEM, USER, _assistant("Which sky?"), {"role": "user", "content": "Ours."}]),
+    # ultrafeedback_binarized: a string prompt and whole conversations that agree with it
+    ({"prompt": "What color is the sky?", "chosen": [USER, _assistant("Blue.")],
+      "rejected": [USER, _assistant("Green.")], "score_chosen": 8.0, "score_rejected": 2.0}, [USER]),
+])
+def test_every_trl_preference_form_loads(tmp_path, tok, row, prompt):
+    (ex,) = read_examples(_jsonl(tmp_path, [row]))
+    assert ex.kind == "pair" and ex.prompt == prompt
+    assert [y.strip() for y in ex.responses] in (["Blue.", "Green."], ["blue.", "green."])
+    groups, report = tokenize_examples([ex], tok, max_length=256, min_responses=2)
+    assert report.groups_kept == 1 and len(groups[0].responses) == 2  # our rules apply: t0, length, counts
+
+
+@pytest.mark.parametrize("row, field, message", [
+    ({"prompt": "What is 2+2?", "chosen": [USER, _assistant("Blue.")], "rejected": [USER, _assistant("Green.")]},
+     "chosen", "differs from 'prompt'"),
+    ({"chosen": [USER, _assistant("Blue.")], "rejected": [{"role": "user", "content": "Other"}, _assistant("No.")]},
+     "rejected", "differs from 'chosen'"),
+    ({"chosen": [_assistant("Blue.")], "rejected": [_assistant("Green.")]}, "prompt", "explicit 'prompt'"),
+    ({"chosen": "Blue.", "rejected": "Green."}, "prompt", "share no leading text"),
+    ({"prompt": "q", "chosen": [_assistant("Blue."), {"role": "user", "content": "more?"}],
+      "rejected": [_assistant("Green.")]}, "chosen", "goes on after its last assistant turn"),
+    ({"prompt": [USER], "chosen": [{"role": "wizard", "content": "Blue."}], "rejected": [_assistant("Green.")]},
+     "chosen[0].role", "'wizard' is not one the chat template accepts"),
+])
+def test_trl_rows_that_disagree_name_the_field(tmp_path, row, field, message):
+    with pytest.raises(DataError) as info:
+        read_examples(_jsonl(tmp_path, [row]))
+    assert info.value.field == field and message in str(info.value), str(info.value)
+
+
+def test_unpaired_rows_become_groups_with_rewards_one_and_zero(tmp_path, tok):
+    rows = [{"prompt": "The sky is", "completion": " blue.", "label": True},
+            {"prompt": [{"role": "user", "content": "Two plus two?"}], "completion": [_assistant("Four.")],
+             "label": True},
+            {"prompt": "The sky is", "completion": " green.", "label": False},
+            {"prompt": "The sky is", "completion": " clear.", "label": True},
+            {"prompt": "Two plus two?", "completion": "Five.", "label": True}]
+    ex = read_examples(_jsonl(tmp_path, rows))
+    assert [(e.where, e.responses, e.rewards) for e in ex] == [
+        ("line 1", [" blue.", " green.", " clear."], [1.0, 0.0, 1.0]),
+        ("line 2", ["Four.", "Five."], [1.0, 1.0])]  # one prompt, one label: rewards all equal
+    # pointwise (RAO) keeps the one-label prompt; pairwise losses drop it and count it
+    assert tokenize_examples(ex, tok, max_length=256)[1].groups_kept == 2
+    _, report = tokenize_examples(ex, tok, max_length=256, min_responses=2, drop_tied=True)
+    assert report.groups_kept == 1 and report.dropped["group_tied_rewards"] == 1
+    with pytest.raises(DataError, match=r"line 1: field 'label': expected true or false"):
+        read_examples(_jsonl(tmp_path, [{"prompt": "p", "completion": "c", "label": "yes"}], "bad.jsonl"))
+
+
+def test_prompt_completion_is_sft_and_prompt_only_rows_say_where_they_go(tmp_path):
+    (ex,) = read_examples(_jsonl(tmp_path, [{"prompt": [USER], "completion": [_assistant("Blue.")]}]))
+    assert ex.kind == "sft" and ex.prompt == [USER] and ex.responses == ["Blue."]
+    with pytest.raises(DataError, match=r"line 1: prompt-only rows .*rao_megatron.cli.generate"):
+        read_examples(_jsonl(tmp_path, [{"prompt": "The sky is"}], "p.jsonl"))
+
+
+def test_roles_are_the_chat_templates(tmp_path, tok):
+    from rao_megatron.data.tokenizer import template_roles
+
+    assert template_roles(tok) == {"system", "user", "assistant"}  # ChatML pastes any role: the standard three
+    d = tmp_path / "tok_tool"
+    build_tiny_tokenizer(d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ 'T: ' + m['content'] }}"
+                            "{% elif m['role'] == 'system' %}{{ raise_exception('no system turns') }}{% else %}"
+                            "{{ m['role'] + ': ' + m['content'] }}{% endif %}{% endfor %}")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tool_tok = load_tokenizer(d)
+    assert template_roles(tool_tok) == {"user", "assistant", "tool"}  # named: tool; raises on system
+    row = {"messages": [SYSTEM, USER, _assistant("Blue.")]}
+    with pytest.raises(DataError, match=r"field 'messages\[0\]\.role': role 'system' is not one the chat template"):
+        read_examples(_jsonl(tmp_path, [row]), roles=template_roles(tool_tok))
+    # a template refusing a prompt it was given anyway names the row instead of a jinja traceback
+    (ex,) = read_examples(_jsonl(tmp_path, [row], "ok.jsonl"))
+    with pytest.raises(DataError, match=r"ok\.jsonl: line 1: field 'prompt': the chat template refuses it"):
+        tokenize_examples([ex], tool_tok, max_length=64, source=str(tmp_path / "ok.jsonl"))
+
+
+@pytest.mark.parametrize("value, message", [
+    ("1" + "0" * 400, "integer of about 401 digits"),
+    ("1e300", "|reward| must be at most 1e+06, got 1e+300"),
+    ("-2e6", "|reward| must be at most 1e+06, got -2e+06"),
+    ("1e999", "expected a finite number, got inf"),
+])
+def test_rewards_are_finite_and_bounded(tmp_path, value, message):
+    p = tmp_path / "r.jsonl"
+    p.write_text('{"prompt": "p", "responses": ["a", "b"], "rewards": [0.5, 1]}\n'
+                 f'{{"prompt": "p", "responses": ["a", "b"], "rewards": [0.5, {value}]}}\n')
+    with pytest.raises(DataError) as info:
+        read_examples(p)
+    assert info.value.where == "line 2" and info.value.field == "rewards[1]" and message in str(info.value)
+    ok = _jsonl(tmp_path, [{"prompt": "p", "responses": ["a"], "rewards": [-1e6]}], "ok.jsonl")
+    assert read_examples(ok)[0].rewards == [-1e6]  # the bound itself is accepted
+
+
+@pytest.mark.parametrize("content, where, message", [
+    (b'{"prompt": "p", "responses": ["a"]}\n\xff\xfebinary\n', "line 2", "not UTF-8 text (byte 0xff"),
+    ('{"prompt": "p", "responses": ["a"]}\n'.encode("utf-16"), None, "UTF-16 text"),
+    ('{"prompt": "p", "responses": ["a"]}\n'.encode("utf-16-le"), "line 1", "NUL byte"),
+    (b'{"prompt": "p", "responses": ["a"]}\n' + b"[" * 200_000 + b"\n", "line 2", "nested too deeply"),
+    (b'{"prompt": "p", "responses": ["a"], "rewards": [' + b"9" * 5000 + b"]}\n", "line 1", "invalid JSON"),
+])
+def test_unreadable_files_name_the_file_and_line(tmp_path, content, where, message):
+    p = tmp_path / "enc.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        read_examples(p)
+    assert info.value.where == where and message in str(info.value) and str(p) in str(info.value)
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"prompt": "p", "responses": ["a"]}\n')
+    assert read_examples(p)[0].responses == ["a"]

@@ -95,9 +95,14 @@ def test_unscorable_samples_count_as_wrong_and_bad_rows_name_their_field(tmp_pat
     no_gold = write_jsonl([MATH[0], {"id": 5, "prompt": "q", "responses": ["1"]}], tmp_path / "no_gold.jsonl")
     code, _, err = eval_cli("--answers", str(no_gold), "--reward-fn", answers.DEFAULT_REWARD_FN)
     assert code == 2 and err.startswith(f"error: {no_gold}: line 2: field 'answer': reward function"), err
-    # without --reward-fn, a file whose rows lack `answer` has no accuracy (and no error)
-    r = answers.evaluate_answers([no_gold])["results"][0]
-    assert r["accuracy"] is None and r["reward_fn"] is None and r["mean_chars"] == pytest.approx(12 / 3)
+    # without --reward-fn, rows that lack `answer` beside rows that carry one are named: never a silent n/a
+    code, _, err = eval_cli("--answers", str(no_gold))
+    assert code == 2 and f"{no_gold}: line 2: field 'answer': missing in 1 of 2 rows (line 2)" in err, err
+    # no row carries one: no accuracy (and no error), with a note saying why
+    none = write_jsonl([{"id": 5, "prompt": "q", "responses": ["1", "22"]}], tmp_path / "none.jsonl")
+    r = answers.evaluate_answers([none])["results"][0]
+    assert r["accuracy"] is None and r["reward_fn"] is None and r["mean_chars"] == pytest.approx(3 / 2)
+    assert "no row of" in r["note"] and "'answer'" in r["note"]
     bad = write_jsonl([{"id": 1, "prompt": "q", "responses": "one"}], tmp_path / "bad.jsonl")
     code, _, err = eval_cli("--answers", str(bad))
     assert code == 2 and f"{bad}: line 1: field 'responses'" in err

@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "gpu_check.py"
-EXPECTED_CHECKS = ["pytest", "models", "smollm2", "train", "preemption", "kernels", "vllm", "multi_gpu"]
+EXPECTED_CHECKS = ["pytest", "models", "smollm2", "train", "preemption", "kernels", "vllm", "multi_gpu", "moe"]
 NO_GPU = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"}
 
 
@@ -104,6 +104,7 @@ def test_every_run_the_checks_start_has_a_valid_config(gc, tmp_path):
     runs = [args for _, args in gc.train_runs(tmp_path, triton=True).values()]
     runs += [gc.cached_run(tmp_path)[1], gc.preemption_args(tmp_path / "p", 12)]
     runs += [gc.parallel_args(tmp_path / n, *extra) for n, extra in gc.PARALLEL_LAYOUTS.items()]
+    runs += [gc.moe_args(tmp_path / n, 3, *extra) for n, extra in {"one": (), **gc.MOE_LAYOUTS}.items()]
     for args in runs:
         config, overrides = _config_args(args)
         cfg = load_config(config, overrides)
@@ -269,3 +270,15 @@ def test_report_json(gc, tmp_path):
     assert saved["summary"] == report["summary"] == {"PASS": 1, "FAIL": 0, "SKIP": 1, "MISSING": 0}
     assert saved["rows"][0] == {"name": "train/rao", "verdict": "PASS", "reason": "ok", "seconds": 1.5,
                                 "figures": {"gpu_max_mem_gib": 0.4}}
+
+
+def test_judge_moe_forward(gc):
+    built = {"grouped_gemm": True, "dispatcher": "MoEAlltoAllTokenDispatcher"}
+    good = {"bf16": {**built, "mean_abs_diff": 0.02}, "fp32": {**built, "mean_abs_diff": 1e-5}}
+    assert gc.judge_moe_forward(good).verdict == "PASS"
+    local = {**good, "bf16": {**good["bf16"], "grouped_gemm": False, "dispatcher": "MoEAllGatherTokenDispatcher"}}
+    row = gc.judge_moe_forward(local)
+    assert row.verdict == "FAIL" and "grouped GEMM" in row.reason and "all-to-all" in row.reason
+    broken = {"bf16": {"error": "RuntimeError: boom"}}
+    row = gc.judge_moe_forward(broken)
+    assert row.verdict == "FAIL" and "boom" in row.reason and "fp32: not reached" in row.reason

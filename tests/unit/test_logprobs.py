@@ -271,3 +271,14 @@ def test_triton_kernels_in_interpreter():
     res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
     assert " passed" in res.stdout and "skipped" not in res.stdout, res.stdout[-2000:]
+
+
+def test_bf16_matmul_without_fp32_output_warns_on_cpu():
+    # CPU has no bf16 matmul with an fp32 result: the product is rounded to bf16 first, and says so
+    from rao_megatron.logprobs.matmul import mm_f32
+
+    a, b = torch.randn(4, 8).bfloat16(), torch.randn(8, 3).bfloat16()
+    with pytest.warns(UserWarning, match="rounded to bf16"):
+        out = mm_f32(a, b)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, (a.float() @ b.float()), rtol=2e-2, atol=2e-2)

@@ -58,11 +58,29 @@ def test_rao_two_groups_scale_shift_and_displacement():
               lengths=[1, 1, 1, 1], rewards=[1.0, 2.0, 0.0, 1.0], group_ids=[0, 1, 1, 1])
     loss, m = get_loss("rao")(s, beta=1.0, log_z0=2.0, reward_scale=2.0, reward_shift=-1.0)
     assert loss.item() == pytest.approx(3.0)
-    assert m["displacement"] == pytest.approx(0.5)
+    # A has one response: no best or worst there; it is a tied group (share 1/2, its Δ_R = 0.5)
+    assert m["tied_share"] == pytest.approx(0.5) and m["tied/delta_r"] == pytest.approx(0.5)
+    assert m["displacement"] == pytest.approx(1.0)  # B's best (r' = 3) has Δ_R = -0.5 < 0
     # pairs in B by r': (0.5 vs 1: wrong), (0.5 vs 2: wrong), (2 vs 1: right) -> 1/3
     assert m["ranking_accuracy"] == pytest.approx(1 / 3)
-    assert m["rewards/best"] == pytest.approx((2.5 + 0.5) / 2)
-    assert m["rewards/worst"] == pytest.approx((2.5 + 1.0) / 2)
+    assert m["rewards/best"] == pytest.approx(0.5)  # B's best: r̂ = 0.5
+    assert m["rewards/worst"] == pytest.approx(1.0)  # B's worst (r' = -1): r̂ = 1
+
+
+def test_rao_all_tied_group_is_not_counted_as_displaced():
+    # an all-wrong group (rewards 0, 0) with both answers less likely than under the reference: before,
+    # its first answer counted as the "best" one and as displaced; now only the tied counts see it
+    s = stats(policy_logps=[-3.0, -4.0, -1.0, -2.0], ref_logps=[-2.0, -2.0, -2.0, -2.0],
+              policy_prompt_logps=[0.0] * 4, ref_prompt_logps=[0.0] * 4, lengths=[1] * 4,
+              rewards=[0.0, 0.0, 1.0, 0.0], group_ids=[0, 0, 1, 1])
+    _, m = get_loss("rao")(s, beta=0.1, log_z0=math.log(50))
+    assert m["displacement"] == 0.0  # group 1's best (Δ_R = +1) is not displaced; group 0 is tied
+    assert m["tied_share"] == pytest.approx(0.5) and m["tied/delta_r"] == pytest.approx((-1.0 - 2.0) / 2)
+    assert m["rewards/gap"] == pytest.approx(0.1 * (1.0 - 0.0))  # group 1 only: β·(Δ_R best − Δ_R worst)
+    _, only_tied = get_loss("rao")(stats(policy_logps=[-3.0, -4.0], ref_logps=[-2.0, -2.0],
+                                         policy_prompt_logps=[0.0] * 2, ref_prompt_logps=[0.0] * 2,
+                                         lengths=[1, 1], rewards=[0.0, 0.0], group_ids=[0, 0]))
+    assert "displacement" not in only_tied and "rewards/best" not in only_tied and only_tied["tied_share"] == 1.0
 
 
 PAIR = dict(policy_logps=[-1.0, -3.0], ref_logps=[-2.0, -2.0], lengths=[2, 4], group_ids=[0, 0])

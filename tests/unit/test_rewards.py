@@ -278,11 +278,15 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_annotate_reports_each_malformed_row(tmp_path, name, kept, row, field, reason):
     out = tmp_path / "out.jsonl"
     code, stdout, err = annotate_cli("--data", str(DATA / name), "--out", str(out), "--reward-fn", f"{THIS}:length_reward")
-    assert code == 0, err
-    assert f"{kept} kept" in stdout and "1 rejected -> " in stdout
     (bad,) = rows(Path(f"{out}.rejected.jsonl"))
     assert (bad["source"], bad["row"], bad["field"]) == (str(DATA / name), row, field)
     assert bad["reason"].startswith(reason)
+    if kept == 0:  # every row rejected: exit 2 naming the first reason, and no (empty) output
+        assert code == 2 and "all 1 rows" in err and f"{row}, field '{field}': {reason}" in err, err
+        assert not out.exists()
+        return
+    assert code == 0, err
+    assert f"{kept} kept" in stdout and "1 rejected -> " in stdout
     assert len(rows(out)) == kept
 
 

@@ -20,6 +20,8 @@ PARALLEL_CHECKS: dict[str, Any] = {
     "tp": lambda t, m: m.tensor_model_parallel_size == t.cfg.parallel.tp,
     "pp": lambda t, m: m.pipeline_model_parallel_size == t.cfg.parallel.pp,
     "vpp": lambda t, m: m.virtual_pipeline_model_parallel_size == t.cfg.parallel.vpp,
+    "ep": lambda t, m: m.expert_model_parallel_size == t.cfg.parallel.ep,
+    "etp": lambda t, m: m.expert_tensor_parallel_size == (t.cfg.parallel.etp or t.cfg.parallel.tp),
     "sequence_parallel": lambda t, m: m.sequence_parallel is t.cfg.parallel.sequence_parallel,
     "backend": lambda t, m: torch.distributed.get_backend() == t.cfg.parallel.backend,
     "device": lambda t, m: all(p.device.type == t.cfg.parallel.device for c in t.chunks for p in c.parameters()),

@@ -1,0 +1,125 @@
+"""Megatron-Core version differences, all in one place.
+
+Supported and tested in CI: megatron-core 0.16.1 (Python 3.11) through the newest 0.19.x (Python 3.12)
+(``docs/support_matrix.md``). Everything that differs between those releases and matters to this package
+is handled here, each shim with the release that needs it, so that raising the floor means deleting
+shims, not hunting for ``try/except ImportError`` through the code.
+
+What differs, and where it is handled:
+
+- **Checkpoint common state** (here, :func:`apply_compat_shims`). Since 0.19 ``dist_checkpointing.save``
+  stores the common (non-tensor) state -- optimizer param groups, content metadata -- as one
+  ``ShardedObject("common_state")`` inside the torch_dist files and writes no ``common.pt``; 0.19 still
+  reads ``common.pt`` of older checkpoints. Releases before 0.19 read ``common.pt`` only, so on those a
+  checkpoint written under 0.19 would not load. The shim teaches their loader 0.19's format.
+- **CUDA streams in DDP's grad sync** (CPU path only, in :mod:`rao_megatron.parallel.cpu`). Since 0.19
+  ``param_and_grad_buffer.start_grad_sync`` calls ``torch.cuda.current_stream()`` every step; the CPU
+  patches give the patched modules in-order stream / event stand-ins (harmless on older releases).
+
+Read but not adopted: 0.18 added ``GPTModel.forward(..., output_processor=...)``, a hook that receives
+the final hidden states and the output layer / weight. It could replace our output-layer forward swap
+(``models.provider.enable_hidden_state_output``) only once 0.16/0.17 are dropped; until then it would be
+a second code path beside the one that works on every supported release (``docs/support_matrix.md``).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+from typing import Any
+
+import megatron.core
+from packaging.version import Version
+
+_APPLIED = False
+
+
+def mcore_version(text: str | None = None) -> tuple[int, ...]:
+    """The installed megatron-core release as a tuple, e.g. ``(0, 19, 2)`` (local suffixes dropped)."""
+    return Version(megatron.core.__version__ if text is None else text).release
+
+
+def mcore_at_least(*release: int) -> bool:
+    """Whether the installed megatron-core is at least ``release``, e.g. ``mcore_at_least(0, 19)``."""
+    return mcore_version() >= tuple(release)
+
+
+# --- megatron-core < 0.19: read 0.19's common state from the torch_dist files -------------------------
+
+#: the ShardedObject key 0.19 stores the common state under (``serialization.save``)
+_COMMON_STATE_KEY = "common_state"
+_LEGACY_COMMON_FILE = "common.pt"
+
+
+def _common_state_unique_key() -> str:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(_COMMON_STATE_KEY, None, (1,), (0,)).unique_key
+
+
+def has_torch_dist_common_state(checkpoint_dir: str | os.PathLike) -> bool:
+    """Whether a torch_dist checkpoint holds its common state inside its files (megatron-core >= 0.19)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(checkpoint_dir)).read_metadata()
+    except (FileNotFoundError, OSError):
+        return False
+    return _common_state_unique_key() in metadata.state_dict_metadata
+
+
+def read_torch_dist_common_state(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+    """The common state a megatron-core >= 0.19 checkpoint stores inside its torch_dist files.
+
+    Reads what 0.19's ``dist_checkpointing.load_common_state_dict`` reads; the stored bytes are opened with
+    ``torch.load(weights_only=True)``, as older releases open ``common.pt`` (torch's ``.metadata`` file of
+    every torch_dist checkpoint is a plain pickle all the same: load only checkpoints you trust).
+    """
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class _RawBytesPlanner(DefaultLoadPlanner):
+        """Copies the stored bytes into the caller's buffer (the default planner unpickles them freely)."""
+
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            self.state_dict[read_item.dest_index.fqn].write(value.read())
+
+    key = _common_state_unique_key()
+    state: dict[str, Any] = {key: io.BytesIO()}
+    dcp_load(state, storage_reader=FileSystemReader(str(checkpoint_dir)),
+             planner=_RawBytesPlanner(flatten_state_dict=False), no_dist=True)
+    stream = state[key]
+    stream.seek(0)
+    return torch.load(stream, map_location="cpu", weights_only=True)[0]  # saved as [data]
+
+
+def _patch_common_state_loading() -> None:
+    """megatron-core < 0.19: ``TorchCommonLoadStrategy.load_common`` reads ``common.pt`` only; where a
+    checkpoint has none but holds 0.19's ``common_state`` object, read that instead."""
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+
+    original = TorchCommonLoadStrategy.load_common
+
+    @functools.wraps(original)
+    def load_common(self: Any, checkpoint_dir: Any) -> Any:
+        if (not os.path.exists(os.path.join(str(checkpoint_dir), _LEGACY_COMMON_FILE))
+                and has_torch_dist_common_state(checkpoint_dir)):
+            return read_torch_dist_common_state(checkpoint_dir)
+        return original(self, checkpoint_dir)
+
+    TorchCommonLoadStrategy.load_common = load_common
+
+
+def apply_compat_shims() -> None:
+    """Apply the shims the installed megatron-core needs (idempotent; the same on CPU and GPU).
+
+    Call before reading a dist_checkpointing checkpoint."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    if not mcore_at_least(0, 19):
+        _patch_common_state_loading()
+    _APPLIED = True

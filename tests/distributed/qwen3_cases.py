@@ -1,0 +1,170 @@
+"""Workers and fixtures for the Qwen3 / Qwen3-MoE tests: tiny HF models, one optimizer step's forward/backward
+at a layout (every loss in one launch), and the load-balancing term computed from HF's router logits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .engine_cases import VOCAB, microbatches
+
+#: every registry loss with the hyper-parameters of the Llama equivalence tests (and defaults for the rest)
+LOSSES: dict[str, dict[str, Any]] = {
+    "rao": {"beta": 0.1, "log_z0": 1.0}, "dpo": {"beta": 0.1}, "ipo": {"beta": 0.1}, "slic": {"beta": 0.1},
+    "rpo": {"beta": 0.1}, "cal_dpo": {"beta": 0.1}, "simpo": {"beta": 2.0, "gamma": 0.5}, "orpo": {"lam": 0.1},
+    "sft": {}, "grao": {}, "bt": {"margin": 0.1},
+}
+AUX_COEFF = 0.05  # large enough that the load-balancing term moves the router gradients visibly
+
+
+def tiny_config(family: str, **overrides: Any) -> Any:
+    from rao_megatron.models.hf_config import tiny_hf_config
+
+    return tiny_hf_config(family, vocab_size=VOCAB, **overrides)
+
+
+def hf_model(cfg: Any) -> torch.nn.Module:
+    """Seeded random HF causal LM; norms (q/k norms included) drawn around 1 so that a swapped or missing
+    norm shows, routers with a spread large enough that routing is not a coin toss."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(1.0, 0.1)
+            elif name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def schedule_forward(chunks: list[torch.nn.Module], ids: torch.Tensor) -> torch.Tensor | None:
+    """Forward-only pipeline run, one sequence per micro-batch; TP-gathered logits [B, S, V] on the last stage."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    micro = [ids[i: i + 1] for i in range(ids.shape[0])]
+    pos = torch.arange(ids.shape[1]).unsqueeze(0)
+
+    def step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+        out = model(next(data_iterator), pos, None)
+
+        def collect(o: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            o = gather_from_tensor_model_parallel_region(o)
+            return o.sum() * 0, {"out": o.detach()}
+
+        return out, collect
+
+    for c in chunks:
+        c.eval()
+    with torch.no_grad():
+        res = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter(micro), model=chunks, num_microbatches=len(micro),
+            seq_length=ids.shape[1], micro_batch_size=1, forward_only=True)
+    return torch.cat([r["out"] for r in res]) if ps.is_pipeline_last_stage() else None
+
+
+def model_and_state(family: str, **overrides: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The HF config and its state dict in checkpoint layout (experts per expert), plus a reward head."""
+    from rao_megatron.models.hf_mappings import hf_checkpoint_layout
+
+    cfg = tiny_config(family, **overrides)
+    sd = {k: v.detach().clone() for k, v in hf_checkpoint_layout(hf_model(cfg).state_dict()).items()}
+    sd["score.weight"] = torch.randn(1, cfg.hidden_size, generator=torch.Generator().manual_seed(2)) * 0.1
+    return cfg, sd
+
+
+def with_reference_answers(mbs: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """GRAO: the first response of each group is its reference answer."""
+    from rao_megatron.data.collate import PAD_GROUP
+
+    out = []
+    for mb in mbs:
+        gids = mb["group_ids"]
+        first = torch.zeros_like(gids, dtype=torch.bool)
+        seen: set[int] = set()
+        for i, g in enumerate(gids.tolist()):
+            if g != PAD_GROUP and g not in seen:
+                seen.add(g)
+                first[i] = True
+        out.append({**mb, "is_reference_answer": first})
+    return out
+
+
+def run_losses(tp: int, pp: int, ep: int, etp: int | None, losses: list[str], aux_coeff: float, hf_cfg: Any,
+               hf_sd: dict[str, torch.Tensor], groups: list[dict[str, Any]], out_path: str) -> None:
+    """Worker: for each loss, one forward/backward at this layout; rank 0 saves loss, MoE metrics, HF grads."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from rao_megatron.losses import get_loss
+    from rao_megatron.models.hf_state import load_hf_state_dict_into_megatron, megatron_to_hf_state_dict
+    from rao_megatron.models.provider import as_chunks, set_moe_aux_loss_coeff
+    from rao_megatron.parallel.state import initialize_model_parallel
+    from rao_megatron.training.engine import build_model_chunks, forward_backward
+    from rao_megatron.training.forward_step import PolicyStep, RewardModelStep
+    from rao_megatron.training.reductions import global_normalizer, moe_aux_metrics, step_loss
+
+    initialize_model_parallel(tp=tp, pp=pp, ep=ep, etp=etp)
+    mbs = with_reference_answers(microbatches(groups, 2))
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = mbs[dp_rank::dp]
+    results = {}
+    for loss in losses:
+        task = "rm" if loss == "bt" else "policy"
+        chunks = build_model_chunks(hf_cfg, task=task)
+        load_hf_state_dict_into_megatron(chunks, hf_sd, hf_cfg)
+        set_moe_aux_loss_coeff(chunks, aux_coeff)
+        bound = get_loss(loss).bind(LOSSES[loss])
+        norm = global_normalizer(bound, mine)
+        if task == "rm":
+            step = RewardModelStep(loss=bound, normalizer=norm)
+        else:
+            step = PolicyStep(loss=bound, normalizer=norm, vocab_size=hf_cfg.vocab_size)
+        for c in chunks:
+            c.zero_grad_buffer()
+        outputs = forward_backward(chunks, step, mine)
+        value = step_loss(outputs)
+        moe = moe_aux_metrics(chunks, len(mine))
+        bare = as_chunks(chunks)
+        with torch.no_grad():
+            for c in bare:
+                for p in c.parameters():
+                    p.data.copy_(p.main_grad)
+        results[loss] = {"loss": value, "moe": moe, "grads": megatron_to_hf_state_dict(bare, hf_cfg)}
+    if dist.get_rank() == 0:
+        torch.save(results, out_path)
+
+
+def hf_load_balancing_terms(hf_cfg: Any, groups: list[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Σ_layers L_l averaged over the micro-batches, and its gradients (checkpoint names), from HF's router logits.
+
+    ``L_l = E · Σ_i f_i · P_i`` per layer and micro-batch, over every token position of the micro-batch
+    (padding included, as the model sees it): f_i = tokens routed to expert i / (T·k), P_i = mean softmax
+    probability of expert i. This is Megatron's switch loss written out, not HF's ``load_balancing_loss_func``
+    (which pools all layers into one f and one P and does not divide by k).
+    """
+    from rao_megatron.models.hf_mappings import hf_checkpoint_layout
+
+    model = hf_model(hf_cfg).train()
+    e, k = hf_cfg.num_experts, hf_cfg.num_experts_per_tok
+    mbs = microbatches(groups, 2)
+    total = torch.zeros(())
+    for mb in mbs:
+        out = model(mb["tokens"], position_ids=mb["position_ids"], output_router_logits=True)
+        for logits in out.router_logits:
+            probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
+            t = probs.shape[0]
+            counts = torch.nn.functional.one_hot(probs.topk(k, dim=-1).indices, e).sum((0, 1)).float()
+            total = total + e * ((counts / (t * k)) * (probs.sum(0) / t)).sum()
+    total = total / len(mbs)
+    total.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return total.detach(), dict(hf_checkpoint_layout(grads))
+
+
+__all__ = ["AUX_COEFF", "LOSSES", "hf_load_balancing_terms", "hf_model", "model_and_state", "run_losses",
+           "schedule_forward"]
