@@ -48,6 +48,14 @@ def build_model_chunks(hf_config: Any, *, task: str = "policy", params_dtype: to
                                     sequence_parallel=sequence_parallel)
             enable_hidden_state_output(model, vocab_parallel_consumer=False)
         chunks.append(model)
+    if params_dtype != torch.float32:
+        # The local spec builds its norms as plain torch modules in fp32 whatever params_dtype says (the TE
+        # spec follows it). Cast every parameter -- not the buffers: RoPE's inv_freq stays fp32 -- so the
+        # model is all params_dtype, as Megatron's mixed-precision optimizers and checkpoints expect.
+        for m in chunks:
+            for p in m.parameters():
+                if p.dtype == torch.float32:
+                    p.data = p.data.to(params_dtype)
     move_modules(chunks)
     if task == "reference" or not wrap_ddp:
         for m in chunks:

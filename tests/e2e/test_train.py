@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -211,3 +212,12 @@ def test_data_is_tokenized_once_into_a_shared_store(tmp_path):
     data.write_text("".join(Path(DATA).read_text().splitlines(keepends=True)[:40]))
     train(tmp_path, "d", "train.steps=2", world=2, data=str(data))
     assert len(list((tmp_path / "data.jsonl.tokens").iterdir())) == 2
+
+
+def test_bf16_run_saves_and_resumes_with_the_mixed_precision_optimizer(tmp_path):
+    # bf16 parameters with fp32 master weights (Megatron's Float16 optimizer, CPU's default): the local spec's
+    # norms used to stay fp32, which that optimizer's checkpoint cannot map ("Param id ... does not match")
+    out = train(tmp_path, "bf16", "model.dtype=bf16", "train.steps=2", "train.reference=on_the_fly")
+    assert (out / "checkpoints" / "latest").is_file()
+    more = losses(train(tmp_path, "bf16", "model.dtype=bf16", "train.steps=3", "train.reference=on_the_fly"))
+    assert len(more) == 3 and all(math.isfinite(x) for x in more)
