@@ -13,6 +13,7 @@ import hashlib
 import struct
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -88,10 +89,17 @@ def per_sequence_tensors(columns: dict[str, Sequence | None], n: int, rows: int)
 def sequence_key(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> int:
     """A stable signed 63-bit content hash of a tokenized (prompt, response) pair."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(struct.pack(f"<{len(prompt_ids)}q", *prompt_ids))
+    h.update(_int64_bytes(prompt_ids))
     h.update(b"|")
-    h.update(struct.pack(f"<{len(response_ids)}q", *response_ids))
+    h.update(_int64_bytes(response_ids))
     return int.from_bytes(h.digest(), "little") >> 1
+
+
+def _int64_bytes(ids: Sequence[int]) -> bytes:
+    """The ids as little-endian int64 bytes: one copy for arrays (token-store views), struct for lists."""
+    if isinstance(ids, np.ndarray):
+        return ids.astype("<i8").tobytes()
+    return struct.pack(f"<{len(ids)}q", *ids)
 
 
 def num_valid_groups(batch: dict[str, Tensor]) -> int:

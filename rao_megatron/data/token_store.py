@@ -99,7 +99,8 @@ def read_store(path: str | os.PathLike) -> tuple[list[TokenizedGroup], DataRepor
         raise ValueError(f"{path} is not a token store ({e})") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is a token store of format {meta.get('format')!r}, expected {FORMAT}")
-    tokens = np.load(path / "tokens.npy", mmap_mode="r")
+    # a plain ndarray over the mapped file: slicing it costs far less than numpy.memmap's __getitem__
+    tokens = np.load(path / "tokens.npy", mmap_mode="r").view(np.ndarray)
     with np.load(path / "groups.npz") as z:
         t = {k: z[k] for k in z.files}
     has_rewards = bool(meta["has_rewards"])
