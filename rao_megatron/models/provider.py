@@ -21,6 +21,7 @@ from rao_megatron.models.hf_config import (
     rope_spec,
     transformer_config_from_hf,
 )
+from rao_megatron.parallel.compat import moe_router_gemm_without_te
 
 
 def te_usable() -> bool:
@@ -74,16 +75,11 @@ def _stage_flags(pre_process: bool | None, post_process: bool | None,
 
 
 def prepare_moe(config: TransformerConfig, use_te: bool) -> None:
-    """Make a MoE config buildable with this spec: grouped GEMM only with TE, and Megatron without TE.
-
-    Megatron-Core 0.16's ``moe_utils`` names ``te_general_gemm`` (router logits) only when TE imports, yet
-    reads it unconditionally; 0.19 defines it as None. Without TE it is set to None here (torch matmul).
-    """
+    """Make a MoE config buildable with this spec: grouped GEMM only with TE, and Megatron without TE
+    (megatron-core 0.16 needs its router's TE GEMM name defined: ``compat.moe_router_gemm_without_te``)."""
     if not use_te:
         config.moe_grouped_gemm = False  # one local MLP per expert (SequentialMLP)
-    from megatron.core.transformer.moe import moe_utils
-
-    moe_utils.__dict__.setdefault("te_general_gemm", None)
+    moe_router_gemm_without_te()
 
 
 def mark_expert_params(model: torch.nn.Module, config: TransformerConfig) -> None:

@@ -12,6 +12,12 @@ What differs, and where it is handled:
   ``ShardedObject("common_state")`` inside the torch_dist files and writes no ``common.pt``; 0.19 still
   reads ``common.pt`` of older checkpoints. Releases before 0.19 read ``common.pt`` only, so on those a
   checkpoint written under 0.19 would not load. The shim teaches their loader 0.19's format.
+- **MoE router without Transformer Engine** (here, :func:`moe_router_gemm_without_te`). 0.16's
+  ``moe_utils`` defines ``te_general_gemm`` only when TE imports, yet the router reads it always; from
+  0.17 on it is None without TE.
+- **MoE metrics tracker** (here, :func:`moe_metric_entry`). Since 0.18 Megatron keeps the per-layer MoE
+  metrics (the router's load-balancing loss) in ``moe_logging.get_moe_metrics_tracker()``; before, in the
+  dict of ``moe_utils.get_moe_layer_wise_logging_tracker()`` (deprecated since, a view of the new one).
 - **CUDA streams in DDP's grad sync** (CPU path only, in :mod:`rao_megatron.parallel.cpu`). Since 0.19
   ``param_and_grad_buffer.start_grad_sync`` calls ``torch.cuda.current_stream()`` every step; the CPU
   patches give the patched modules in-order stream / event stand-ins (harmless on older releases).
@@ -27,22 +33,57 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
 from typing import Any
 
 import megatron.core
-from packaging.version import Version
 
 _APPLIED = False
 
 
-def mcore_version(text: str | None = None) -> tuple[int, ...]:
-    """The installed megatron-core release as a tuple, e.g. ``(0, 19, 2)`` (local suffixes dropped)."""
-    return Version(megatron.core.__version__ if text is None else text).release
+def mcore_version(text: str | None = None) -> tuple[int, int, int]:
+    """The installed megatron-core release (or ``text``'s) as a tuple: ``"0.19.2+a482880"`` -> ``(0, 19, 2)``."""
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", megatron.core.__version__ if text is None else text)
+    if match is None:
+        raise ValueError(f"unreadable megatron-core version {text or megatron.core.__version__!r}")
+    major, minor, patch = (int(g or 0) for g in match.groups())
+    return major, minor, patch
 
 
 def mcore_at_least(*release: int) -> bool:
     """Whether the installed megatron-core is at least ``release``, e.g. ``mcore_at_least(0, 19)``."""
     return mcore_version() >= tuple(release)
+
+
+# --- megatron-core < 0.17: the MoE router's TE GEMM name without TE --------------------------------------
+
+
+def moe_router_gemm_without_te() -> None:
+    """megatron-core < 0.17: define ``moe_utils.te_general_gemm`` as None where TE did not import (the router
+    then computes its logits with a torch matmul, as 0.17+ does by itself); a no-op elsewhere."""
+    if mcore_at_least(0, 17):
+        return
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.__dict__.setdefault("te_general_gemm", None)
+
+
+# --- megatron-core 0.18: the MoE metrics tracker moved to moe_logging ------------------------------------
+
+
+def moe_metric_entry(name: str) -> tuple[Any, Any]:
+    """(per-layer values, reduce group) of one of Megatron's MoE metrics, e.g. ``"load_balancing_loss"``;
+    (None, None) when no MoE layer has recorded it."""
+    if mcore_at_least(0, 18):
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+        entry = get_moe_metrics_tracker().metrics.get(name)
+        return (entry.values, entry.reduce_group) if entry is not None else (None, None)
+    # 0.16 / 0.17: a plain dict of {"values": tensor, "reduce_group": group, ...}
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    old = get_moe_layer_wise_logging_tracker().get(name)
+    return (old["values"], old.get("reduce_group")) if old else (None, None)
 
 
 # --- megatron-core < 0.19: read 0.19's common state from the torch_dist files -------------------------

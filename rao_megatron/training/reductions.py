@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from rao_megatron.data.collate import PAD_GROUP
+from rao_megatron.parallel.compat import moe_metric_entry
 from rao_megatron.parallel.device import compute_device
 from rao_megatron.training.metrics import mean_metrics
 
@@ -115,23 +116,6 @@ def step_metrics(outputs: list[dict[str, Any]]) -> dict[str, float]:
     return metrics
 
 
-def _moe_tracker_entry(name: str) -> tuple[torch.Tensor | None, Any]:
-    """(per-layer values, reduce group) of one of Megatron's MoE metrics, or (None, None).
-
-    Megatron-Core 0.19 keeps them in ``moe_logging.get_moe_metrics_tracker()``; 0.16 in the dict of
-    ``moe_utils.get_moe_layer_wise_logging_tracker()`` (deprecated, and a view of the former, in 0.19).
-    """
-    try:
-        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
-    except ImportError:
-        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
-        entry = get_moe_layer_wise_logging_tracker().get(name)
-        return (entry["values"], entry.get("reduce_group")) if entry else (None, None)
-    entry = get_moe_metrics_tracker().metrics.get(name)
-    return (entry.values, entry.reduce_group) if entry is not None else (None, None)
-
-
 def moe_aux_metrics(chunks: Sequence[torch.nn.Module], num_microbatches: int) -> dict[str, float]:
     """The router load-balancing loss of the step just run (MoE models), on every rank; resets Megatron's tracker.
 
@@ -148,7 +132,7 @@ def moe_aux_metrics(chunks: Sequence[torch.nn.Module], num_microbatches: int) ->
     coeff = getattr(config, "moe_aux_loss_coeff", 0.0) or 0.0
     if not getattr(config, "num_moe_experts", None) or coeff <= 0:
         return {}
-    values, reduce_group = _moe_tracker_entry("load_balancing_loss")
+    values, reduce_group = moe_metric_entry("load_balancing_loss")
     local = values.detach().clone() if values is not None else torch.zeros(config.num_layers, device=compute_device())
     if values is not None:
         values.zero_()  # the next step starts from 0 (Megatron's own trainer clears it the same way)
