@@ -7,24 +7,15 @@ check does the same in more detail (buffers, the scorer) and keeps the figures.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.gpu import TE_ON_CUDA, run_child
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None,
-                       reason="needs Transformer Engine (pip install -e .[gpu])"),
-]
+pytestmark = TE_ON_CUDA
 
 
 def _is_te(cls: type) -> bool:
@@ -72,15 +63,8 @@ def test_transformer_engine_spec_is_used_on_cuda():
 
 
 def test_bf16_models_on_cuda(tmp_path):
-    from rao_megatron.parallel.launch import free_port
-
     out = tmp_path / "report.json"
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1",
-           "PYTHONPATH": os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH", "")) if x)}
-    proc = subprocess.run([sys.executable, __file__, str(out)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_child(__file__, out)
     report = json.loads(out.read_text())
     hidden = tiny_hidden_size()
     for task, seen in report.items():
