@@ -1,7 +1,10 @@
 """Padded vs packed micro-batches on a ragged UltraFeedback-like length mix, side by side in one run.
 
-    python benchmarks/packing.py --quick     # tiny model only, about a minute: smoke test
-    python benchmarks/packing.py             # tiny + SmolLM2-135M-Instruct on CPU, about 15 minutes
+    python benchmarks/packing.py --quick     # tiny model, 2 groups/step, 1 timed step: smoke test, ~2 minutes
+    python benchmarks/packing.py             # tiny + SmolLM2-135M-Instruct on CPU: 32 minutes on a shared 2-core box
+    python benchmarks/packing.py --models smollm2 --repeats 1   # SmolLM2 only, one run per layout
+
+SmolLM2's padded step holds ~18 GiB (CPU attention materializes [rows, heads, 1024, 1024] scores per layer).
 
 RAO (β 0.1, Z0 50) with a precomputed reference (``train.reference=cached``, one cache per model, made
 once before timing and shared by both layouts), max_length 1024, one process (1-rank gloo), fp32, two
@@ -83,14 +86,13 @@ def model_overrides(model: str, tmp: Path) -> list[str]:
     return [f"model.init_checkpoint={SMOLLM2_MEGATRON}", "model.preset=null"]
 
 
-def layout_fill(model: str, max_length: int, seed: int, steps: int = 64) -> dict:
+def layout_fill(m: dict, max_length: int, seed: int, steps: int = 64) -> dict:
     """Token slots filled over ``steps`` steps of the mix (planning only, no model): the timed steps are few, and
     how tightly a step's groups pack varies from step to step."""
     from transformers import AutoTokenizer
 
     from rao_megatron.data.packing import plan_micro_batches
 
-    m = MODELS[model]
     tok = AutoTokenizer.from_pretrained(str(SMOLLM2_HF))
     groups = mix.make_groups(m["groups"] * steps, seed=seed + 1)
     lengths = []
@@ -160,7 +162,8 @@ def spread(values: list[float], fmt: str) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny model only, fewer steps and repeats (< 2 minutes)")
+    p.add_argument("--quick", action="store_true", help="tiny model, 2 groups per step into 2-row packed micro-batches, "
+                                                        "1 timed step, 1 run per layout (a smoke test)")
     p.add_argument("--models", default=None, help="comma list of tiny,smollm2 (default: both; --quick: tiny)")
     p.add_argument("--repeats", type=int, default=None, help="runs per layout (default per model; --quick 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per run (default per model)")
@@ -181,7 +184,9 @@ def main() -> int:
         tmp.mkdir(parents=True, exist_ok=True)
         results: dict[str, dict] = {}
         for model in models:
-            m = MODELS[model]
+            m = dict(MODELS[model])
+            if args.quick:  # half the groups per step, packed into 2-row micro-batches: a smoke test, not the figures
+                m.update(groups=2, packed_rows=2)
             steps = args.steps or (1 if args.quick else m["steps"])
             repeats = args.repeats or (1 if args.quick else m["repeats"])
             total = args.warmup + steps
@@ -218,7 +223,7 @@ def main() -> int:
                     print(f"    run {rep} {layout:<6}: step {s['step_time_s']:.2f} s, {s['tokens_per_s']:.0f} real "
                           f"tokens/s, padding {100 * s['padding_share']:.1f} %, peak RSS {s['peak_rss_gib']:.2f} GiB",
                           flush=True)
-            fill = layout_fill(model, args.max_length, args.seed)
+            fill = layout_fill(m, args.max_length, args.seed)
             print(f"    over {fill['steps']} other steps of the mix (planning only): slots filled padded "
                   f"{100 * fill['padded_fill']:.1f} %, packed {100 * fill['packed_fill']:.1f} %, "
                   f"{fill['slot_ratio']:.2f}x fewer slots packed", flush=True)

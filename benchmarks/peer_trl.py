@@ -3,7 +3,8 @@
     python -m venv .venv-trl && echo '*' > .venv-trl/.gitignore    # once; TRL never enters .venv
     .venv-trl/bin/pip install -c constraints/cpu.txt torch==2.13.0 trl==1.16.0 transformers==5.24.0 datasets accelerate
     python benchmarks/peer_trl.py --quick     # tiny random Llama, about 2 minutes: smoke test
-    python benchmarks/peer_trl.py             # SmolLM2-135M-Instruct, 3 alternating pairs, about 15 minutes
+    python benchmarks/peer_trl.py             # SmolLM2-135M-Instruct, 3 alternating pairs: ~50 min on a shared box
+    python benchmarks/peer_trl.py --repeats 1 --steps 2       # one pair, ~15 minutes
 
 What is the same on both sides: the weights (SmolLM2-135M-Instruct from .cache/smollm2-hf; ours reads its
 Megatron conversion), fp32, the pairs (``benchmarks/ultrafeedback_mix.py``, pairs format, mean ~250 real
