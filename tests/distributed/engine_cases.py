@@ -88,13 +88,9 @@ def run_step(tp: int, pp: int, loss: str, hparams: dict, groups_per_mb: int, hf_
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from rao_megatron.losses import get_loss
-    from rao_megatron.models.hf_state import load_hf_state_dict_into_megatron, megatron_to_hf_state_dict
-    from rao_megatron.models.provider import as_chunks
+    from rao_megatron.models.hf_state import load_hf_state_dict_into_megatron
     from rao_megatron.parallel.state import initialize_model_parallel
-    from rao_megatron.training.engine import build_model_chunks, forward_backward
-    from rao_megatron.training.forward_step import PolicyStep, RewardModelStep
-    from rao_megatron.training.reductions import global_normalizer, step_loss
+    from rao_megatron.training.engine import build_model_chunks
 
     initialize_model_parallel(tp=tp, pp=pp)
     task = "rm" if loss == "bt" else "policy"
@@ -103,24 +99,42 @@ def run_step(tp: int, pp: int, loss: str, hparams: dict, groups_per_mb: int, hf_
     mbs = microbatches(groups, groups_per_mb, packed=packed)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = mbs[dp_rank::dp]
+    value = train_step_loss(chunks, loss, hparams, mine, hf_cfg.vocab_size)
+    grads = hf_layout_grads(chunks, hf_cfg)
+    if dist.get_rank() == 0:
+        torch.save({"loss": value, "grads": grads}, out_path)
+
+
+def train_step_loss(chunks: list, loss: str, hparams: dict, mine: list[dict[str, torch.Tensor]],
+                    vocab_size: int) -> float:
+    """One forward/backward of ``loss`` over this rank's micro-batches (bt: the reward model); the step loss."""
+    from rao_megatron.losses import get_loss
+    from rao_megatron.training.engine import forward_backward
+    from rao_megatron.training.forward_step import PolicyStep, RewardModelStep
+    from rao_megatron.training.reductions import global_normalizer, step_loss
+
     bound = get_loss(loss).bind(hparams)
     norm = global_normalizer(bound, mine)
-    if task == "rm":
+    if loss == "bt":
         step = RewardModelStep(loss=bound, normalizer=norm)
     else:
-        step = PolicyStep(loss=bound, normalizer=norm, vocab_size=hf_cfg.vocab_size)
+        step = PolicyStep(loss=bound, normalizer=norm, vocab_size=vocab_size)
     for c in chunks:
         c.zero_grad_buffer()
-    outputs = forward_backward(chunks, step, mine)
-    value = step_loss(outputs)
+    return step_loss(forward_backward(chunks, step, mine))
+
+
+def hf_layout_grads(chunks: list, hf_cfg: Any) -> dict[str, torch.Tensor]:
+    """The DDP gradients (``main_grad``) mapped to HF names (the parameters are overwritten with them)."""
+    from rao_megatron.models.hf_state import megatron_to_hf_state_dict
+    from rao_megatron.models.provider import as_chunks
+
     bare = as_chunks(chunks)
     with torch.no_grad():
         for c in bare:
             for p in c.parameters():
                 p.data.copy_(p.main_grad)
-    grads = megatron_to_hf_state_dict(bare, hf_cfg)
-    if dist.get_rank() == 0:
-        torch.save({"loss": value, "grads": grads}, out_path)
+    return megatron_to_hf_state_dict(bare, hf_cfg)
 
 
 def run_logps(tp: int, pp: int, hf_cfg: Any, hf_sd: dict[str, torch.Tensor], groups: list[dict[str, Any]],

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .engine_cases import VOCAB, microbatches
+from .engine_cases import VOCAB, hf_layout_grads, microbatches, train_step_loss
 
 #: every registry loss with the hyper-parameters of the Llama equivalence tests (and defaults for the rest)
 LOSSES: dict[str, dict[str, Any]] = {
@@ -100,13 +100,11 @@ def run_losses(tp: int, pp: int, ep: int, etp: int | None, losses: list[str], au
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from rao_megatron.losses import get_loss
-    from rao_megatron.models.hf_state import load_hf_state_dict_into_megatron, megatron_to_hf_state_dict
-    from rao_megatron.models.provider import as_chunks, set_moe_aux_loss_coeff
+    from rao_megatron.models.hf_state import load_hf_state_dict_into_megatron
+    from rao_megatron.models.provider import set_moe_aux_loss_coeff
     from rao_megatron.parallel.state import initialize_model_parallel
-    from rao_megatron.training.engine import build_model_chunks, forward_backward
-    from rao_megatron.training.forward_step import PolicyStep, RewardModelStep
-    from rao_megatron.training.reductions import global_normalizer, moe_aux_metrics, step_loss
+    from rao_megatron.training.engine import build_model_chunks
+    from rao_megatron.training.reductions import moe_aux_metrics
 
     initialize_model_parallel(tp=tp, pp=pp, ep=ep, etp=etp)
     mbs = with_reference_answers(microbatches(groups, 2))
@@ -118,23 +116,9 @@ def run_losses(tp: int, pp: int, ep: int, etp: int | None, losses: list[str], au
         chunks = build_model_chunks(hf_cfg, task=task)
         load_hf_state_dict_into_megatron(chunks, hf_sd, hf_cfg)
         set_moe_aux_loss_coeff(chunks, aux_coeff)
-        bound = get_loss(loss).bind(LOSSES[loss])
-        norm = global_normalizer(bound, mine)
-        if task == "rm":
-            step = RewardModelStep(loss=bound, normalizer=norm)
-        else:
-            step = PolicyStep(loss=bound, normalizer=norm, vocab_size=hf_cfg.vocab_size)
-        for c in chunks:
-            c.zero_grad_buffer()
-        outputs = forward_backward(chunks, step, mine)
-        value = step_loss(outputs)
+        value = train_step_loss(chunks, loss, LOSSES[loss], mine, hf_cfg.vocab_size)
         moe = moe_aux_metrics(chunks, len(mine))
-        bare = as_chunks(chunks)
-        with torch.no_grad():
-            for c in bare:
-                for p in c.parameters():
-                    p.data.copy_(p.main_grad)
-        results[loss] = {"loss": value, "moe": moe, "grads": megatron_to_hf_state_dict(bare, hf_cfg)}
+        results[loss] = {"loss": value, "moe": moe, "grads": hf_layout_grads(chunks, hf_cfg)}
     if dist.get_rank() == 0:
         torch.save(results, out_path)
 
