@@ -76,7 +76,8 @@ class ParallelConfig:
 class LossConfig:
     name: str = _f("rao", "Loss from the registry: rao, dpo, ipo, slic, simpo, orpo, rpo, cal_dpo, sft, grao, bt.")
     beta: float | None = _f(None, "β: KL / temperature coefficient (loss default when unset).", gt=0)
-    log_z0: float | None = _f(None, "RAO: log Z0, the prefix normaliser (default ln 50).")
+    log_z0: float | None = _f(None, "RAO: log Z0, the prefix normaliser; None = derived from the training set's "
+                                    "rewards (docs/rao.md: min(mean r/β, lowest best-of-group r/β)).")
     z0: float | None = _f(None, "RAO: Z0 > 0, convenience for log_z0 = ln z0 (give one of the two).", gt=0)
     reward_scale: float | None = _f(None, "RAO: multiply explicit rewards before the loss (default 1).", gt=0)
     reward_shift: float | None = _f(None, "RAO: add to explicit rewards after scaling (default 0).")
@@ -87,17 +88,38 @@ class LossConfig:
     centering: float | None = _f(None, "BT reward model: coefficient of the (s_w + s_l)² centering term.", ge=0)
     pairing: str | None = _f(None, "Pairs from groups of K > 2: best_vs_rest (default) or all_pairs.",
                              choices=("best_vs_rest", "all_pairs", None))
+    reward_normalization: str = _f("minmax", "Map the explicit rewards before every loss that uses them, with "
+                                             "statistics of the training set: minmax to [0, 1], zscore to mean 0 "
+                                             "and std 1, or none (raw values).",
+                                   choices=("none", "zscore", "minmax"))
+    reward_stats: dict[str, Any] | None = _f(None, "Training-set reward statistics behind reward_normalization and "
+                                                   "RAO's log_z0 (filled in at start-up and saved in the run's "
+                                                   "config and checkpoints; a resumed run keeps them; set to pin).")
+
+    #: LossConfig fields that configure the run's reward calibration, not keyword arguments of the loss
+    CALIBRATION_FIELDS = ("reward_normalization", "reward_stats")
 
     def hparams(self) -> dict[str, Any]:
         """The hyper-parameters that were set (the loss's own defaults apply to the rest)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "name" and getattr(self, f.name) is not None}
+                if f.name not in ("name", *self.CALIBRATION_FIELDS) and getattr(self, f.name) is not None}
 
     def build(self) -> Any:
-        """The registry loss with these hyper-parameters, checked (a ``BoundLoss``)."""
+        """The registry loss with these hyper-parameters, checked (a ``BoundLoss``), calibrated by
+        ``reward_stats`` when they are known: rewards mapped by ``reward_normalization``, and RAO's ``log_z0``
+        derived from them when neither ``log_z0`` nor ``z0`` is set (``losses.calibration``)."""
         from rao_megatron.losses import get_loss
+        from rao_megatron.losses.calibration import RewardStats, auto_log_z0, normalization_affine
 
-        return get_loss(self.name).bind(self.hparams())
+        spec = get_loss(self.name)
+        hparams = self.hparams()
+        stats = RewardStats.from_dict(self.reward_stats) if self.reward_stats else None
+        affine = normalization_affine(self.reward_normalization, stats) if spec.needs_rewards else (1.0, 0.0)
+        if self.name == "rao" and stats is not None and self.log_z0 is None and self.z0 is None:
+            user_scale, user_shift = hparams.get("reward_scale", 1.0), hparams.get("reward_shift", 0.0)
+            hparams["log_z0"] = auto_log_z0(stats, hparams.get("beta", spec.defaults["beta"]),
+                                            scale=user_scale * affine[0], shift=user_scale * affine[1] + user_shift)
+        return spec.bind(hparams, reward_affine=affine)
 
 
 @dataclass
@@ -218,6 +240,9 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
+    elif hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -329,6 +354,13 @@ def validate(cfg: Config, where: str = "", cli_keys: frozenset[str] = frozenset(
             print(f"note: loss.{key}{where} is not used by loss '{spec.name}'; ignored", file=sys.stderr)
     if cfg.loss.z0 is not None and cfg.loss.log_z0 is not None:
         raise ConfigError(f"config keys 'loss.z0' and 'loss.log_z0'{where}: give one of the two, not both")
+    if cfg.loss.reward_stats is not None:
+        from rao_megatron.losses.calibration import RewardStats
+
+        try:
+            RewardStats.from_dict(cfg.loss.reward_stats)
+        except ValueError as e:
+            raise ConfigError(f"config key 'loss.reward_stats'{where}: {e}") from None
     expected = {"rm": "bt", "sft": "sft"}.get(cfg.train.task)
     if expected and cfg.loss.name != expected:
         raise ConfigError(f"config key 'loss.name'{where}: train.task={cfg.train.task} trains with loss "

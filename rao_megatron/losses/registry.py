@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,10 +58,14 @@ class LossSpec:
             return float(lengths.sum())
         return float(group_ids.unique().numel())
 
-    def bind(self, hparams: dict[str, Any]) -> BoundLoss:
-        """This loss with checked hyper-parameters: built once per run and passed down."""
+    def bind(self, hparams: dict[str, Any], *, reward_affine: tuple[float, float] = (1.0, 0.0)) -> BoundLoss:
+        """This loss with checked hyper-parameters, built once per run and passed down; ``reward_affine``
+        ``(scale, shift)`` maps every explicit reward first (the run's reward normalisation)."""
         self.check_hparams(hparams)
-        return BoundLoss(self, dict(hparams))
+        scale, shift = (float(x) for x in reward_affine)
+        if not (scale > 0 and math.isfinite(scale) and math.isfinite(shift)):
+            raise ValueError(f"reward normalisation must be an increasing affine map, got scale={scale}, shift={shift}")
+        return BoundLoss(self, dict(hparams), (scale, shift))
 
     def __call__(self, stats: SequenceStats, *, normalizer: float | None = None,
                  **hparams: Any) -> tuple[Tensor, dict[str, float]]:
@@ -83,6 +89,7 @@ class BoundLoss:
 
     spec: LossSpec
     hparams: dict[str, Any]
+    reward_affine: tuple[float, float] = (1.0, 0.0)
 
     @property
     def name(self) -> str:
@@ -91,7 +98,14 @@ class BoundLoss:
     def normalizer(self, lengths: Tensor, group_ids: Tensor) -> float:
         return self.spec.normalizer(lengths, group_ids)
 
+    def normalized_rewards(self, rewards: Tensor) -> Tensor:
+        """``rewards`` as the loss sees them (the run's normalisation applied)."""
+        scale, shift = self.reward_affine
+        return rewards if (scale, shift) == (1.0, 0.0) else rewards * scale + shift
+
     def __call__(self, stats: SequenceStats, *, normalizer: float | None = None) -> tuple[Tensor, dict[str, float]]:
+        if stats.rewards is not None and self.reward_affine != (1.0, 0.0):
+            stats = dataclasses.replace(stats, rewards=self.normalized_rewards(stats.rewards))
         return self.spec._apply(stats, normalizer, self.hparams)
 
 

@@ -68,13 +68,14 @@ class Trainer:
         startup.start(cfg)
         self.output_dir = Path(cfg.train.output_dir)
         preflight.check_output_dir(cfg)  # start-up checks come before anything is built or written
-        self.loss = cfg.loss.build()  # the loss with its checked hyper-parameters, passed down as an object
-        self.spec = self.loss.spec
+        self.spec = cfg.loss.build().spec
         self.tokenizer = run_data.load_run_tokenizer(cfg)
         self.hf_config = model_init.resolve_hf_config(cfg, self.tokenizer)
         preflight.check_model_fits(cfg, self.tokenizer, self.hf_config)
         self.groups = run_data.load_groups(cfg, self.tokenizer, self.spec)
         preflight.warn_about_data(self.groups)
+        preflight.reward_calibration(cfg, self.groups)
+        self.loss = cfg.loss.build()  # the loss with its checked hyper-parameters, passed down as an object
         self._build_batchers()
         self.logprobs = LogprobSettings(impl=cfg.model.logprob_impl, precision=cfg.model.logprob_precision,
                                         chunk_size=cfg.model.logprob_chunk_size)
@@ -122,6 +123,12 @@ class Trainer:
             if not path.is_dir():
                 raise CheckpointError(f"config key 'checkpoint.resume': checkpoint directory not found: {mode}")
         state = load_training_checkpoint(path, self.chunks, self.optimizer)
+        saved = state.get("config", {}).get("loss", {}).get("reward_stats")
+        if saved is not None and saved != self.cfg.loss.reward_stats:
+            # the reward calibration is part of the objective: a resumed run keeps the one it started with
+            startup.log0(f"reward statistics restored from {path} (the data's differ: {self.cfg.loss.reward_stats})")
+            self.cfg.loss.reward_stats = saved
+            self.loss = self.cfg.loss.build()
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_batcher.load_state_dict(state["data"])
         self.step, self.skipped_steps = int(state["step"]), int(state.get("skipped_steps", 0))
@@ -276,6 +283,8 @@ class Trainer:
                                         seq_length=b.seq_length, rows=b.packed_rows, packing=b.packing))
             startup.log0(f"{len(self.groups.train)} training groups, {len(self.groups.heldout)} held out; "
                        f"reference log-probs: {self._reference_mode()}")
+            for line in preflight.calibration_lines(self.loss, self.groups):
+                startup.log0(line)
         writer = MetricsWriter(self.output_dir, enabled=rank0, resume=self.resumed_from is not None)
         writer.truncate_after(self.step)  # steps after the checkpoint are recomputed
         self._last_saved = self.step if self.resumed_from is not None else -1

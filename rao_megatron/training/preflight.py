@@ -114,6 +114,41 @@ def warn_about_data(groups: run_data.RunGroups) -> None:
         log0(line)
 
 
+def reward_calibration(cfg: Config, groups: run_data.RunGroups) -> None:
+    """Fill ``loss.reward_stats`` from the training split (unless the config pins them): the statistics behind
+    the reward normalisation and RAO's ``log_z0``, computed once here and saved with the run."""
+    from rao_megatron.losses.calibration import RewardStats
+
+    if cfg.loss.reward_stats is None and groups.train and groups.train[0].rewards is not None:
+        cfg.loss.reward_stats = RewardStats.from_groups([g.rewards for g in groups.train]).to_dict()
+
+
+def calibration_lines(loss: Any, groups: run_data.RunGroups) -> list[str]:
+    """The start-up lines on the rewards a loss sees: the normalisation, and for RAO the range of step-0
+    targets Δ_R* = r/β − log_z0 over the training responses, with a warning when it leaves the sane band."""
+    from rao_megatron.losses.calibration import SANE_TARGET_NATS, target_range
+    from rao_megatron.losses.rao import resolve_log_z0
+
+    if not loss.spec.needs_rewards or not groups.train or groups.train[0].rewards is None:
+        return []
+    scale, shift = loss.reward_affine
+    lines = [f"rewards: normalised by {scale:.6g}·r {shift:+.6g} (loss.reward_normalization)"]
+    if loss.name != "rao":
+        return lines
+    h = {**loss.spec.defaults, **loss.hparams}
+    beta, log_z0 = h["beta"], resolve_log_z0(h.get("log_z0"), h.get("z0"))
+    user_scale, user_shift = h["reward_scale"], h["reward_shift"]
+    t = target_range([g.rewards for g in groups.train], beta=beta, log_z0=log_z0, scale=user_scale * scale,
+                     shift=user_scale * shift + user_shift)
+    lines.append(f"RAO targets at step 0, Δ_R* = r/β − log_z0 (β {beta:g}, log_z0 {log_z0:.4g}): "
+                 f"min {t.min:+.2f} / mean {t.mean:+.2f} / max {t.max:+.2f} nats over {t.responses} responses")
+    if not t.sane:
+        lines.append(f"warning: RAO asks for log-probability changes beyond ±{SANE_TARGET_NATS:g} nats, which no "
+                     "fine-tuning run reaches; raise loss.beta, set loss.reward_normalization=minmax or zscore, or "
+                     "change loss.log_z0 (docs/rao.md)")
+    return lines
+
+
 def open_reference_caches(cfg: Config, tokenizer: Any, hf_config: Any,
                           groups: run_data.RunGroups) -> tuple[ReferenceCache | None, ReferenceCache | None]:
     """The run's (training, held-out) caches, checked against the run and covering every one of its

@@ -221,3 +221,46 @@ def test_bf16_run_saves_and_resumes_with_the_mixed_precision_optimizer(tmp_path)
     assert (out / "checkpoints" / "latest").is_file()
     more = losses(train(tmp_path, "bf16", "model.dtype=bf16", "train.steps=3", "train.reference=on_the_fly"))
     assert len(more) == 3 and all(math.isfinite(x) for x in more)
+
+
+def _rewards_mapped(tmp_path: Path, name: str, fn) -> str:
+    """The tiny data with every reward r replaced by ``fn(r)``."""
+    rows = [json.loads(x) for x in Path(DATA).read_text().splitlines() if x.strip()]
+    path = tmp_path / name
+    path.write_text("".join(json.dumps({**r, "rewards": [fn(v) for v in r["rewards"]]}) + "\n" for r in rows))
+    return str(path)
+
+
+def _reward_stats(out: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((out / "config.yaml").read_text())["loss"]["reward_stats"]
+
+
+def test_reward_normalization_is_applied_once_with_the_training_set_statistics(tmp_path):
+    # z-scored with the training split's own statistics, rewards r and 3r + 7 are the same rewards: the runs
+    # match. Applying the map twice, or with other statistics, would tell them apart; so does no normalisation.
+    steps = ("train.steps=3", "train.reference=on_the_fly", "loss.reward_normalization=zscore",
+             "checkpoint.save_at_end=false")
+    raw = losses(train(tmp_path, "raw", *steps))
+    mapped_out = train(tmp_path, "mapped", *steps, data=_rewards_mapped(tmp_path, "mapped.jsonl", lambda r: 3 * r + 7))
+    assert_same_losses(losses(mapped_out), raw, "zscore of r vs zscore of 3r + 7")
+    stats = _reward_stats(mapped_out)
+    assert stats["mean"] == pytest.approx(3 * _reward_stats(tmp_path / "raw")["mean"] + 7)
+    plain = losses(train(tmp_path, "plain", "train.steps=1", "train.reference=on_the_fly",
+                         "loss.reward_normalization=none", "checkpoint.save_at_end=false",
+                         data=_rewards_mapped(tmp_path, "mapped.jsonl", lambda r: 3 * r + 7)))
+    assert abs(plain[0] - raw[0]) > 0.1 * abs(raw[0])
+
+
+def test_a_resumed_run_keeps_the_reward_calibration_it_started_with(tmp_path):
+    common = ("train.reference=on_the_fly", "loss.reward_normalization=none")
+    first = train(tmp_path, "run", "train.steps=2", *common)
+    started = _reward_stats(first)
+    shifted = _rewards_mapped(tmp_path, "shifted.jsonl", lambda r: r + 0.5)
+    resumed = train(tmp_path, "run", "train.steps=3", *common, data=shifted)
+    assert len(losses(resumed)) == 3
+    assert _reward_stats(resumed) == started  # the checkpoint's statistics, not the new data's
+    fresh = _reward_stats(train(tmp_path, "fresh", "train.steps=1", *common, "checkpoint.save_at_end=false",
+                                data=shifted))
+    assert fresh["mean"] == pytest.approx(started["mean"] + 0.5)
