@@ -1,32 +1,53 @@
-"""RAO against the baselines on the quick-start task: same data, budget, seed and start; one run, side by side.
+"""RAO against the pairwise baselines on the quick-start task, fairly: one split, tuned per method, several seeds,
+paired statistics; with rule rewards (0/1) and with a Bradley–Terry reward model's continuous scores.
 
-    python benchmarks/alignment.py                              # uses / completes runs/demo up to `reference`
-    python benchmarks/alignment.py --methods rao,dpo --steps 8 --out runs/alignment
+    python benchmarks/alignment.py                                   # both settings, the whole protocol
+    python benchmarks/alignment.py --settings rule --seeds 2 --grid-points 1 --steps 4    # a quick look
+    python benchmarks/alignment.py --reuse benchmarks/results/alignment   # finished runs are taken from there
 
-For each method (default: DPO, SimPO, RPO, GRAO, RAO) it trains SmolLM2-135M-Instruct from the demo's
-Megatron start on the demo's rule-scored groups (K sampled answers per arithmetic prompt) with the demo
-config (PP2 over gloo on CPU) -- only ``loss.name`` (and the loss's own hyper-parameters) differ -- then:
+Protocol (docs/benchmarks.md has the figures, docs/rao.md the RAO settings):
 
-- likelihood displacement: Δ_R(y_w) = log π_θ(y_w|x) − log π_ref(y_w|x) of the preferred answers (the
-  best-rewarded answer of every training group whose rewards differ), at the start, at each saved
-  checkpoint and at the end: the mean, and the share of preferred answers made *less* likely (Δ_R < 0);
-- held-out accuracy: answers to the demo's held-out prompts (same sampling seed for every model), scored
-  by the exact-final-number rule;
-- wall time of the training run.
+1. Data: the quick-start's sampled groups (``make demo`` up to ``reference``: 105 arithmetic prompts × 4 answers
+   of SmolLM2-135M-Instruct, rule rewards) are split by prompt, **before any filtering**, into a training split
+   and a validation split (``--validation`` prompts); the quick-start's 40 held-out prompts stay untouched for
+   the final figures. Every method trains on the same training-split file; the pairwise losses (DPO, SimPO,
+   RPO) then drop its tied groups themselves (their count is reported), RAO and GRAO use every group.
+2. Settings: ``rule`` -- the exact-final-number rewards; ``rm`` -- a Bradley–Terry reward model trained with
+   the project's own RM pipeline (``train.task=rm``) on the training split's preference pairs (its pair
+   accuracy on the validation split is reported), which then re-scores every training answer with a
+   continuous reward; the policies train on those scores and are judged by the rule.
+3. Tuning: each method trains once per point of its small grid (``GRIDS``: learning rate × β, RAO's
+   normalisation / Z0, SimPO's γ) with the first seed, and the point with the best accuracy on the validation
+   prompts is kept (first point on ties).
+4. Seeds: the kept point trains with ``--seeds`` seeds; a seed sets the data order (``data.seed``), the
+   initialisation of anything random (``train.seed``) and the sampling of the held-out answers. Every method
+   sees the same seeds, so the comparison is paired.
+5. Measured per run: held-out accuracy (K answers per prompt at temperature 0.8, exact-final-number rule);
+   likelihood displacement: Δ_R(y_w) = log π_θ(y_w|x) − log π_ref(y_w|x) at the last step for the preferred
+   answer (best reward, first on ties) of every training-split group whose rewards differ in that setting -- the
+   same answers for every method -- as the mean and the share made less likely; training wall time.
+6. Statistics: accuracy averaged over seeds and prompts, 95% CI by a paired bootstrap over held-out prompts
+   (the same resampled prompts for every method); RAO minus each baseline with its paired-bootstrap CI;
+   displacement share mean ± 95% t-interval over seeds.
 
-GRAO gets each group's reference answer (the correct number, reward 1) appended, as its loss requires;
-the other methods see the sampled answers only. Pairwise losses (DPO, SimPO, RPO) drop the groups whose
-answers all have the same reward (no preference pair; counted in their training log) -- RAO and GRAO use
-every group. Writes ``<out>/alignment.json``, ``<out>/alignment.md`` and ``<out>/alignment.png``.
+Nothing is reused silently: ``--out`` is emptied at the start unless ``--reuse DIR`` names a directory whose
+finished runs (``result.json``, keyed by a hash of the whole run: data, start, overrides, seed, steps) are
+copied instead of recomputed. Every result records its command-line overrides and resolved config.
+Writes ``<out>/alignment.json``, ``<out>/alignment.md``, ``<out>/alignment.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
+import random
+import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -35,23 +56,64 @@ from rao_megatron.cli.chain import fresh_dir, python_module, run_command, torchr
 from rao_megatron.rewards.synthetic import write_jsonl  # noqa: E402
 
 CONFIG = REPO / "examples/configs/rao_smollm2_demo.yaml"
-REWARD_FN = "rao_megatron.rewards.rule:exact_final_number"
-#: each method's own hyper-parameters (the loss library's defaults otherwise); everything else is shared
-METHOD_ARGS = {
-    "dpo": ["loss.beta=0.1"],
-    "simpo": ["loss.beta=2.0", "loss.gamma=1.0"],
-    "rpo": ["loss.beta=0.1"],
-    "grao": ["loss.beta=0.5", "loss.lam=0.6"],
-    "rao": ["loss.beta=0.1", "loss.z0=50"],
+RULE = "rao_megatron.rewards.rule:exact_final_number"
+PAIRWISE = {"dpo", "simpo", "rpo"}
+#: per-method grids, in order of preference on ties; --grid-points N keeps the first N of each
+GRIDS: dict[str, list[dict[str, Any]]] = {
+    "dpo": [{"train.lr": 1e-5, "loss.beta": 0.1}, {"train.lr": 1e-5, "loss.beta": 0.5},
+            {"train.lr": 3e-6, "loss.beta": 0.1}],
+    "rpo": [{"train.lr": 1e-5, "loss.beta": 0.1}, {"train.lr": 1e-5, "loss.beta": 0.5},
+            {"train.lr": 3e-6, "loss.beta": 0.1}],
+    "simpo": [{"train.lr": 1e-5, "loss.beta": 2.0, "loss.gamma": 1.0},
+              {"train.lr": 1e-5, "loss.beta": 2.0, "loss.gamma": 0.5},
+              {"train.lr": 3e-6, "loss.beta": 2.0, "loss.gamma": 1.0}],
+    # the project's defaults (minmax rewards, log_z0 from the data), the paper's raw-reward setting, a larger β,
+    # a smaller learning rate
+    "rao": [{"train.lr": 1e-5, "loss.beta": 0.1},
+            {"train.lr": 1e-5, "loss.beta": 0.1, "loss.reward_normalization": "none", "loss.z0": 50.0},
+            {"train.lr": 1e-5, "loss.beta": 0.5},
+            {"train.lr": 3e-6, "loss.beta": 0.1}],
+    "grao": [{"train.lr": 1e-5, "loss.beta": 0.5, "loss.lam": 0.6}, {"train.lr": 3e-6, "loss.beta": 0.5, "loss.lam": 0.6}],
 }
+SETTING_METHODS = {"rule": "dpo,simpo,rpo,rao", "rm": "dpo,rpo,rao"}
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
-def grao_groups(groups: list[dict], prompts: dict[str, dict]) -> list[dict]:
-    """The groups with the task's reference answer appended (scored by the same rule: 1 by construction)."""
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------------------
+
+def split_groups(groups: list[dict], n_validation: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, validation) by prompt id, by a seeded shuffle of every group -- before any filtering."""
+    order = sorted(groups, key=lambda g: str(g["id"]))
+    random.Random(seed).shuffle(order)
+    return order[n_validation:], order[:n_validation]
+
+
+def differs(g: dict) -> bool:
+    return max(g["rewards"]) > min(g["rewards"])
+
+
+def preferred_probe(groups: list[dict]) -> list[dict]:
+    """One single-answer row per group whose rewards differ: its best answer (first of the best on ties)."""
+    out = []
+    for g in groups:
+        if differs(g):
+            best = g["rewards"].index(max(g["rewards"]))
+            out.append({"id": g["id"], "prompt": g["prompt"], "responses": [g["responses"][best]],
+                        "rewards": [g["rewards"][best]]})
+    return out
+
+
+def with_reference(groups: list[dict], prompts: dict[str, dict]) -> list[dict]:
+    """GRAO's groups: the task's reference answer appended (reward 1 by the rule)."""
     from rao_megatron.rewards.rule import exact_final_number
 
     out = []
@@ -61,15 +123,12 @@ def grao_groups(groups: list[dict], prompts: dict[str, dict]) -> list[dict]:
     return out
 
 
-def preferred_probe(groups: list[dict]) -> list[dict]:
-    """One single-answer row per group whose rewards differ: its best answer (first of the best on ties)."""
-    probe = []
-    for g in groups:
-        rewards = g["rewards"]
-        if max(rewards) > min(rewards):
-            best = rewards.index(max(rewards))
-            probe.append({"prompt": g["prompt"], "responses": [g["responses"][best]], "rewards": [rewards[best]]})
-    return probe
+# ------------------------------------------------------------------------------------------------------------
+# one run: train, probe, answer
+# ------------------------------------------------------------------------------------------------------------
+
+def overrides_of(point: dict[str, Any]) -> list[str]:
+    return [f"{k}={v}" for k, v in point.items()]
 
 
 def response_logps(cache: Path) -> dict[int, float]:
@@ -79,143 +138,374 @@ def response_logps(cache: Path) -> dict[int, float]:
     return dict(zip(t["seq_keys"].tolist(), t["response_logps"].tolist()))
 
 
-def probe_logps(args: argparse.Namespace, checkpoint: Path, probe: Path, cache: Path) -> dict[int, float]:
-    """log π(y_w | x) of every probe answer under ``checkpoint`` (forward only, the demo's layout)."""
-    if not cache.is_file():
-        run_command(torchrun_module(args.procs, "rao_megatron.cli.precompute_reference", "--config", CONFIG,
-                                    f"model.init_checkpoint={checkpoint}", f"data.train_path={probe}",
-                                    f"data.reference_cache={cache}", "data.eval_fraction=0",
-                                    f"train.output_dir={cache.parent}"))
+def forward_logps(args: argparse.Namespace, checkpoint: Path, data: Path, cache: Path) -> dict[int, float]:
+    """log π(y | x) of every answer of ``data`` under ``checkpoint`` (forward only, the demo's layout)."""
+    run_command(torchrun_module(args.procs, "rao_megatron.cli.precompute_reference", "--config", CONFIG,
+                                f"model.init_checkpoint={checkpoint}", f"data.train_path={data}",
+                                f"data.reference_cache={cache}", "data.eval_fraction=0",
+                                f"train.output_dir={cache.parent}"))
     return response_logps(cache)
 
 
-def displacement(start: dict[int, float], now: dict[int, float]) -> dict[str, float]:
-    deltas = [now[k] - start[k] for k in start]
-    return {"mean_delta_r": sum(deltas) / len(deltas), "share_lowered": sum(d < 0 for d in deltas) / len(deltas)}
-
-
-def checkpoints(run: Path) -> list[tuple[int, Path]]:
-    found = []
-    for d in sorted((run / "checkpoints").glob("step_*")):
-        if d.is_dir() and d.name[5:].isdigit():
-            found.append((int(d.name[5:]), d))
-    return found
-
-
-def accuracy(args: argparse.Namespace, hf_dir: Path, out: Path) -> dict:
-    if not out.is_file() or len(read_jsonl(out)) < args.heldout_prompts:
-        run_command(python_module("rao_megatron.cli.generate", "--model", hf_dir, "--prompts", args.heldout,
-                                  "--out", out, "--n", args.k, "--max-new-tokens", args.max_new_tokens,
-                                  "--temperature", args.temperature, "--seed", 1, "--backend", "hf",
-                                  "--no-progress"))
-    from rao_megatron.rewards.answers import evaluate_answers
+def score_answers(path: Path) -> dict[str, list[int]]:
+    """Per prompt id: 1/0 per sampled answer by the exact-final-number rule."""
     from rao_megatron.rewards.rule import exact_final_number
 
-    result = evaluate_answers([str(out)], reward_fn=exact_final_number)["results"][0]
-    return {"accuracy": result["accuracy"], "pass@1": result["pass@1"], "mean_chars": result["mean_chars"]}
+    return {str(r["id"]): [int(exact_final_number(r["prompt"], y, r) >= 1.0) for y in r["responses"]]
+            for r in read_jsonl(path)}
 
 
-def run_method(args: argparse.Namespace, method: str, data: Path, probe: Path, start_logps: dict[int, float]) -> dict:
-    out = args.out / method
-    result_file = out / "result.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    save_every = max(1, args.steps // args.points)
-    t0 = time.time()
-    run_command(torchrun_module(
-        args.procs, "rao_megatron.cli.train", "--config", CONFIG, f"loss.name={method}", *METHOD_ARGS[method],
-        f"model.init_checkpoint={args.demo / 'start_megatron'}", f"data.train_path={data}",
-        f"train.output_dir={fresh_dir(out / 'train')}", f"train.steps={args.steps}", "train.eval_every=0",
-        f"checkpoint.save_every={save_every}", f"checkpoint.keep_last={args.points + 1}"))
-    wall = time.time() - t0
-    curve = [{"step": 0, "mean_delta_r": 0.0, "share_lowered": 0.0}]
-    for step, ckpt in checkpoints(out / "train"):
-        now = probe_logps(args, ckpt, probe, out / f"probe_step{step}.safetensors")
-        curve.append({"step": step, **displacement(start_logps, now)})
-    run_command(python_module("rao_megatron.cli.convert", "megatron-to-hf", "--megatron", out / "train/checkpoints",
-                              "--out", fresh_dir(out / "hf"), "--no-progress"))
-    acc = accuracy(args, out / "hf", out / "heldout_answers.jsonl")
-    metrics = read_jsonl(out / "train" / "metrics.jsonl")
-    result = {"method": method, "train_seconds": round(wall, 1), "steps": args.steps, **acc, "delta_r": curve,
-              "final_loss": next((r["loss"] for r in reversed(metrics) if "loss" in r), None)}
-    result_file.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+def answer(args: argparse.Namespace, model_dir: Path, prompts: Path, out: Path, seed: int) -> dict[str, list[int]]:
+    run_command(python_module("rao_megatron.cli.generate", "--model", model_dir, "--prompts", prompts, "--out", out,
+                              "--n", args.k, "--max-new-tokens", args.max_new_tokens, "--temperature",
+                              args.temperature, "--seed", seed, "--backend", "hf", "--no-progress"))
+    return score_answers(out)
 
 
-def table(start: dict, results: list[dict]) -> str:
-    lines = ["| method | held-out accuracy | pass@1 | mean answer chars | mean Δ_R(y_w) at end | y_w made less likely |"
-             " train wall time |", "|---|---|---|---|---|---|---|",
-             f"| start (SmolLM2-135M-Instruct) | {start['accuracy']:.3f} | {start['pass@1']:.3f} | "
-             f"{start['mean_chars']:.1f} | 0 | 0% | — |"]
-    for r in results:
-        end = r["delta_r"][-1]
-        lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {r['pass@1']:.3f} | {r['mean_chars']:.1f} | "
-                     f"{end['mean_delta_r']:+.2f} | {100 * end['share_lowered']:.0f}% | {r['train_seconds']:.0f} s |")
+def accuracy(scores: dict[str, list[int]]) -> float:
+    flat = [x for v in scores.values() for x in v]
+    return sum(flat) / len(flat)
+
+
+class Runner:
+    """Runs (or takes from ``--reuse``) one training run and its measurements, keyed by everything it depends on."""
+
+    def __init__(self, args: argparse.Namespace, start_ckpt: Path, reference_cache: Path) -> None:
+        self.args, self.start_ckpt, self.reference_cache = args, start_ckpt, reference_cache
+        self.reuse = {}
+        if args.reuse:
+            for f in Path(args.reuse).rglob("result.json"):
+                r = json.loads(f.read_text())
+                self.reuse[r.get("key")] = r
+
+    def key(self, **parts: Any) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    def run(self, *, setting: str, method: str, point: dict[str, Any], seed: int, data: Path, eval_name: str,
+            eval_prompts: Path, probe: tuple[Path, dict[int, float]] | None) -> dict:
+        """``probe``: the preferred answers and their start log-probs, measured at the last step (or None)."""
+        args = self.args
+        ov = [f"loss.name={method}", *overrides_of(point)]
+        key = self.key(setting=setting, method=method, overrides=ov, seed=seed, steps=args.steps,
+                       batch=args.global_batch_groups, data=file_hash(data), start=args.start_id,
+                       eval=file_hash(eval_prompts), k=args.k, temperature=args.temperature,
+                       max_new_tokens=args.max_new_tokens, probe=probe and file_hash(probe[0]))
+        tag = f"{method}-{self.key(ov=ov)[:8]}-s{seed}-{eval_name}"
+        out = args.out / "runs" / setting / tag
+        result_file = out / "result.json"
+        if key in self.reuse:
+            out.mkdir(parents=True, exist_ok=True)
+            result_file.write_text(json.dumps(self.reuse[key], indent=1) + "\n")
+            print(f"reused {setting}/{tag} from {args.reuse}", flush=True)
+            return self.reuse[key]
+        if result_file.is_file() and json.loads(result_file.read_text()).get("key") == key:
+            return json.loads(result_file.read_text())  # finished earlier in this same --out
+        print(f"\n=== {setting}: {tag} ({' '.join(ov)}) ===", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        train_dir = fresh_dir(out / "train")
+        overrides = [*ov, f"model.init_checkpoint={self.start_ckpt}", f"data.train_path={data}",
+                     f"data.reference_cache={self.reference_cache}", "data.eval_fraction=0",
+                     f"data.seed={seed}", f"train.seed={seed}", f"train.steps={args.steps}",
+                     f"train.global_batch_groups={args.global_batch_groups}", "train.eval_every=0",
+                     f"train.output_dir={train_dir}", "checkpoint.keep_last=1"]
+        t0 = time.time()
+        run_command(torchrun_module(args.procs, "rao_megatron.cli.train", "--config", CONFIG, *overrides))
+        train_seconds = time.time() - t0
+        import yaml
+
+        resolved = yaml.safe_load((train_dir / "config.yaml").read_text())
+        metrics = read_jsonl(train_dir / "metrics.jsonl")
+        result: dict[str, Any] = {"key": key, "setting": setting, "method": method, "point": point, "seed": seed,
+                                  "overrides": overrides, "resolved_config": resolved, "eval": eval_name,
+                                  "train_seconds": round(train_seconds, 1),
+                                  "final_loss": next((m["loss"] for m in reversed(metrics) if "loss" in m), None)}
+        ckpt = train_dir / "checkpoints"
+        if probe:
+            now = forward_logps(args, ckpt, probe[0], out / "probe_end.safetensors")
+            deltas = [now[k] - probe[1][k] for k in probe[1]]
+            result["probe"] = {"step": args.steps, "answers": len(deltas), "mean_delta_r": sum(deltas) / len(deltas),
+                               "share_lowered": sum(d < 0 for d in deltas) / len(deltas)}
+        hf = fresh_dir(out / "hf")
+        run_command(python_module("rao_megatron.cli.convert", "megatron-to-hf", "--megatron", ckpt, "--out", hf,
+                                  "--no-progress"))
+        scores = answer(args, hf, eval_prompts, out / f"{eval_name}_answers.jsonl", seed)
+        result.update({"scores": scores, "accuracy": accuracy(scores)})
+        result_file.write_text(json.dumps(result, indent=1) + "\n")
+        if not args.keep:
+            shutil.rmtree(hf, ignore_errors=True)
+            shutil.rmtree(ckpt, ignore_errors=True)
+        return result
+
+
+# ------------------------------------------------------------------------------------------------------------
+# statistics
+# ------------------------------------------------------------------------------------------------------------
+
+def per_prompt(runs: list[dict]) -> dict[str, float]:
+    """Accuracy per held-out prompt, averaged over the runs (seeds)."""
+    ids = sorted(runs[0]["scores"])
+    return {i: sum(sum(r["scores"][i]) / len(r["scores"][i]) for r in runs) / len(runs) for i in ids}
+
+
+def bootstrap(per_method: dict[str, dict[str, float]], reps: int, seed: int) -> dict[str, list[float]]:
+    """Accuracy of every method over ``reps`` resamples of the prompts (the same resamples for every method)."""
+    ids = sorted(next(iter(per_method.values())))
+    rng = random.Random(seed)
+    draws: dict[str, list[float]] = {m: [] for m in per_method}
+    for _ in range(reps):
+        sample = [ids[rng.randrange(len(ids))] for _ in ids]
+        for m, acc in per_method.items():
+            draws[m].append(sum(acc[i] for i in sample) / len(sample))
+    return draws
+
+
+def interval(xs: list[float]) -> tuple[float, float]:
+    s = sorted(xs)
+    return s[int(0.025 * (len(s) - 1))], s[int(math.ceil(0.975 * (len(s) - 1)))]
+
+
+#: two-sided 95% Student t quantiles by degrees of freedom
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def mean_ci(xs: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% t-interval) over seeds."""
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, float("nan")
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    return m, T95.get(len(xs) - 1, 1.96) * sd / math.sqrt(len(xs))
+
+
+def summarise(setting: str, finals: dict[str, list[dict]], tuned: dict[str, dict], groups_used: dict[str, int],
+              reps: int) -> dict:
+    acc = {m: per_prompt(runs) for m, runs in finals.items()}
+    draws = bootstrap(acc, reps, seed=0)
+    rows = {}
+    for m, runs in finals.items():
+        mean = sum(acc[m].values()) / len(acc[m])
+        lo, hi = interval(draws[m])
+        row = {"accuracy": mean, "ci": [lo, hi], "seeds": [r["seed"] for r in runs],
+               "per_seed_accuracy": [r["accuracy"] for r in runs], "point": tuned[m]["point"],
+               "validation": tuned[m]["validation"], "groups_used": groups_used[m],
+               "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs)}
+        if all("probe" in r for r in runs):
+            share = mean_ci([r["probe"]["share_lowered"] for r in runs])
+            row["share_lowered"] = {"mean": share[0], "ci95": share[1]}
+            row["mean_delta_r"] = mean_ci([r["probe"]["mean_delta_r"] for r in runs])[0]
+        if m != "rao" and "rao" in finals:
+            diff = [a - b for a, b in zip(draws["rao"], draws[m])]
+            row["rao_minus_this"] = {"mean": sum(acc["rao"].values()) / len(acc["rao"]) - mean,
+                                     "ci": list(interval(diff)),
+                                     "rao_share_of_resamples_ahead": sum(d > 0 for d in diff) / len(diff)}
+        rows[m] = row
+    return {"setting": setting, "methods": rows}
+
+
+def table(summary: dict) -> str:
+    lines = ["| method | kept point (validation accuracy) | groups trained on | held-out accuracy [95% CI] | "
+             "RAO − method [95% CI] | y_w made less likely (mean ± 95% CI over seeds) | mean Δ_R(y_w) | "
+             "train time / run |", "|---|---|---|---|---|---|---|---|"]
+    for m, r in summary["methods"].items():
+        point = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in r["point"].items())
+        diff = r.get("rao_minus_this")
+        diff_s = f"{diff['mean']:+.3f} [{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}]" if diff else "—"
+        share = r.get("share_lowered")
+        share_s = f"{100 * share['mean']:.0f}% ± {100 * share['ci95']:.0f}" if share else "—"
+        dr = f"{r['mean_delta_r']:+.2f}" if "mean_delta_r" in r else "—"
+        lines.append(f"| {m} | {point} ({r['validation']:.3f}) | {r['groups_used']} | {r['accuracy']:.3f} "
+                     f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {diff_s} | {share_s} | {dr} | "
+                     f"{r['train_seconds']:.0f} s |")
     return "\n".join(lines)
 
 
-def plot(results: list[dict], start: dict, path: Path) -> None:
+def plot(summaries: list[dict], start: dict[str, float], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for r in results:
-        steps = [p["step"] for p in r["delta_r"]]
-        a.plot(steps, [p["mean_delta_r"] for p in r["delta_r"]], marker="o", label=r["method"])
-    a.axhline(0, color="grey", lw=0.8)
-    a.set(xlabel="optimizer step", ylabel="mean Δ_R of preferred answers", title="likelihood of y_w vs reference")
-    a.legend()
-    names = ["start"] + [r["method"] for r in results]
-    b.bar(names, [start["accuracy"]] + [r["accuracy"] for r in results], color="tab:blue")
-    b.set(ylabel="held-out accuracy", title="held-out arithmetic accuracy", ylim=(0, 1))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / max(1, len(summaries))
+    for k, s in enumerate(summaries):
+        names = list(s["methods"])
+        xs = [i + k * width for i in range(len(names))]
+        acc = [s["methods"][m]["accuracy"] for m in names]
+        err = [[a - s["methods"][m]["ci"][0] for m, a in zip(names, acc)],
+               [s["methods"][m]["ci"][1] - a for m, a in zip(names, acc)]]
+        axes[0].bar(xs, acc, width, yerr=err, capsize=3, label=f"{s['setting']} rewards")
+        axes[0].set_xticks([i + width * (len(summaries) - 1) / 2 for i in range(len(names))], names)
+        share = [100 * s["methods"][m].get("share_lowered", {}).get("mean", float("nan")) for m in names]
+        share_err = [100 * s["methods"][m].get("share_lowered", {}).get("ci95", 0.0) for m in names]
+        axes[1].bar(xs, share, width, yerr=share_err, capsize=3, label=f"{s['setting']} rewards")
+        axes[1].set_xticks([i + width * (len(summaries) - 1) / 2 for i in range(len(names))], names)
+    axes[0].axhline(start["accuracy"], color="grey", lw=0.8, ls="--", label="start model")
+    axes[0].set(ylabel="held-out accuracy", title="held-out accuracy (95% CI, paired bootstrap)", ylim=(0, 1))
+    axes[1].set(ylabel="% of y_w with Δ_R < 0", title="preferred answers made less likely (95% CI over seeds)")
+    for a in axes:
+        a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the two settings
+# ------------------------------------------------------------------------------------------------------------
+
+def reward_model_groups(args: argparse.Namespace, train: Path, validation: Path, start: Path) -> tuple[Path, dict]:
+    """Setting ``rm``: a Bradley–Terry RM on the training split's pairs, scoring every training answer."""
+    out = args.out / "rm"
+    scored = out / "train_rm_scored.jsonl"
+    report_file = out / "rm.json"
+    key = hashlib.sha256(json.dumps([file_hash(train), file_hash(validation), args.start_id, args.rm_steps,
+                                     args.rm_lr]).encode()).hexdigest()[:20]
+    out.mkdir(parents=True, exist_ok=True)
+    if args.reuse and (Path(args.reuse) / "rm" / "rm.json").is_file():
+        old = json.loads((Path(args.reuse) / "rm" / "rm.json").read_text())
+        if old.get("key") == key:
+            shutil.copy(Path(args.reuse) / "rm" / scored.name, scored)
+            report_file.write_text(json.dumps(old, indent=1) + "\n")
+            print(f"reused the reward model's scores from {args.reuse}", flush=True)
+            return scored, old
+    t0 = time.time()
+    rm_dir = fresh_dir(out / "train")
+    run_command(torchrun_module(args.procs, "rao_megatron.cli.train", "--config", CONFIG, "train.task=rm",
+                                "loss.name=bt", f"model.init_checkpoint={start}", f"data.train_path={train}",
+                                f"data.eval_path={validation}", f"train.steps={args.rm_steps}",
+                                f"train.lr={args.rm_lr}", "train.eval_every=0", f"train.output_dir={rm_dir}",
+                                "train.reference=auto", "checkpoint.keep_last=1"))
+    # the scores replace the rule rewards of every training answer
+
+    run_command(python_module("rao_megatron.cli.annotate", "--data", train, "--out", scored, "--reward-model",
+                              rm_dir / "checkpoints", "--pp", 1, "--no-progress", "--restart"))
+    metrics = read_jsonl(rm_dir / "metrics.jsonl")
+    last_eval = next((m for m in reversed(metrics) if any(k.startswith("eval") for k in m)), {})
+    rewards = [r for g in read_jsonl(scored) for r in g["rewards"]]
+    report = {"key": key, "steps": args.rm_steps, "lr": args.rm_lr, "seconds": round(time.time() - t0, 1),
+              "validation": {k: v for k, v in last_eval.items() if k.startswith("eval")},
+              "score_mean": sum(rewards) / len(rewards), "score_min": min(rewards), "score_max": max(rewards)}
+    report_file.write_text(json.dumps(report, indent=1) + "\n")
+    return scored, report
+
+
+def run_setting(args: argparse.Namespace, runner: Runner, setting: str, data: Path, validation_prompts: Path,
+                heldout: Path, prompts: dict[str, dict]) -> tuple[dict, dict]:
+    methods = [m.strip() for m in (args.methods or SETTING_METHODS[setting]).split(",") if m.strip()]
+    groups = read_jsonl(data)
+    grao_data = write_jsonl(with_reference(groups, prompts), args.out / f"{setting}_train_grao.jsonl") \
+        if "grao" in methods else None
+    probe_file = write_jsonl(preferred_probe(groups), args.out / f"{setting}_probe_preferred.jsonl")
+    probe = (probe_file, forward_logps(args, runner.start_ckpt, probe_file, args.out / f"{setting}_probe_start.safetensors"))
+    tuned, finals, used = {}, {}, {}
+    for m in methods:
+        d = grao_data if m == "grao" else data
+        used[m] = sum(differs(g) for g in groups) if m in PAIRWISE else len(groups)
+        grid = GRIDS[m][: args.grid_points]
+        scored = []
+        for point in grid:
+            r = runner.run(setting=setting, method=m, point=point, seed=args.seed_list[0], data=d,
+                           eval_name="validation", eval_prompts=validation_prompts, probe=None)
+            scored.append((r["accuracy"], point))
+        best = max(scored, key=lambda x: x[0])  # first on ties
+        tuned[m] = {"point": best[1], "validation": best[0],
+                    "grid": [{"point": p, "validation_accuracy": a} for a, p in scored]}
+        finals[m] = [runner.run(setting=setting, method=m, point=best[1], seed=s, data=d, eval_name="heldout",
+                                eval_prompts=heldout, probe=probe) for s in args.seed_list]
+    summary = summarise(setting, finals, tuned, used, args.bootstrap)
+    summary["grids"] = tuned
+    summary["train_groups"] = len(groups)
+    summary["tied_groups"] = sum(not differs(g) for g in groups)
+    summary["probe_answers"] = len(probe[1])
+    return summary, finals
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", default=str(REPO / "runs/demo"), help="the quick-start's run directory")
     p.add_argument("--out", default=str(REPO / "runs/alignment"))
-    p.add_argument("--methods", default="dpo,simpo,rpo,grao,rao")
-    p.add_argument("--steps", type=int, default=16, help="optimizer steps per method (the demo config's batch)")
-    p.add_argument("--points", type=int, default=2, help="checkpoints per run at which Δ_R is measured")
+    p.add_argument("--reuse", default=None, help="take finished runs with the same key from this directory")
+    p.add_argument("--settings", default="rule,rm", help="rule (0/1 rewards) and/or rm (Bradley–Terry scores)")
+    p.add_argument("--methods", default=None, help="comma list; default rule: dpo,simpo,rpo,rao; rm: dpo,rpo,rao")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per tuned method (1234, 1235, ...)")
+    p.add_argument("--grid-points", type=int, default=99, help="first N points of each method's grid")
+    p.add_argument("--validation", type=int, default=25, help="training prompts kept aside for tuning")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
+    p.add_argument("--global-batch-groups", type=int, default=8)
+    p.add_argument("--rm-steps", type=int, default=30)
+    p.add_argument("--rm-lr", type=float, default=1e-5)
     p.add_argument("--procs", type=int, default=2)
-    p.add_argument("--k", type=int, default=4, help="held-out answers per prompt")
+    p.add_argument("--k", type=int, default=4, help="sampled answers per held-out prompt")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--keep", action="store_true", help="keep every run's checkpoints and HF export")
     args = p.parse_args()
     args.demo, args.out = Path(args.demo).resolve(), Path(args.out).resolve()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHOD_ARGS))
-    if unknown:
-        p.error(f"unknown methods {unknown}; choose from {', '.join(METHOD_ARGS)}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    # the demo's data, start checkpoint and reference cache (its first six stages)
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    if unknown := sorted(set(settings) - set(SETTING_METHODS)):
+        p.error(f"unknown settings {unknown}; choose from rule, rm")
+    if args.methods and (unknown := sorted({m.strip() for m in args.methods.split(",")} - set(GRIDS))):
+        p.error(f"unknown methods {unknown}; choose from {', '.join(GRIDS)}")
+    if args.reuse and Path(args.reuse).resolve() == args.out:
+        p.error("--reuse must name another directory than --out (--out is emptied first)")
+    args.seed_list = [1234 + i for i in range(args.seeds)]
+    t_start = time.time()
+    if args.out.exists():
+        shutil.rmtree(args.out)  # no silent reuse: --reuse names what may be taken over
+    args.out.mkdir(parents=True)
     run_command(python_module("rao_megatron.cli.demo", "--out", args.demo, "--until", "reference"))
     data_dir = args.demo / "data"
-    groups = read_jsonl(data_dir / "train_groups.jsonl")
+    start_ckpt = args.demo / "start_megatron"
+    from rao_megatron.training.reference_cache import checkpoint_content_id
+
+    args.start_id = checkpoint_content_id(REPO / ".cache/smollm2-hf")  # the start's weights (converted exactly)
     prompts = {str(r["id"]): r for r in read_jsonl(data_dir / "train_prompts_grao.jsonl")}
-    args.heldout = data_dir / "heldout_prompts.jsonl"
-    args.heldout_prompts = len(read_jsonl(args.heldout))
-    grao_data = write_jsonl(grao_groups(groups, prompts), args.out / "train_groups_grao.jsonl")
-    probe = write_jsonl(preferred_probe(groups), args.out / "probe_preferred.jsonl")
-    start_logps = probe_logps(args, args.demo / "start_megatron", probe, args.out / "probe_start.safetensors")
-    start = accuracy(args, REPO / ".cache/smollm2-hf",
-                     args.out / "start_heldout_answers.jsonl")
-    results = []
-    for m in methods:
-        print(f"\n=== {m} ===", flush=True)
-        data = grao_data if m == "grao" else data_dir / "train_groups.jsonl"
-        results.append(run_method(args, m, data, probe, start_logps))
-    summary = {"start": start, "results": results, "steps": args.steps, "probe_answers": len(start_logps),
-               "train_groups": len(groups), "heldout_prompts": args.heldout_prompts, "k": args.k}
-    (args.out / "alignment.json").write_text(json.dumps(summary, indent=1) + "\n")
-    md = table(start, results)
+    inputs = args.out / "inputs"
+    inputs.mkdir()
+    earlier = Path(args.reuse) / "inputs" if args.reuse else None
+    if earlier is not None and earlier.is_dir():
+        # the earlier run's split (its sampled answers may differ in a last digit of rounding on another CPU,
+        # which would change every run's key): its runs are only reusable on the same data
+        for f in earlier.iterdir():
+            shutil.copy(f, inputs / f.name)
+        print(f"training / validation split taken from {earlier}", flush=True)
+    else:
+        train, validation = split_groups(read_jsonl(data_dir / "train_groups.jsonl"), args.validation, seed=0)
+        write_jsonl(train, inputs / "train_rule.jsonl")
+        write_jsonl(validation, inputs / "validation_rule.jsonl")
+        write_jsonl([prompts[str(g["id"])] for g in validation], inputs / "validation_prompts.jsonl")
+    train_file, validation_file = inputs / "train_rule.jsonl", inputs / "validation_rule.jsonl"
+    validation_prompts = inputs / "validation_prompts.jsonl"
+    train, validation = read_jsonl(train_file), read_jsonl(validation_file)
+    heldout = data_dir / "heldout_prompts.jsonl"
+    # the reference log-probs of the training split (RM-scored copies have the same sequences: same cache)
+    cache = args.out / "train_reference.safetensors"
+    run_command(torchrun_module(args.procs, "rao_megatron.cli.precompute_reference", "--config", CONFIG,
+                                f"model.init_checkpoint={start_ckpt}", f"data.train_path={train_file}",
+                                f"data.reference_cache={cache}", "data.eval_fraction=0",
+                                f"train.output_dir={args.out / 'reference'}"))
+    start_scores = answer(args, REPO / ".cache/smollm2-hf", heldout, args.out / "start_heldout_answers.jsonl",
+                          args.seed_list[0])
+    start = {"accuracy": accuracy(start_scores)}
+    runner = Runner(args, start_ckpt, cache)
+    summaries, rm_report = [], None
+    for setting in settings:
+        data = train_file
+        if setting == "rm":
+            data, rm_report = reward_model_groups(args, train_file, validation_file, start_ckpt)
+        summary, _ = run_setting(args, runner, setting, data, validation_prompts, heldout, prompts)
+        summaries.append(summary)
+    result = {"start": start, "settings": summaries, "rm": rm_report, "seeds": args.seed_list, "steps": args.steps,
+              "global_batch_groups": args.global_batch_groups, "train_groups": len(train),
+              "validation_prompts": len(validation), "heldout_prompts": len(start_scores), "k": args.k,
+              "wall_seconds": round(time.time() - t_start, 1),
+              "command": " ".join(sys.argv)}
+    (args.out / "alignment.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = "\n\n".join(f"**{s['setting']} rewards** ({s['train_groups']} training groups, {s['tied_groups']} of them "
+                     f"tied)\n\n{table(s)}" for s in summaries)
+    md += f"\n\nstart model held-out accuracy {start['accuracy']:.3f}; wall time {result['wall_seconds'] / 60:.0f} min"
     (args.out / "alignment.md").write_text(md + "\n")
-    plot(results, start, args.out / "alignment.png")
+    plot(summaries, start, args.out / "alignment.png")
     print("\n" + md)
     print(f"\n{args.out / 'alignment.json'}, {args.out / 'alignment.png'}")
     return 0

@@ -132,7 +132,7 @@ def calibration_lines(loss: Any, groups: run_data.RunGroups) -> list[str]:
     if not loss.spec.needs_rewards or not groups.train or groups.train[0].rewards is None:
         return []
     scale, shift = loss.reward_affine
-    lines = [f"rewards: normalised by {scale:.6g}·r {shift:+.6g} (loss.reward_normalization)"]
+    lines = [f"rewards: normalised by {scale:.6g}·r {shift + 0.0:+.6g} (loss.reward_normalization)"]  # no "-0"
     if loss.name != "rao":
         return lines
     h = {**loss.spec.defaults, **loss.hparams}
