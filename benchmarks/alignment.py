@@ -466,7 +466,7 @@ def main() -> int:
     if earlier is not None and earlier.is_dir():
         # the earlier run's split (its sampled answers may differ in a last digit of rounding on another CPU,
         # which would change every run's key): its runs are only reusable on the same data
-        for f in earlier.iterdir():
+        for f in earlier.glob("*.jsonl"):
             shutil.copy(f, inputs / f.name)
         print(f"training / validation split taken from {earlier}", flush=True)
     else:

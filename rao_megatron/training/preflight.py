@@ -140,8 +140,9 @@ def calibration_lines(loss: Any, groups: run_data.RunGroups) -> list[str]:
     user_scale, user_shift = h["reward_scale"], h["reward_shift"]
     t = target_range([g.rewards for g in groups.train], beta=beta, log_z0=log_z0, scale=user_scale * scale,
                      shift=user_scale * shift + user_shift)
+    lo, mean, hi = (round(x, 2) + 0.0 for x in (t.min, t.mean, t.max))  # + 0.0: never "-0.00"
     lines.append(f"RAO targets at step 0, Δ_R* = r/β − log_z0 (β {beta:g}, log_z0 {log_z0:.4g}): "
-                 f"min {t.min:+.2f} / mean {t.mean:+.2f} / max {t.max:+.2f} nats over {t.responses} responses")
+                 f"min {lo:+.2f} / mean {mean:+.2f} / max {hi:+.2f} nats over {t.responses} responses")
     if not t.sane:
         lines.append(f"warning: RAO asks for log-probability changes beyond ±{SANE_TARGET_NATS:g} nats, which no "
                      "fine-tuning run reaches; raise loss.beta, set loss.reward_normalization=minmax or zscore, or "
