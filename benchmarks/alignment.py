@@ -3,7 +3,8 @@ paired statistics; with rule rewards (0/1) and with a Bradley–Terry reward mod
 
     python benchmarks/alignment.py                                   # both settings, the whole protocol
     python benchmarks/alignment.py --settings rule --seeds 2 --grid-points 1 --steps 4    # a quick look
-    python benchmarks/alignment.py --reuse benchmarks/results/alignment   # finished runs are taken from there
+    python benchmarks/alignment.py --reuse benchmarks/results/alignment --results benchmarks/results/alignment
+                                              # continue: finished runs are taken from there, new ones added
 
 Protocol (docs/benchmarks.md has the figures, docs/rao.md the RAO settings):
 
@@ -67,15 +68,24 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "simpo": [{"train.lr": 1e-5, "loss.beta": 2.0, "loss.gamma": 1.0},
               {"train.lr": 1e-5, "loss.beta": 2.0, "loss.gamma": 0.5},
               {"train.lr": 3e-6, "loss.beta": 2.0, "loss.gamma": 1.0}],
-    # the project's defaults (minmax rewards, log_z0 from the data), the paper's raw-reward setting, a larger β,
-    # a smaller learning rate
+    # the project's defaults (minmax rewards, log_z0 from the data), the paper's raw-reward setting, a smaller
+    # learning rate, a larger β
     "rao": [{"train.lr": 1e-5, "loss.beta": 0.1},
             {"train.lr": 1e-5, "loss.beta": 0.1, "loss.reward_normalization": "none", "loss.z0": 50.0},
-            {"train.lr": 1e-5, "loss.beta": 0.5},
-            {"train.lr": 3e-6, "loss.beta": 0.1}],
+            {"train.lr": 3e-6, "loss.beta": 0.1},
+            {"train.lr": 1e-5, "loss.beta": 0.5}],
     "grao": [{"train.lr": 1e-5, "loss.beta": 0.5, "loss.lam": 0.6}, {"train.lr": 3e-6, "loss.beta": 0.5, "loss.lam": 0.6}],
 }
 SETTING_METHODS = {"rule": "dpo,simpo,rpo,rao", "rm": "dpo,rpo,rao"}
+
+
+def keep(args: argparse.Namespace, path: Path) -> None:
+    """Copy a finished artefact (a run's result.json, the split, the RM scores, the report) into ``--results``,
+    under the same relative path, so a stopped benchmark continues later with ``--reuse`` on that folder."""
+    if args.results:
+        dest = Path(args.results) / path.relative_to(args.out)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, dest)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -196,6 +206,7 @@ class Runner:
         if key in self.reuse:
             out.mkdir(parents=True, exist_ok=True)
             result_file.write_text(json.dumps(self.reuse[key], indent=1) + "\n")
+            keep(args, result_file)
             print(f"reused {setting}/{tag} from {args.reuse}", flush=True)
             return self.reuse[key]
         if result_file.is_file() and json.loads(result_file.read_text()).get("key") == key:
@@ -231,6 +242,7 @@ class Runner:
         scores = answer(args, hf, eval_prompts, out / f"{eval_name}_answers.jsonl", seed)
         result.update({"scores": scores, "accuracy": accuracy(scores)})
         result_file.write_text(json.dumps(result, indent=1) + "\n")
+        keep(args, result_file)
         if not args.keep:
             shutil.rmtree(hf, ignore_errors=True)
             shutil.rmtree(ckpt, ignore_errors=True)
@@ -365,6 +377,8 @@ def reward_model_groups(args: argparse.Namespace, train: Path, validation: Path,
         if old.get("key") == key:
             shutil.copy(Path(args.reuse) / "rm" / scored.name, scored)
             report_file.write_text(json.dumps(old, indent=1) + "\n")
+            keep(args, scored)
+            keep(args, report_file)
             print(f"reused the reward model's scores from {args.reuse}", flush=True)
             return scored, old
     t0 = time.time()
@@ -385,6 +399,8 @@ def reward_model_groups(args: argparse.Namespace, train: Path, validation: Path,
               "validation": {k: v for k, v in last_eval.items() if k.startswith("eval")},
               "score_mean": sum(rewards) / len(rewards), "score_min": min(rewards), "score_max": max(rewards)}
     report_file.write_text(json.dumps(report, indent=1) + "\n")
+    keep(args, scored)
+    keep(args, report_file)
     return scored, report
 
 
@@ -439,6 +455,8 @@ def main() -> int:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--keep", action="store_true", help="keep every run's checkpoints and HF export")
+    p.add_argument("--results", default=None, help="also copy every finished result (and the split, the RM "
+                                                   "scores, the report) here as it finishes: small files to keep")
     args = p.parse_args()
     args.demo, args.out = Path(args.demo).resolve(), Path(args.out).resolve()
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
@@ -448,6 +466,8 @@ def main() -> int:
         p.error(f"unknown methods {unknown}; choose from {', '.join(GRIDS)}")
     if args.reuse and Path(args.reuse).resolve() == args.out:
         p.error("--reuse must name another directory than --out (--out is emptied first)")
+    if args.results and Path(args.results).resolve() == args.out:
+        p.error("--results must name another directory than --out (--out is emptied first)")
     args.seed_list = [1234 + i for i in range(args.seeds)]
     t_start = time.time()
     if args.out.exists():
@@ -477,6 +497,8 @@ def main() -> int:
     train_file, validation_file = inputs / "train_rule.jsonl", inputs / "validation_rule.jsonl"
     validation_prompts = inputs / "validation_prompts.jsonl"
     train, validation = read_jsonl(train_file), read_jsonl(validation_file)
+    for f in (train_file, validation_file, validation_prompts):
+        keep(args, f)
     heldout = data_dir / "heldout_prompts.jsonl"
     # the reference log-probs of the training split (RM-scored copies have the same sequences: same cache)
     cache = args.out / "train_reference.safetensors"
@@ -506,6 +528,8 @@ def main() -> int:
     md += f"\n\nstart model held-out accuracy {start['accuracy']:.3f}; wall time {result['wall_seconds'] / 60:.0f} min"
     (args.out / "alignment.md").write_text(md + "\n")
     plot(summaries, start, args.out / "alignment.png")
+    for name in ("alignment.json", "alignment.md", "alignment.png"):
+        keep(args, args.out / name)
     print("\n" + md)
     print(f"\n{args.out / 'alignment.json'}, {args.out / 'alignment.png'}")
     return 0

@@ -1,0 +1,63 @@
+"""The alignment benchmark's split, probe and statistics (benchmarks/alignment.py) on hand-made runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "alignment.py"
+_spec = importlib.util.spec_from_file_location("alignment_benchmark", _PATH)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def _groups(n: int) -> list[dict]:
+    # every third group is tied (all answers wrong): the split must keep those on both sides
+    return [{"id": f"p{i}", "prompt": f"q{i}", "responses": ["a", "b", "c"],
+             "rewards": [0.0, 0.0, 0.0] if i % 3 == 0 else [0.0, 1.0, 1.0]} for i in range(n)]
+
+
+def test_split_is_by_prompt_before_filtering_and_seeded():
+    groups = _groups(30)
+    train, val = bench.split_groups(groups, 6, seed=0)
+    assert len(train) == 24 and len(val) == 6
+    assert {g["id"] for g in train}.isdisjoint({g["id"] for g in val})
+    assert {g["id"] for g in train + val} == {g["id"] for g in groups}
+    assert any(not bench.differs(g) for g in train) and any(bench.differs(g) for g in train)
+    assert bench.split_groups(list(reversed(groups)), 6, seed=0) == (train, val)  # input order does not matter
+    assert bench.split_groups(groups, 6, seed=1)[1] != val
+
+
+def test_probe_is_the_first_best_answer_of_groups_whose_rewards_differ():
+    probe = bench.preferred_probe(_groups(6))
+    assert [p["id"] for p in probe] == ["p1", "p2", "p4", "p5"]
+    assert all(p["responses"] == ["b"] and p["rewards"] == [1.0] for p in probe)
+
+
+def _run(seed: int, scores: dict[str, list[int]], share: float) -> dict:
+    flat = [x for v in scores.values() for x in v]
+    return {"seed": seed, "scores": scores, "accuracy": sum(flat) / len(flat), "train_seconds": 10.0,
+            "probe": {"share_lowered": share, "mean_delta_r": 0.5 - share}}
+
+
+def test_paired_statistics_by_hand():
+    ids = [f"p{i}" for i in range(8)]
+    base = {i: [1, 0, 0, 0] if k % 2 else [1, 1, 0, 0] for k, i in enumerate(ids)}  # 0.375 on average
+    better = {i: v[:2] + [1, 0] for i, v in base.items()}                            # +0.25 on every prompt
+    finals = {"dpo": [_run(1, base, 0.2), _run(2, base, 0.4)], "rao": [_run(1, better, 0.1), _run(2, better, 0.3)]}
+    tuned = {m: {"point": {"train.lr": 1e-5}, "validation": 0.5} for m in finals}
+    s = bench.summarise("rule", finals, tuned, {"dpo": 6, "rao": 8}, reps=500)
+    rao, dpo = s["methods"]["rao"], s["methods"]["dpo"]
+    assert dpo["accuracy"] == pytest.approx(0.375) and rao["accuracy"] == pytest.approx(0.625)
+    # paired over the same resampled prompts: a constant +0.25 per prompt has a zero-width interval
+    assert dpo["rao_minus_this"]["mean"] == pytest.approx(0.25)
+    assert dpo["rao_minus_this"]["ci"] == pytest.approx([0.25, 0.25])
+    assert dpo["ci"][0] < 0.375 < dpo["ci"][1]
+    # displacement share over seeds: mean 0.3, t(1) interval 12.706 * sd / sqrt(2)
+    assert dpo["share_lowered"]["mean"] == pytest.approx(0.3)
+    assert dpo["share_lowered"]["ci95"] == pytest.approx(12.706 * math.sqrt(0.02) / math.sqrt(2))
+    assert dpo["groups_used"] == 6 and "rao_minus_this" not in rao
+    assert "| rao |" in bench.table(s) and "+0.250 [+0.250, +0.250]" in bench.table(s)
