@@ -192,7 +192,7 @@ class Runner:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def run(self, *, setting: str, method: str, point: dict[str, Any], seed: int, data: Path, eval_name: str,
-            eval_prompts: Path, probe: tuple[Path, dict[int, float]] | None) -> dict:
+            eval_prompts: Path, probe: tuple[Path, dict[int, float]] | None) -> dict | None:
         """``probe``: the preferred answers and their start log-probs, measured at the last step (or None)."""
         args = self.args
         ov = [f"loss.name={method}", *overrides_of(point)]
@@ -211,6 +211,8 @@ class Runner:
             return self.reuse[key]
         if result_file.is_file() and json.loads(result_file.read_text()).get("key") == key:
             return json.loads(result_file.read_text())  # finished earlier in this same --out
+        if args.report:
+            return None  # --report: what is finished only
         print(f"\n=== {setting}: {tag} ({' '.join(ov)}) ===", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         train_dir = fresh_dir(out / "train")
@@ -315,9 +317,9 @@ def summarise(setting: str, finals: dict[str, list[dict]], tuned: dict[str, dict
 
 
 def table(summary: dict) -> str:
-    lines = ["| method | kept point (validation accuracy) | groups trained on | held-out accuracy [95% CI] | "
+    lines = ["| method | seeds | kept point (validation accuracy) | groups trained on | held-out accuracy [95% CI] | "
              "RAO − method [95% CI] | y_w made less likely (mean ± 95% CI over seeds) | mean Δ_R(y_w) | "
-             "train time / run |", "|---|---|---|---|---|---|---|---|"]
+             "train time / run |", "|---|---|---|---|---|---|---|---|---|"]
     for m, r in summary["methods"].items():
         point = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in r["point"].items())
         diff = r.get("rao_minus_this")
@@ -325,7 +327,7 @@ def table(summary: dict) -> str:
         share = r.get("share_lowered")
         share_s = f"{100 * share['mean']:.0f}% ± {100 * share['ci95']:.0f}" if share else "—"
         dr = f"{r['mean_delta_r']:+.2f}" if "mean_delta_r" in r else "—"
-        lines.append(f"| {m} | {point} ({r['validation']:.3f}) | {r['groups_used']} | {r['accuracy']:.3f} "
+        lines.append(f"| {m} | {len(r['seeds'])} | {point} ({r['validation']:.3f}) | {r['groups_used']} | {r['accuracy']:.3f} "
                      f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {diff_s} | {share_s} | {dr} | "
                      f"{r['train_seconds']:.0f} s |")
     return "\n".join(lines)
@@ -410,23 +412,33 @@ def run_setting(args: argparse.Namespace, runner: Runner, setting: str, data: Pa
     groups = read_jsonl(data)
     grao_data = write_jsonl(with_reference(groups, prompts), args.out / f"{setting}_train_grao.jsonl") \
         if "grao" in methods else None
+    data_for = {m: grao_data if m == "grao" else data for m in methods}
     probe_file = write_jsonl(preferred_probe(groups), args.out / f"{setting}_probe_preferred.jsonl")
-    probe = (probe_file, forward_logps(args, runner.start_ckpt, probe_file, args.out / f"{setting}_probe_start.safetensors"))
-    tuned, finals, used = {}, {}, {}
-    for m in methods:
-        d = grao_data if m == "grao" else data
+    probe = (probe_file, {} if args.report else
+             forward_logps(args, runner.start_ckpt, probe_file, args.out / f"{setting}_probe_start.safetensors"))
+    tuned, used = {}, {}
+    for m in methods:  # every grid first, then the seeds seed by seed: a stopped run leaves paired results
         used[m] = sum(differs(g) for g in groups) if m in PAIRWISE else len(groups)
-        grid = GRIDS[m][: args.grid_points]
         scored = []
-        for point in grid:
-            r = runner.run(setting=setting, method=m, point=point, seed=args.seed_list[0], data=d,
+        for point in GRIDS[m][: args.grid_points]:
+            r = runner.run(setting=setting, method=m, point=point, seed=args.seed_list[0], data=data_for[m],
                            eval_name="validation", eval_prompts=validation_prompts, probe=None)
-            scored.append((r["accuracy"], point))
-        best = max(scored, key=lambda x: x[0])  # first on ties
-        tuned[m] = {"point": best[1], "validation": best[0],
-                    "grid": [{"point": p, "validation_accuracy": a} for a, p in scored]}
-        finals[m] = [runner.run(setting=setting, method=m, point=best[1], seed=s, data=d, eval_name="heldout",
-                                eval_prompts=heldout, probe=probe) for s in args.seed_list]
+            if r is not None:
+                scored.append((r["accuracy"], point))
+        if scored:
+            best = max(scored, key=lambda x: x[0])  # first on ties
+            tuned[m] = {"point": best[1], "validation": best[0], "grid_complete": len(scored) == len(
+                GRIDS[m][: args.grid_points]), "grid": [{"point": p, "validation_accuracy": a} for a, p in scored]}
+    finals: dict[str, list[dict]] = {m: [] for m in tuned}
+    for s in args.seed_list:
+        for m in tuned:
+            r = runner.run(setting=setting, method=m, point=tuned[m]["point"], seed=s, data=data_for[m],
+                           eval_name="heldout", eval_prompts=heldout, probe=probe)
+            if r is not None:
+                finals[m].append(r)
+    finals = {m: runs for m, runs in finals.items() if runs}
+    if not finals:
+        return {"setting": setting, "methods": {}, "grids": tuned}, finals
     summary = summarise(setting, finals, tuned, used, args.bootstrap)
     summary["grids"] = tuned
     summary["train_groups"] = len(groups)
@@ -455,6 +467,8 @@ def main() -> int:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--keep", action="store_true", help="keep every run's checkpoints and HF export")
+    p.add_argument("--report", action="store_true", help="train nothing: the tables of what --reuse holds "
+                                                         "(methods with fewer seeds are marked)")
     p.add_argument("--results", default=None, help="also copy every finished result (and the split, the RM "
                                                    "scores, the report) here as it finishes: small files to keep")
     args = p.parse_args()
@@ -464,6 +478,8 @@ def main() -> int:
         p.error(f"unknown settings {unknown}; choose from rule, rm")
     if args.methods and (unknown := sorted({m.strip() for m in args.methods.split(",")} - set(GRIDS))):
         p.error(f"unknown methods {unknown}; choose from {', '.join(GRIDS)}")
+    if args.report and not args.reuse:
+        p.error("--report needs --reuse DIR (the finished runs to report)")
     if args.reuse and Path(args.reuse).resolve() == args.out:
         p.error("--reuse must name another directory than --out (--out is emptied first)")
     if args.results and Path(args.results).resolve() == args.out:
@@ -502,18 +518,26 @@ def main() -> int:
     heldout = data_dir / "heldout_prompts.jsonl"
     # the reference log-probs of the training split (RM-scored copies have the same sequences: same cache)
     cache = args.out / "train_reference.safetensors"
-    run_command(torchrun_module(args.procs, "rao_megatron.cli.precompute_reference", "--config", CONFIG,
-                                f"model.init_checkpoint={start_ckpt}", f"data.train_path={train_file}",
-                                f"data.reference_cache={cache}", "data.eval_fraction=0",
-                                f"train.output_dir={args.out / 'reference'}"))
-    start_scores = answer(args, REPO / ".cache/smollm2-hf", heldout, args.out / "start_heldout_answers.jsonl",
-                          args.seed_list[0])
+    if not args.report:
+        run_command(torchrun_module(args.procs, "rao_megatron.cli.precompute_reference", "--config", CONFIG,
+                                    f"model.init_checkpoint={start_ckpt}", f"data.train_path={train_file}",
+                                    f"data.reference_cache={cache}", "data.eval_fraction=0",
+                                    f"train.output_dir={args.out / 'reference'}"))
+    start_answers = args.out / "start_heldout_answers.jsonl"
+    if args.report and (Path(args.reuse) / start_answers.name).is_file():
+        shutil.copy(Path(args.reuse) / start_answers.name, start_answers)
+        start_scores = score_answers(start_answers)
+    else:
+        start_scores = answer(args, REPO / ".cache/smollm2-hf", heldout, start_answers, args.seed_list[0])
+    keep(args, start_answers)
     start = {"accuracy": accuracy(start_scores)}
     runner = Runner(args, start_ckpt, cache)
     summaries, rm_report = [], None
     for setting in settings:
         data = train_file
         if setting == "rm":
+            if args.report and not (Path(args.reuse) / "rm" / "rm.json").is_file():
+                continue  # no reward model yet
             data, rm_report = reward_model_groups(args, train_file, validation_file, start_ckpt)
         summary, _ = run_setting(args, runner, setting, data, validation_prompts, heldout, prompts)
         summaries.append(summary)
