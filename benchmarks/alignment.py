@@ -325,7 +325,8 @@ def table(summary: dict) -> str:
         diff = r.get("rao_minus_this")
         diff_s = f"{diff['mean']:+.3f} [{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}]" if diff else "—"
         share = r.get("share_lowered")
-        share_s = f"{100 * share['mean']:.0f}% ± {100 * share['ci95']:.0f}" if share else "—"
+        share_s = "—" if not share else f"{100 * share['mean']:.0f}%" + (
+            "" if math.isnan(share["ci95"]) else f" ± {100 * share['ci95']:.0f}")
         dr = f"{r['mean_delta_r']:+.2f}" if "mean_delta_r" in r else "—"
         lines.append(f"| {m} | {len(r['seeds'])} | {point} ({r['validation']:.3f}) | {r['groups_used']} | {r['accuracy']:.3f} "
                      f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {diff_s} | {share_s} | {dr} | "
