@@ -520,10 +520,7 @@ def main() -> int:
     # the reference log-probs of the training split (RM-scored copies have the same sequences: same cache)
     cache = args.out / "train_reference.safetensors"
     if not args.report:
-        run_command(torchrun_module(args.procs, "rao_megatron.cli.precompute_reference", "--config", CONFIG,
-                                    f"model.init_checkpoint={start_ckpt}", f"data.train_path={train_file}",
-                                    f"data.reference_cache={cache}", "data.eval_fraction=0",
-                                    f"train.output_dir={args.out / 'reference'}"))
+        forward_logps(args, start_ckpt, train_file, cache)
     start_answers = args.out / "start_heldout_answers.jsonl"
     if args.report and (Path(args.reuse) / start_answers.name).is_file():
         shutil.copy(Path(args.reuse) / start_answers.name, start_answers)

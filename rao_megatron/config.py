@@ -109,16 +109,15 @@ class LossConfig:
         ``reward_stats`` when they are known: rewards mapped by ``reward_normalization``, and RAO's ``log_z0``
         derived from them when neither ``log_z0`` nor ``z0`` is set (``losses.calibration``)."""
         from rao_megatron.losses import get_loss
-        from rao_megatron.losses.calibration import RewardStats, auto_log_z0, normalization_affine
+        from rao_megatron.losses.calibration import RewardStats, auto_log_z0, compose, normalization_affine
 
         spec = get_loss(self.name)
         hparams = self.hparams()
         stats = RewardStats.from_dict(self.reward_stats) if self.reward_stats else None
         affine = normalization_affine(self.reward_normalization, stats) if spec.needs_rewards else (1.0, 0.0)
         if self.name == "rao" and stats is not None and self.log_z0 is None and self.z0 is None:
-            user_scale, user_shift = hparams.get("reward_scale", 1.0), hparams.get("reward_shift", 0.0)
-            hparams["log_z0"] = auto_log_z0(stats, hparams.get("beta", spec.defaults["beta"]),
-                                            scale=user_scale * affine[0], shift=user_scale * affine[1] + user_shift)
+            scale, shift = compose(affine, hparams.get("reward_scale", 1.0), hparams.get("reward_shift", 0.0))
+            hparams["log_z0"] = auto_log_z0(stats, hparams.get("beta", spec.defaults["beta"]), scale, shift)
         return spec.bind(hparams, reward_affine=affine)
 
 

@@ -80,6 +80,12 @@ def normalization_affine(kind: str, stats: RewardStats | None) -> tuple[float, f
     return scale, -stats.min * scale
 
 
+def compose(affine: tuple[float, float], reward_scale: float = 1.0, reward_shift: float = 0.0) -> tuple[float, float]:
+    """The whole map from raw reward to RAO's reward: the normalisation ``affine``, then RAO's own
+    ``reward_scale`` / ``reward_shift``."""
+    return reward_scale * affine[0], reward_scale * affine[1] + reward_shift
+
+
 def auto_log_z0(stats: RewardStats, beta: float, scale: float = 1.0, shift: float = 0.0) -> float:
     """RAO's default ``log_z0`` for these (affinely mapped) rewards:
 

@@ -14,6 +14,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from rao_megatron.config import Config, ConfigError, dump_config
 from rao_megatron.data.packing import layout_summary
+from rao_megatron.losses import get_loss
 from rao_megatron.parallel import startup
 from rao_megatron.parallel.device import compute_device, to_device
 from rao_megatron.training import model_init, preflight, run_data
@@ -68,7 +69,7 @@ class Trainer:
         startup.start(cfg)
         self.output_dir = Path(cfg.train.output_dir)
         preflight.check_output_dir(cfg)  # start-up checks come before anything is built or written
-        self.spec = cfg.loss.build().spec
+        self.spec = get_loss(cfg.loss.name)  # the bound loss needs the data's reward statistics: below
         self.tokenizer = run_data.load_run_tokenizer(cfg)
         self.hf_config = model_init.resolve_hf_config(cfg, self.tokenizer)
         preflight.check_model_fits(cfg, self.tokenizer, self.hf_config)

@@ -126,7 +126,7 @@ def reward_calibration(cfg: Config, groups: run_data.RunGroups) -> None:
 def calibration_lines(loss: Any, groups: run_data.RunGroups) -> list[str]:
     """The start-up lines on the rewards a loss sees: the normalisation, and for RAO the range of step-0
     targets Δ_R* = r/β − log_z0 over the training responses, with a warning when it leaves the sane band."""
-    from rao_megatron.losses.calibration import SANE_TARGET_NATS, target_range
+    from rao_megatron.losses.calibration import SANE_TARGET_NATS, compose, target_range
     from rao_megatron.losses.rao import resolve_log_z0
 
     if not loss.spec.needs_rewards or not groups.train or groups.train[0].rewards is None:
@@ -137,9 +137,9 @@ def calibration_lines(loss: Any, groups: run_data.RunGroups) -> list[str]:
         return lines
     h = {**loss.spec.defaults, **loss.hparams}
     beta, log_z0 = h["beta"], resolve_log_z0(h.get("log_z0"), h.get("z0"))
-    user_scale, user_shift = h["reward_scale"], h["reward_shift"]
-    t = target_range([g.rewards for g in groups.train], beta=beta, log_z0=log_z0, scale=user_scale * scale,
-                     shift=user_scale * shift + user_shift)
+    total_scale, total_shift = compose((scale, shift), h["reward_scale"], h["reward_shift"])
+    t = target_range([g.rewards for g in groups.train], beta=beta, log_z0=log_z0, scale=total_scale,
+                     shift=total_shift)
     lo, mean, hi = (round(x, 2) + 0.0 for x in (t.min, t.mean, t.max))  # + 0.0: never "-0.00"
     lines.append(f"RAO targets at step 0, Δ_R* = r/β − log_z0 (β {beta:g}, log_z0 {log_z0:.4g}): "
                  f"min {lo:+.2f} / mean {mean:+.2f} / max {hi:+.2f} nats over {t.responses} responses")
