@@ -19,7 +19,9 @@ Protocol (docs/benchmarks.md has the figures, docs/rao.md the RAO settings):
    continuous reward; the policies train on those scores and are judged by the rule.
 3. Tuning: each method trains once per point of its small grid (``GRIDS``: learning rate × β, RAO's
    normalisation / Z0, SimPO's γ) with the first seed, and the point with the best accuracy on the validation
-   prompts is kept (first point on ties).
+   prompts is kept (first point on ties). The ``rm`` setting keeps the point each method's rule-setting grid chose
+   (the same model, data, steps and validation metric; only the reward source differs) unless ``--rm-grid`` asks
+   for a grid of its own: a second grid is ten more runs, which this 2-core box cannot fit beside the seeds.
 4. Seeds: the kept point trains with ``--seeds`` seeds; a seed sets the data order (``data.seed``), the
    initialisation of anything random (``train.seed``) and the sampling of the held-out answers. Every method
    sees the same seeds, so the comparison is paired.
@@ -301,7 +303,8 @@ def summarise(setting: str, finals: dict[str, list[dict]], tuned: dict[str, dict
         lo, hi = interval(draws[m])
         row = {"accuracy": mean, "ci": [lo, hi], "seeds": [r["seed"] for r in runs],
                "per_seed_accuracy": [r["accuracy"] for r in runs], "point": tuned[m]["point"],
-               "validation": tuned[m]["validation"], "groups_used": groups_used[m],
+               "validation": tuned[m]["validation"], "tuned_in": tuned[m].get("tuned_in", setting),
+               "groups_used": groups_used[m],
                "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs)}
         if all("probe" in r for r in runs):
             share = mean_ci([r["probe"]["share_lowered"] for r in runs])
@@ -328,7 +331,9 @@ def table(summary: dict) -> str:
         share_s = "—" if not share else f"{100 * share['mean']:.0f}%" + (
             "" if math.isnan(share["ci95"]) else f" ± {100 * share['ci95']:.0f}")
         dr = f"{r['mean_delta_r']:+.2f}" if "mean_delta_r" in r else "—"
-        lines.append(f"| {m} | {len(r['seeds'])} | {point} ({r['validation']:.3f}) | {r['groups_used']} | {r['accuracy']:.3f} "
+        where = "" if r.get("tuned_in", summary["setting"]) == summary["setting"] else f", {r['tuned_in']} grid"
+        lines.append(f"| {m} | {len(r['seeds'])} | {point} ({r['validation']:.3f}{where}) | {r['groups_used']} | "
+                     f"{r['accuracy']:.3f} "
                      f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {diff_s} | {share_s} | {dr} | "
                      f"{r['train_seconds']:.0f} s |")
     return "\n".join(lines)
@@ -342,18 +347,20 @@ def plot(summaries: list[dict], start: dict[str, float], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     width = 0.8 / max(1, len(summaries))
+    order = list(dict.fromkeys(m for s in summaries for m in s["methods"]))  # one x position per method
+    ticks = [i + width * (len(summaries) - 1) / 2 for i in range(len(order))]
     for k, s in enumerate(summaries):
         names = list(s["methods"])
-        xs = [i + k * width for i in range(len(names))]
+        xs = [order.index(m) + k * width for m in names]
         acc = [s["methods"][m]["accuracy"] for m in names]
         err = [[a - s["methods"][m]["ci"][0] for m, a in zip(names, acc)],
                [s["methods"][m]["ci"][1] - a for m, a in zip(names, acc)]]
         axes[0].bar(xs, acc, width, yerr=err, capsize=3, label=f"{s['setting']} rewards")
-        axes[0].set_xticks([i + width * (len(summaries) - 1) / 2 for i in range(len(names))], names)
         share = [100 * s["methods"][m].get("share_lowered", {}).get("mean", float("nan")) for m in names]
         share_err = [100 * s["methods"][m].get("share_lowered", {}).get("ci95", 0.0) for m in names]
         axes[1].bar(xs, share, width, yerr=share_err, capsize=3, label=f"{s['setting']} rewards")
-        axes[1].set_xticks([i + width * (len(summaries) - 1) / 2 for i in range(len(names))], names)
+    for a in axes:
+        a.set_xticks(ticks, order)
     axes[0].axhline(start["accuracy"], color="grey", lw=0.8, ls="--", label="start model")
     axes[0].set(ylabel="held-out accuracy", title="held-out accuracy (95% CI, paired bootstrap)", ylim=(0, 1))
     axes[1].set(ylabel="% of y_w with Δ_R < 0", title="preferred answers made less likely (95% CI over seeds)")
@@ -408,7 +415,8 @@ def reward_model_groups(args: argparse.Namespace, train: Path, validation: Path,
 
 
 def run_setting(args: argparse.Namespace, runner: Runner, setting: str, data: Path, validation_prompts: Path,
-                heldout: Path, prompts: dict[str, dict]) -> tuple[dict, dict]:
+                heldout: Path, prompts: dict[str, dict], kept: dict[str, dict] | None = None) -> tuple[dict, dict]:
+    """``kept``: tuned points to take over (method -> the other setting's grid result) instead of a grid here."""
     methods = [m.strip() for m in (args.methods or SETTING_METHODS[setting]).split(",") if m.strip()]
     groups = read_jsonl(data)
     grao_data = write_jsonl(with_reference(groups, prompts), args.out / f"{setting}_train_grao.jsonl") \
@@ -420,6 +428,9 @@ def run_setting(args: argparse.Namespace, runner: Runner, setting: str, data: Pa
     tuned, used = {}, {}
     for m in methods:  # every grid first, then the seeds seed by seed: a stopped run leaves paired results
         used[m] = sum(differs(g) for g in groups) if m in PAIRWISE else len(groups)
+        if kept and m in kept:
+            tuned[m] = {**kept[m], "tuned_in": kept[m].get("tuned_in", "rule")}
+            continue
         scored = []
         for point in GRIDS[m][: args.grid_points]:
             r = runner.run(setting=setting, method=m, point=point, seed=args.seed_list[0], data=data_for[m],
@@ -428,8 +439,9 @@ def run_setting(args: argparse.Namespace, runner: Runner, setting: str, data: Pa
                 scored.append((r["accuracy"], point))
         if scored:
             best = max(scored, key=lambda x: x[0])  # first on ties
-            tuned[m] = {"point": best[1], "validation": best[0], "grid_complete": len(scored) == len(
-                GRIDS[m][: args.grid_points]), "grid": [{"point": p, "validation_accuracy": a} for a, p in scored]}
+            tuned[m] = {"point": best[1], "validation": best[0], "tuned_in": setting, "grid_complete": len(
+                scored) == len(GRIDS[m][: args.grid_points]),
+                "grid": [{"point": p, "validation_accuracy": a} for a, p in scored]}
     finals: dict[str, list[dict]] = {m: [] for m in tuned}
     for s in args.seed_list:
         for m in tuned:
@@ -460,6 +472,8 @@ def main() -> int:
     p.add_argument("--validation", type=int, default=25, help="training prompts kept aside for tuning")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     p.add_argument("--global-batch-groups", type=int, default=8)
+    p.add_argument("--rm-grid", action="store_true", help="tune the rm setting on its own grid (default: each "
+                   "method keeps the point its rule-setting grid chose, when that setting runs first)")
     p.add_argument("--rm-steps", type=int, default=30)
     p.add_argument("--rm-lr", type=float, default=1e-5)
     p.add_argument("--procs", type=int, default=2)
@@ -537,7 +551,10 @@ def main() -> int:
             if args.report and not (Path(args.reuse) / "rm" / "rm.json").is_file():
                 continue  # no reward model yet
             data, rm_report = reward_model_groups(args, train_file, validation_file, start_ckpt)
-        summary, _ = run_setting(args, runner, setting, data, validation_prompts, heldout, prompts)
+        kept = None
+        if setting == "rm" and not args.rm_grid:
+            kept = next((s["grids"] for s in summaries if s["setting"] == "rule"), None)
+        summary, _ = run_setting(args, runner, setting, data, validation_prompts, heldout, prompts, kept)
         summaries.append(summary)
     result = {"start": start, "settings": summaries, "rm": rm_report, "seeds": args.seed_list, "steps": args.steps,
               "global_batch_groups": args.global_batch_groups, "train_groups": len(train),

@@ -61,3 +61,39 @@ def test_paired_statistics_by_hand():
     assert dpo["share_lowered"]["ci95"] == pytest.approx(12.706 * math.sqrt(0.02) / math.sqrt(2))
     assert dpo["groups_used"] == 6 and "rao_minus_this" not in rao
     assert "| rao |" in bench.table(s) and "+0.250 [+0.250, +0.250]" in bench.table(s)
+
+
+class _FakeRunner:
+    """Records every run asked for; validation accuracy depends on the point's lr, held-out on the seed."""
+
+    start_ckpt = Path("start")
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict, int, str]] = []
+
+    def run(self, *, setting, method, point, seed, data, eval_name, eval_prompts, probe):
+        self.calls.append((setting, method, point, seed, eval_name))
+        acc = 0.9 if point.get("train.lr") == 3e-6 else 0.5
+        return _run(seed, {"p0": [1, 0], "p1": [int(seed % 2), 1]}, 0.1) | {"accuracy": acc}
+
+
+@pytest.mark.parametrize("transfer", [False, True])
+def test_rm_setting_keeps_the_rule_grid_point_or_tunes_its_own(tmp_path, monkeypatch, transfer):
+    monkeypatch.setattr(bench, "forward_logps", lambda *a, **k: {0: -1.0})
+    args = type("A", (), {"out": tmp_path, "methods": "dpo,rao", "report": False, "grid_points": 99,
+                          "seed_list": [1, 2], "bootstrap": 50})()
+    data = bench.write_jsonl(_groups(6), tmp_path / "train.jsonl")
+    rule_runner = _FakeRunner()
+    rule, _ = bench.run_setting(args, rule_runner, "rule", data, tmp_path / "v", tmp_path / "h", {})
+    assert {c[4] for c in rule_runner.calls} == {"validation", "heldout"}
+    assert rule["grids"]["dpo"]["point"] == {"train.lr": 3e-6, "loss.beta": 0.1}  # the best validation point
+    rm_runner = _FakeRunner()
+    kept = rule["grids"] if transfer else None
+    rm, _ = bench.run_setting(args, rm_runner, "rm", data, tmp_path / "v", tmp_path / "h", {}, kept)
+    validation_runs = [c for c in rm_runner.calls if c[4] == "validation"]
+    assert len(validation_runs) == (0 if transfer else len(bench.GRIDS["dpo"]) + len(bench.GRIDS["rao"]))
+    heldout = [c for c in rm_runner.calls if c[4] == "heldout"]
+    assert [(c[1], c[3]) for c in heldout] == [("dpo", 1), ("rao", 1), ("dpo", 2), ("rao", 2)]
+    assert all(c[2] == rule["grids"][c[1]]["point"] for c in heldout)
+    assert rm["methods"]["dpo"]["tuned_in"] == ("rule" if transfer else "rm")
+    assert ("rule grid" in bench.table(rm)) == transfer
