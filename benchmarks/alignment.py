@@ -303,7 +303,7 @@ def summarise(setting: str, finals: dict[str, list[dict]], tuned: dict[str, dict
         lo, hi = interval(draws[m])
         row = {"accuracy": mean, "ci": [lo, hi], "seeds": [r["seed"] for r in runs],
                "per_seed_accuracy": [r["accuracy"] for r in runs], "point": tuned[m]["point"],
-               "validation": tuned[m]["validation"], "tuned_in": tuned[m].get("tuned_in", setting),
+               "validation": tuned[m]["validation"], "tuned_in": tuned[m]["tuned_in"],
                "groups_used": groups_used[m],
                "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs)}
         if all("probe" in r for r in runs):
@@ -429,7 +429,7 @@ def run_setting(args: argparse.Namespace, runner: Runner, setting: str, data: Pa
     for m in methods:  # every grid first, then the seeds seed by seed: a stopped run leaves paired results
         used[m] = sum(differs(g) for g in groups) if m in PAIRWISE else len(groups)
         if kept and m in kept:
-            tuned[m] = {**kept[m], "tuned_in": kept[m].get("tuned_in", "rule")}
+            tuned[m] = kept[m]  # carries its "tuned_in"
             continue
         scored = []
         for point in GRIDS[m][: args.grid_points]:

@@ -48,7 +48,7 @@ def test_paired_statistics_by_hand():
     base = {i: [1, 0, 0, 0] if k % 2 else [1, 1, 0, 0] for k, i in enumerate(ids)}  # 0.375 on average
     better = {i: v[:2] + [1, 0] for i, v in base.items()}                            # +0.25 on every prompt
     finals = {"dpo": [_run(1, base, 0.2), _run(2, base, 0.4)], "rao": [_run(1, better, 0.1), _run(2, better, 0.3)]}
-    tuned = {m: {"point": {"train.lr": 1e-5}, "validation": 0.5} for m in finals}
+    tuned = {m: {"point": {"train.lr": 1e-5}, "validation": 0.5, "tuned_in": "rule"} for m in finals}
     s = bench.summarise("rule", finals, tuned, {"dpo": 6, "rao": 8}, reps=500)
     rao, dpo = s["methods"]["rao"], s["methods"]["dpo"]
     assert dpo["accuracy"] == pytest.approx(0.375) and rao["accuracy"] == pytest.approx(0.625)
