@@ -33,6 +33,10 @@ Protocol (docs/benchmarks.md has the figures, docs/rao.md the RAO settings):
    (the same resampled prompts for every method); RAO minus each baseline with its paired-bootstrap CI;
    displacement share mean ± 95% t-interval over seeds.
 
+Variants (``VARIANTS``, only when named in ``--methods`` / ``--rm-methods``): a method's loss with overrides added,
+e.g. ``rao_fixed_logz`` (RAO with log Z held at log_z0); where the rm setting keeps the rule grid's points, a
+variant trains at its base method's point.
+
 Nothing is reused silently: ``--out`` is emptied at the start unless ``--reuse DIR`` names a directory whose
 finished runs (``result.json``, keyed by a hash of the whole run: data, start, overrides, seed, steps) are
 copied instead of recomputed. Every result records its command-line overrides and resolved config.
@@ -78,6 +82,13 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
             {"train.lr": 1e-5, "loss.beta": 0.5}],
     "grao": [{"train.lr": 1e-5, "loss.beta": 0.5, "loss.lam": 0.6}, {"train.lr": 3e-6, "loss.beta": 0.5, "loss.lam": 0.6}],
 }
+#: variants of a method (asked for by name, never run by default): the method's loss with these overrides added.
+#: Where a setting keeps the rule grid's points, a variant trains at its base method's point.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # RAO with log Z held at log_z0 (no sg(Δ_P)): measures the log Z drift seen with the reward model's scores
+    "rao_fixed_logz": ("rao", {"loss.prefix_consistency": False}),
+}
+GRIDS.update({name: [{**p, **extra} for p in GRIDS[base]] for name, (base, extra) in VARIANTS.items()})
 SETTING_METHODS = {"rule": "dpo,simpo,rpo,rao", "rm": "dpo,rpo,rao"}
 
 
@@ -197,7 +208,7 @@ class Runner:
             eval_prompts: Path, probe: tuple[Path, dict[int, float]] | None) -> dict | None:
         """``probe``: the preferred answers and their start log-probs, measured at the last step (or None)."""
         args = self.args
-        ov = [f"loss.name={method}", *overrides_of(point)]
+        ov = [f"loss.name={VARIANTS.get(method, (method,))[0]}", *overrides_of(point)]
         key = self.key(setting=setting, method=method, overrides=ov, seed=seed, steps=args.steps,
                        batch=args.global_batch_groups, data=file_hash(data), start=args.start_id,
                        eval=file_hash(eval_prompts), k=args.k, temperature=args.temperature,
@@ -417,7 +428,8 @@ def reward_model_groups(args: argparse.Namespace, train: Path, validation: Path,
 def run_setting(args: argparse.Namespace, runner: Runner, setting: str, data: Path, validation_prompts: Path,
                 heldout: Path, prompts: dict[str, dict], kept: dict[str, dict] | None = None) -> tuple[dict, dict]:
     """``kept``: tuned points to take over (method -> the other setting's grid result) instead of a grid here."""
-    methods = [m.strip() for m in (args.methods or SETTING_METHODS[setting]).split(",") if m.strip()]
+    asked = (args.rm_methods if setting == "rm" else None) or args.methods or SETTING_METHODS[setting]
+    methods = [m.strip() for m in asked.split(",") if m.strip()]
     groups = read_jsonl(data)
     grao_data = write_jsonl(with_reference(groups, prompts), args.out / f"{setting}_train_grao.jsonl") \
         if "grao" in methods else None
@@ -430,6 +442,10 @@ def run_setting(args: argparse.Namespace, runner: Runner, setting: str, data: Pa
         used[m] = sum(differs(g) for g in groups) if m in PAIRWISE else len(groups)
         if kept and m in kept:
             tuned[m] = kept[m]  # carries its "tuned_in"
+            continue
+        if kept and m in VARIANTS and VARIANTS[m][0] in kept:  # a variant at its base method's kept point
+            base, extra = VARIANTS[m]
+            tuned[m] = {**kept[base], "point": {**kept[base]["point"], **extra}}
             continue
         scored = []
         for point in GRIDS[m][: args.grid_points]:
@@ -472,6 +488,8 @@ def main() -> int:
     p.add_argument("--validation", type=int, default=25, help="training prompts kept aside for tuning")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     p.add_argument("--global-batch-groups", type=int, default=8)
+    p.add_argument("--rm-methods", default=None, help="the rm setting's methods (default: --methods, else "
+                   f"dpo,rpo,rao); variants: {', '.join(VARIANTS)}")
     p.add_argument("--rm-grid", action="store_true", help="tune the rm setting on its own grid (default: each "
                    "method keeps the point its rule-setting grid chose, when that setting runs first)")
     p.add_argument("--rm-steps", type=int, default=30)
@@ -491,8 +509,9 @@ def main() -> int:
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     if unknown := sorted(set(settings) - set(SETTING_METHODS)):
         p.error(f"unknown settings {unknown}; choose from rule, rm")
-    if args.methods and (unknown := sorted({m.strip() for m in args.methods.split(",")} - set(GRIDS))):
-        p.error(f"unknown methods {unknown}; choose from {', '.join(GRIDS)}")
+    for flag, value in (("--methods", args.methods), ("--rm-methods", args.rm_methods)):
+        if value and (unknown := sorted({m.strip() for m in value.split(",")} - set(GRIDS))):
+            p.error(f"{flag}: unknown methods {unknown}; choose from {', '.join(GRIDS)}")
     if args.report and not args.reuse:
         p.error("--report needs --reuse DIR (the finished runs to report)")
     if args.reuse and Path(args.reuse).resolve() == args.out:

@@ -81,6 +81,8 @@ class LossConfig:
     z0: float | None = _f(None, "RAO: Z0 > 0, convenience for log_z0 = ln z0 (give one of the two).", gt=0)
     reward_scale: float | None = _f(None, "RAO: multiply explicit rewards before the loss (default 1).", gt=0)
     reward_shift: float | None = _f(None, "RAO: add to explicit rewards after scaling (default 0).")
+    prefix_consistency: bool | None = _f(None, "RAO: log Z = log_z0 + sg(Δ_P) (true, the paper's Eq. 6, the "
+                                               "default) or the constant log_z0 (false; an ablation, docs/rao.md).")
     label_smoothing: float | None = _f(None, "DPO: label smoothing ε (cDPO / robust DPO).", ge=0, lt=0.5)
     gamma: float | None = _f(None, "SimPO: target reward margin γ.")
     lam: float | None = _f(None, "ORPO: weight of the odds-ratio term; GRAO: weight of the alignment term.", ge=0)

@@ -2,6 +2,7 @@
 
 Paper Algorithm 1, with the choices of DESIGN §2:
     log Z_i = log_z0 + stopgrad(Δ_P(x_i))            prefix consistency (Eq. 6), Z_i detached
+                                                     (prefix_consistency=False: log Z_i = log_z0, an ablation)
     r̂_ij    = β·Δ_R(y_ij) + β·log Z_i                  implicit reward
     L_i     = (1/K_i) Σ_j (r_ij − r̂_ij)²               point-wise MSE; batch loss = mean over groups
 with Δ_R = R_θ(y) − R_ref(y), Δ_P = P_θ(x) − P_ref(x), and r = reward_scale·r_raw + reward_shift.
@@ -34,14 +35,19 @@ def resolve_log_z0(log_z0: float | None, z0: float | None) -> float:
     return checks.finite("rao", "log_z0", log_z0)
 
 
-def implicit_rewards(stats: SequenceStats, beta: float, log_z0: float) -> tuple[Tensor, Tensor]:
-    """``(r̂ [N], log Z [G])``: β·Δ_R + β·log Z_i, with Δ_P averaged once per group and detached."""
+def implicit_rewards(stats: SequenceStats, beta: float, log_z0: float,
+                     prefix_consistency: bool = True) -> tuple[Tensor, Tensor]:
+    """``(r̂ [N], log Z [G])``: β·Δ_R + β·log Z_i, with Δ_P averaged once per group and detached
+    (``prefix_consistency=False``: log Z_i = log_z0 for every group, Δ_P left out)."""
     groups = make_groups(stats.group_ids)
     delta_r = stats.policy_logps - stats.ref_logps
-    # Δ_P is identical for every response of a prompt (causal attention); averaging over the group
-    # computes it once per group and absorbs rounding differences between the copies.
-    delta_p = group_mean((stats.policy_prompt_logps - stats.ref_prompt_logps).detach().to(delta_r.dtype),
-                         groups.index, groups.count)
+    if prefix_consistency:
+        # Δ_P is identical for every response of a prompt (causal attention); averaging over the group
+        # computes it once per group and absorbs rounding differences between the copies.
+        delta_p = group_mean((stats.policy_prompt_logps - stats.ref_prompt_logps).detach().to(delta_r.dtype),
+                             groups.index, groups.count)
+    else:
+        delta_p = delta_r.new_zeros(groups.count)
     log_z = log_z0 + delta_p
     return beta * delta_r + beta * log_z[groups.index], log_z
 
@@ -49,8 +55,10 @@ def implicit_rewards(stats: SequenceStats, beta: float, log_z0: float) -> tuple[
 @register("rao", formula="(1/K) Σ_j (r_j − β·Δ_R(y_j) − β·(log_z0 + sg(Δ_P(x))))²",
           needs_reference=True, needs_rewards=True, pairwise=False)
 def rao_terms(stats: SequenceStats, beta: float = 0.1, log_z0: float | None = None, z0: float | None = None,
-              reward_scale: float = 1.0, reward_shift: float = 0.0) -> tuple[Tensor, Tensor, dict[str, float]]:
-    """Per-group RAO losses ``[G]``, unit weights ``[G]`` and the metrics of DESIGN §2."""
+              reward_scale: float = 1.0, reward_shift: float = 0.0,
+              prefix_consistency: bool = True) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """Per-group RAO losses ``[G]``, unit weights ``[G]`` and the metrics of DESIGN §2. ``prefix_consistency``
+    False drops sg(Δ_P) from log Z (a constant log_z0; not the paper's method, kept to measure its effect)."""
     beta = checks.positive("rao", "beta", beta)
     log_z0 = resolve_log_z0(log_z0, z0)
     reward_scale = checks.positive("rao", "reward_scale", reward_scale)
@@ -58,7 +66,7 @@ def rao_terms(stats: SequenceStats, beta: float = 0.1, log_z0: float | None = No
     stats.require("rao", "policy_logps", "ref_logps", "policy_prompt_logps", "ref_prompt_logps", "rewards")
 
     groups = make_groups(stats.group_ids)
-    r_hat, log_z = implicit_rewards(stats, beta, log_z0)
+    r_hat, log_z = implicit_rewards(stats, beta, log_z0, bool(prefix_consistency))
     target = stats.rewards.to(r_hat.dtype) * reward_scale + reward_shift
     residual = target - r_hat
     per_group = group_mean(residual.square(), groups.index, groups.count)

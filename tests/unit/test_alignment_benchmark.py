@@ -80,8 +80,8 @@ class _FakeRunner:
 @pytest.mark.parametrize("transfer", [False, True])
 def test_rm_setting_keeps_the_rule_grid_point_or_tunes_its_own(tmp_path, monkeypatch, transfer):
     monkeypatch.setattr(bench, "forward_logps", lambda *a, **k: {0: -1.0})
-    args = type("A", (), {"out": tmp_path, "methods": "dpo,rao", "report": False, "grid_points": 99,
-                          "seed_list": [1, 2], "bootstrap": 50})()
+    args = type("A", (), {"out": tmp_path, "methods": "dpo,rao", "rm_methods": None, "report": False,
+                          "grid_points": 99, "seed_list": [1, 2], "bootstrap": 50})()
     data = bench.write_jsonl(_groups(6), tmp_path / "train.jsonl")
     rule_runner = _FakeRunner()
     rule, _ = bench.run_setting(args, rule_runner, "rule", data, tmp_path / "v", tmp_path / "h", {})
@@ -97,3 +97,37 @@ def test_rm_setting_keeps_the_rule_grid_point_or_tunes_its_own(tmp_path, monkeyp
     assert all(c[2] == rule["grids"][c[1]]["point"] for c in heldout)
     assert rm["methods"]["dpo"]["tuned_in"] == ("rule" if transfer else "rm")
     assert ("rule grid" in bench.table(rm)) == transfer
+
+
+def test_a_variant_trains_at_its_base_methods_kept_point_in_the_rm_setting_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "forward_logps", lambda *a, **k: {0: -1.0})
+    args = type("A", (), {"out": tmp_path, "methods": None, "rm_methods": "rao,rao_fixed_logz", "report": False,
+                          "grid_points": 99, "seed_list": [1], "bootstrap": 50})()
+    data = bench.write_jsonl(_groups(6), tmp_path / "train.jsonl")
+    rule_runner = _FakeRunner()
+    rule, _ = bench.run_setting(args, rule_runner, "rule", data, tmp_path / "v", tmp_path / "h", {})
+    assert set(rule["methods"]) == {"dpo", "simpo", "rpo", "rao"}  # --rm-methods leaves the rule setting alone
+    rm_runner = _FakeRunner()
+    rm, _ = bench.run_setting(args, rm_runner, "rm", data, tmp_path / "v", tmp_path / "h", {}, rule["grids"])
+    assert [c[4] for c in rm_runner.calls] == ["heldout", "heldout"]  # no grid: the kept points
+    base = rule["grids"]["rao"]["point"]
+    assert rm_runner.calls[1][1:3] == ("rao_fixed_logz", {**base, "loss.prefix_consistency": False})
+    assert rm["methods"]["rao_fixed_logz"]["tuned_in"] == "rule" and "rao_minus_this" in rm["methods"]["rao_fixed_logz"]
+
+
+def test_a_variant_trains_its_base_loss_with_its_overrides(tmp_path, monkeypatch):
+    commands = []
+
+    def fake_command(cmd):
+        commands.append([str(c) for c in cmd])
+        raise SystemExit  # stop after the training command: only its overrides matter here
+
+    monkeypatch.setattr(bench, "run_command", fake_command)
+    args = type("A", (), {"out": tmp_path, "steps": 1, "global_batch_groups": 1, "start_id": "x", "k": 1,
+                          "temperature": 1.0, "max_new_tokens": 1, "report": False, "reuse": None, "procs": 1})()
+    data = bench.write_jsonl(_groups(2), tmp_path / "train.jsonl")
+    runner = bench.Runner(args, tmp_path / "start", tmp_path / "ref.safetensors")
+    with pytest.raises(SystemExit):
+        runner.run(setting="rm", method="rao_fixed_logz", point=bench.GRIDS["rao_fixed_logz"][0], seed=1, data=data,
+                   eval_name="heldout", eval_prompts=data, probe=None)
+    assert "loss.name=rao" in commands[0] and "loss.prefix_consistency=False" in commands[0]

@@ -67,6 +67,33 @@ def test_rao_two_groups_scale_shift_and_displacement():
     assert m["rewards/worst"] == pytest.approx(1.0)  # B's worst (r' = -1): r̂ = 1
 
 
+def test_rao_without_prefix_consistency_uses_the_constant_log_z0():
+    # the groups of the test above, log Z = log_z0 = 2 for both (B's Δ_P = -1 left out)
+    # A: r̂ = 0.5 + 2 = 2.5, r' = 1 -> sq 2.25
+    # B: r̂ = [-0.5, 0, 1] + 2 = [1.5, 2, 3]; r' = [3, -1, 1]; residuals [1.5, -3, -2] -> (2.25 + 9 + 4)/3
+    # loss = (2.25 + 15.25/3)/2
+    from rao_megatron.config import load_config
+
+    kw = dict(policy_logps=[-1.0, -2.5, -2.0, -1.0], ref_logps=[-1.5, -2.0, -2.0, -2.0], lengths=[1, 1, 1, 1],
+              rewards=[1.0, 2.0, 0.0, 1.0], group_ids=[0, 1, 1, 1], ref_prompt_logps=[0.0, -3.0, -3.0, -3.0])
+    s = stats(policy_prompt_logps=[0.0, -4.0, -4.0, -4.0], **kw)
+    loss, m = get_loss("rao")(s, beta=1.0, log_z0=2.0, reward_scale=2.0, reward_shift=-1.0, prefix_consistency=False)
+    assert loss.item() == pytest.approx((2.25 + 15.25 / 3) / 2)
+    assert m["log_z"] == pytest.approx(2.0)
+    # the prompt's log-probs no longer matter; with prefix consistency they do (the test above: 3.0)
+    moved = stats(policy_prompt_logps=[5.0, 1.0, 1.0, 1.0], **kw)
+    assert get_loss("rao")(moved, beta=1.0, log_z0=2.0, reward_scale=2.0, reward_shift=-1.0,
+                           prefix_consistency=False)[0].item() == pytest.approx(loss.item())
+    # the setting reaches the loss from the config
+    cfg = load_config(None, ["loss.name=rao", "loss.beta=1.0", "loss.log_z0=2.0", "loss.reward_scale=2.0",
+                             "loss.reward_shift=-1.0", "loss.reward_normalization=none",
+                             "loss.prefix_consistency=false"])
+    assert cfg.loss.build()(s)[0].item() == pytest.approx(loss.item())
+    cfg = load_config(None, ["loss.name=rao", "loss.beta=1.0", "loss.log_z0=2.0", "loss.reward_scale=2.0",
+                             "loss.reward_shift=-1.0", "loss.reward_normalization=none"])
+    assert cfg.loss.build()(s)[0].item() == pytest.approx(3.0)
+
+
 def test_rao_all_tied_group_is_not_counted_as_displaced():
     # an all-wrong group (rewards 0, 0) with both answers less likely than under the reference: before,
     # its first answer counted as the "best" one and as displaced; now only the tied counts see it
