@@ -33,9 +33,9 @@ Protocol (docs/benchmarks.md has the figures, docs/rao.md the RAO settings):
    (the same resampled prompts for every method); RAO minus each baseline with its paired-bootstrap CI;
    displacement share mean ± 95% t-interval over seeds.
 
-Variants (``VARIANTS``, only when named in ``--methods`` / ``--rm-methods``): a method's loss with overrides added,
-e.g. ``rao_fixed_logz`` (RAO with log Z held at log_z0); where the rm setting keeps the rule grid's points, a
-variant trains at its base method's point.
+Variants (``VARIANTS``, only when named in ``--methods`` / ``--rm-methods``) are ablations: a method's loss at the
+point its base method has in that setting, with overrides added, e.g. ``rao_fixed_logz`` (RAO with log Z held
+at log_z0).
 
 Nothing is reused silently: ``--out`` is emptied at the start unless ``--reuse DIR`` names a directory whose
 finished runs (``result.json``, keyed by a hash of the whole run: data, start, overrides, seed, steps) are
@@ -82,13 +82,12 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
             {"train.lr": 1e-5, "loss.beta": 0.5}],
     "grao": [{"train.lr": 1e-5, "loss.beta": 0.5, "loss.lam": 0.6}, {"train.lr": 3e-6, "loss.beta": 0.5, "loss.lam": 0.6}],
 }
-#: variants of a method (asked for by name, never run by default): the method's loss with these overrides added.
-#: Where a setting keeps the rule grid's points, a variant trains at its base method's point.
+#: variants of a method (ablations; run only when named): the method's loss at the point its base method has in
+#: the setting (tuned there or kept from the rule grid), with these overrides added -- one thing changed, no grid
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # RAO with log Z held at log_z0 (no sg(Δ_P)): measures the log Z drift seen with the reward model's scores
     "rao_fixed_logz": ("rao", {"loss.prefix_consistency": False}),
 }
-GRIDS.update({name: [{**p, **extra} for p in GRIDS[base]] for name, (base, extra) in VARIANTS.items()})
 SETTING_METHODS = {"rule": "dpo,simpo,rpo,rao", "rm": "dpo,rpo,rao"}
 
 
@@ -438,14 +437,11 @@ def run_setting(args: argparse.Namespace, runner: Runner, setting: str, data: Pa
     probe = (probe_file, {} if args.report else
              forward_logps(args, runner.start_ckpt, probe_file, args.out / f"{setting}_probe_start.safetensors"))
     tuned, used = {}, {}
-    for m in methods:  # every grid first, then the seeds seed by seed: a stopped run leaves paired results
-        used[m] = sum(differs(g) for g in groups) if m in PAIRWISE else len(groups)
+    for m in methods:
+        used[m] = sum(differs(g) for g in groups) if VARIANTS.get(m, (m,))[0] in PAIRWISE else len(groups)
+    for m in (m for m in methods if m not in VARIANTS):  # every grid first, then the seeds seed by seed
         if kept and m in kept:
             tuned[m] = kept[m]  # carries its "tuned_in"
-            continue
-        if kept and m in VARIANTS and VARIANTS[m][0] in kept:  # a variant at its base method's kept point
-            base, extra = VARIANTS[m]
-            tuned[m] = {**kept[base], "point": {**kept[base]["point"], **extra}}
             continue
         scored = []
         for point in GRIDS[m][: args.grid_points]:
@@ -458,6 +454,15 @@ def run_setting(args: argparse.Namespace, runner: Runner, setting: str, data: Pa
             tuned[m] = {"point": best[1], "validation": best[0], "tuned_in": setting, "grid_complete": len(
                 scored) == len(GRIDS[m][: args.grid_points]),
                 "grid": [{"point": p, "validation_accuracy": a} for a, p in scored]}
+    for m in (m for m in methods if m in VARIANTS):
+        base, extra = VARIANTS[m]
+        source = tuned.get(base) or (kept or {}).get(base)
+        if source is None:
+            if args.report:
+                continue  # its base is not tuned yet
+            raise SystemExit(f"alignment benchmark: variant {m!r} trains at {base!r}'s point; add {base} to the "
+                             f"{setting} setting's methods")
+        tuned[m] = {**source, "point": {**source["point"], **extra}}
     finals: dict[str, list[dict]] = {m: [] for m in tuned}
     for s in args.seed_list:
         for m in tuned:
@@ -510,8 +515,8 @@ def main() -> int:
     if unknown := sorted(set(settings) - set(SETTING_METHODS)):
         p.error(f"unknown settings {unknown}; choose from rule, rm")
     for flag, value in (("--methods", args.methods), ("--rm-methods", args.rm_methods)):
-        if value and (unknown := sorted({m.strip() for m in value.split(",")} - set(GRIDS))):
-            p.error(f"{flag}: unknown methods {unknown}; choose from {', '.join(GRIDS)}")
+        if value and (unknown := sorted({m.strip() for m in value.split(",")} - set(GRIDS) - set(VARIANTS))):
+            p.error(f"{flag}: unknown methods {unknown}; choose from {', '.join([*GRIDS, *VARIANTS])}")
     if args.report and not args.reuse:
         p.error("--report needs --reuse DIR (the finished runs to report)")
     if args.reuse and Path(args.reuse).resolve() == args.out:

@@ -99,7 +99,7 @@ def test_rm_setting_keeps_the_rule_grid_point_or_tunes_its_own(tmp_path, monkeyp
     assert ("rule grid" in bench.table(rm)) == transfer
 
 
-def test_a_variant_trains_at_its_base_methods_kept_point_in_the_rm_setting_only(tmp_path, monkeypatch):
+def test_a_variant_trains_at_its_base_methods_point_without_a_grid(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "forward_logps", lambda *a, **k: {0: -1.0})
     args = type("A", (), {"out": tmp_path, "methods": None, "rm_methods": "rao,rao_fixed_logz", "report": False,
                           "grid_points": 99, "seed_list": [1], "bootstrap": 50})()
@@ -113,6 +113,14 @@ def test_a_variant_trains_at_its_base_methods_kept_point_in_the_rm_setting_only(
     base = rule["grids"]["rao"]["point"]
     assert rm_runner.calls[1][1:3] == ("rao_fixed_logz", {**base, "loss.prefix_consistency": False})
     assert rm["methods"]["rao_fixed_logz"]["tuned_in"] == "rule" and "rao_minus_this" in rm["methods"]["rao_fixed_logz"]
+    # in a setting that tunes its base: the base's grid, then the variant at the chosen point
+    args.methods, own = "rao,rao_fixed_logz", _FakeRunner()
+    rule, _ = bench.run_setting(args, own, "rule", data, tmp_path / "v", tmp_path / "h", {})
+    assert [c[1] for c in own.calls if c[4] == "validation"] == ["rao"] * len(bench.GRIDS["rao"])
+    assert rule["grids"]["rao_fixed_logz"]["point"] == {**rule["grids"]["rao"]["point"], "loss.prefix_consistency": False}
+    args.methods = "rao_fixed_logz"  # without its base there is no point to train at
+    with pytest.raises(SystemExit, match="add rao to the rule setting"):
+        bench.run_setting(args, _FakeRunner(), "rule", data, tmp_path / "v", tmp_path / "h", {})
 
 
 def test_a_variant_trains_its_base_loss_with_its_overrides(tmp_path, monkeypatch):
@@ -128,6 +136,6 @@ def test_a_variant_trains_its_base_loss_with_its_overrides(tmp_path, monkeypatch
     data = bench.write_jsonl(_groups(2), tmp_path / "train.jsonl")
     runner = bench.Runner(args, tmp_path / "start", tmp_path / "ref.safetensors")
     with pytest.raises(SystemExit):
-        runner.run(setting="rm", method="rao_fixed_logz", point=bench.GRIDS["rao_fixed_logz"][0], seed=1, data=data,
+        runner.run(setting="rm", method="rao_fixed_logz", point={**bench.GRIDS["rao"][0], "loss.prefix_consistency": False}, seed=1, data=data,
                    eval_name="heldout", eval_prompts=data, probe=None)
     assert "loss.name=rao" in commands[0] and "loss.prefix_consistency=False" in commands[0]
