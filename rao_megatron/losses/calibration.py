@@ -23,6 +23,10 @@ from typing import Any
 NORMALIZATIONS = ("none", "zscore", "minmax")
 #: |Δ_R*| above this many nats (a factor of e^20 ≈ 5e8 in probability) is no target a fine-tuning run reaches
 SANE_TARGET_NATS = 20.0
+#: how far RAO's log Z may move from log_z0 during training before the trainer warns: every target moves with
+#: it (in the alignment benchmark it moved by at most 1.8 nats with 0/1 rewards and by 2.3-6.3 with a reward
+#: model's scores, where RAO lost 5.5 points of accuracy to a fixed log Z; docs/rao.md)
+LOG_Z_DRIFT_NATS = 2.0
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,7 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.bad_in_row = 0
+        self.warned_log_z = False  # RAO's log Z drift is reported once per run
         self.resumed_from = self._resume()
         if self.resumed_from is None and self.train_batcher.reference is not None:
             startup.log0(preflight.step0_reference_check(self.chunks, self.train_batcher,
@@ -300,6 +301,11 @@ class Trainer:
                     if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last:
                         record.update(self.evaluate())
                     writer.write(record)
+                    if not self.warned_log_z and (
+                            line := preflight.log_z_drift_line(self.loss, self.step, record.get("log_z"))):
+                        if rank0:
+                            bar.write(line)  # on a line of its own, not after the progress bar
+                        self.warned_log_z = True
                     bar.update(1)
                     bar.set_postfix(_postfix(record))
                     if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0 and not last:

@@ -127,7 +127,6 @@ def calibration_lines(loss: Any, groups: run_data.RunGroups) -> list[str]:
     """The start-up lines on the rewards a loss sees: the normalisation, and for RAO the range of step-0
     targets Δ_R* = r/β − log_z0 over the training responses, with a warning when it leaves the sane band."""
     from rao_megatron.losses.calibration import SANE_TARGET_NATS, compose, target_range
-    from rao_megatron.losses.rao import resolve_log_z0
 
     if not loss.spec.needs_rewards or not groups.train or groups.train[0].rewards is None:
         return []
@@ -136,7 +135,7 @@ def calibration_lines(loss: Any, groups: run_data.RunGroups) -> list[str]:
     if loss.name != "rao":
         return lines
     h = {**loss.spec.defaults, **loss.hparams}
-    beta, log_z0 = h["beta"], resolve_log_z0(h.get("log_z0"), h.get("z0"))
+    beta, log_z0 = h["beta"], _log_z0(loss)
     total_scale, total_shift = compose((scale, shift), h["reward_scale"], h["reward_shift"])
     t = target_range([g.rewards for g in groups.train], beta=beta, log_z0=log_z0, scale=total_scale,
                      shift=total_shift)
@@ -148,6 +147,27 @@ def calibration_lines(loss: Any, groups: run_data.RunGroups) -> list[str]:
                      "fine-tuning run reaches; raise loss.beta, set loss.reward_normalization=minmax or zscore, or "
                      "change loss.log_z0 (docs/rao.md)")
     return lines
+
+
+def _log_z0(loss: Any) -> float:
+    from rao_megatron.losses.rao import resolve_log_z0
+
+    return resolve_log_z0(loss.hparams.get("log_z0"), loss.hparams.get("z0"))
+
+
+def log_z_drift_line(loss: Any, step: int, log_z: float | None) -> str | None:
+    """During training: a warning when RAO's batch-mean log Z = log_z0 + sg(Δ_P) has moved more than
+    ``LOG_Z_DRIFT_NATS`` from log_z0 (every target Δ_R* = r/β − log Z moves with it), else None."""
+    from rao_megatron.losses.calibration import LOG_Z_DRIFT_NATS
+
+    if loss.name != "rao" or log_z is None or not {**loss.spec.defaults, **loss.hparams}["prefix_consistency"]:
+        return None
+    log_z0 = _log_z0(loss)
+    if abs(log_z - log_z0) <= LOG_Z_DRIFT_NATS:
+        return None
+    return (f"warning: step {step}: RAO's log Z has moved {log_z - log_z0:+.2f} nats from log_z0 {log_z0:.4g} "
+            "(the prompt tokens' log-prob change, sg(Δ_P)), which moves every target by as much; "
+            "loss.prefix_consistency=false holds it at log_z0 (docs/rao.md, \"Watch log_z\")")
 
 
 def open_reference_caches(cfg: Config, tokenizer: Any, hf_config: Any,

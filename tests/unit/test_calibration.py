@@ -16,7 +16,7 @@ from rao_megatron.losses.calibration import (
     normalization_affine,
     target_range,
 )
-from rao_megatron.training.preflight import calibration_lines, reward_calibration
+from rao_megatron.training.preflight import calibration_lines, log_z_drift_line, reward_calibration
 
 #: three groups: rewards differ in the first two, the third is all tied (e.g. every answer wrong)
 REWARDS = [[2.0, 6.0], [3.0, 4.0, 5.0], [2.0, 2.0]]
@@ -138,3 +138,18 @@ def test_startup_lines_match_a_hand_computation():
     rpo = load_config(None, ["loss.name=rpo"])
     assert len(calibration_lines(rpo.loss.build(), groups)) == 1  # the normalisation only: no targets
     assert calibration_lines(load_config(None, ["loss.name=dpo"]).loss.build(), groups) == []  # order only
+
+
+def test_log_z_drift_warns_past_two_nats_and_only_with_prefix_consistency():
+    rao = load_config(None, ["loss.name=rao", "loss.beta=0.1", "loss.log_z0=1.5"]).loss.build()
+    assert log_z_drift_line(rao, 3, 1.5 + 1.99) is None and log_z_drift_line(rao, 3, 1.5 - 1.99) is None
+    line = log_z_drift_line(rao, 7, 1.5 - 2.25)
+    assert line.startswith("warning: step 7: RAO's log Z has moved -2.25 nats from log_z0 1.5 ")
+    assert "loss.prefix_consistency=false" in line
+    assert log_z_drift_line(rao, 7, 1.5 + 2.25).startswith("warning: step 7: RAO's log Z has moved +2.25 nats")
+    assert log_z_drift_line(rao, 7, None) is None  # a step without metrics (skipped update)
+    z0 = load_config(None, ["loss.name=rao", "loss.z0=50"]).loss.build()  # log_z0 = ln 50 = 3.912
+    assert log_z_drift_line(z0, 1, 3.912 + 2.5) is not None and log_z_drift_line(z0, 1, 3.912 + 1.5) is None
+    fixed = load_config(None, ["loss.name=rao", "loss.log_z0=1.5", "loss.prefix_consistency=false"]).loss.build()
+    assert log_z_drift_line(fixed, 7, -10.0) is None  # held at log_z0: nothing drifts
+    assert log_z_drift_line(load_config(None, ["loss.name=dpo"]).loss.build(), 7, -10.0) is None
