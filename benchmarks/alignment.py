@@ -342,7 +342,8 @@ def table(summary: dict) -> str:
             "" if math.isnan(share["ci95"]) else f" ± {100 * share['ci95']:.0f}")
         dr = f"{r['mean_delta_r']:+.2f}" if "mean_delta_r" in r else "—"
         where = "" if r.get("tuned_in", summary["setting"]) == summary["setting"] else f", {r['tuned_in']} grid"
-        lines.append(f"| {m} | {len(r['seeds'])} | {point} ({r['validation']:.3f}{where}) | {r['groups_used']} | "
+        whose = f"{VARIANTS[m][0]}'s " if m in VARIANTS else ""  # a variant is not validated on its own
+        lines.append(f"| {m} | {len(r['seeds'])} | {point} ({whose}{r['validation']:.3f}{where}) | {r['groups_used']} | "
                      f"{r['accuracy']:.3f} "
                      f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {diff_s} | {share_s} | {dr} | "
                      f"{r['train_seconds']:.0f} s |")

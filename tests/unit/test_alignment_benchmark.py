@@ -113,6 +113,7 @@ def test_a_variant_trains_at_its_base_methods_point_without_a_grid(tmp_path, mon
     base = rule["grids"]["rao"]["point"]
     assert rm_runner.calls[1][1:3] == ("rao_fixed_logz", {**base, "loss.prefix_consistency": False})
     assert rm["methods"]["rao_fixed_logz"]["tuned_in"] == "rule" and "rao_minus_this" in rm["methods"]["rao_fixed_logz"]
+    assert "(rao's 0.900, rule grid)" in bench.table(rm)  # the validation figure is its base method's
     # in a setting that tunes its base: the base's grid, then the variant at the chosen point
     args.methods, own = "rao,rao_fixed_logz", _FakeRunner()
     rule, _ = bench.run_setting(args, own, "rule", data, tmp_path / "v", tmp_path / "h", {})
