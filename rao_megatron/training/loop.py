@@ -228,8 +228,7 @@ class Trainer:
             self.skipped_steps += 1
             self.bad_in_row += 1
             record.update(loss=None, grad_norm=None, update_ok=False)
-            startup.log0(f"warning: step {self.step}: non-finite loss or gradient; update skipped "
-                       f"({self.bad_in_row} in a row)")
+            _warn(f"warning: step {self.step}: non-finite loss or gradient; update skipped ({self.bad_in_row} in a row)")
             if self.bad_in_row >= self.cfg.train.max_bad_steps:
                 raise NonFiniteError(f"{self.bad_in_row} steps in a row with a non-finite loss or gradient "
                                      f"(last at step {self.step}); lower train.lr, check the data, or raise "
@@ -303,8 +302,7 @@ class Trainer:
                     writer.write(record)
                     if not self.warned_log_z and (
                             line := preflight.log_z_drift_line(self.loss, self.step, record.get("log_z"))):
-                        if rank0:
-                            bar.write(line)  # on a line of its own, not after the progress bar
+                        _warn(line)
                         self.warned_log_z = True
                     bar.update(1)
                     bar.set_postfix(_postfix(record))
@@ -338,6 +336,17 @@ class Trainer:
         if self.ref_chunks is not None:
             return "on the fly (frozen copy of the initial policy)"
         return f"cached ({self.train_batcher.reference.path})"
+
+
+def _warn(line: str) -> None:
+    """A warning during the step loop, on rank 0: on a line of its own above the progress bar, not after it."""
+    if startup.is_rank0():
+        import sys
+
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
 
 
 def _postfix(record: dict[str, Any]) -> dict[str, str]:

@@ -141,10 +141,12 @@ def test_checkpoint_saved_at_tp2_resumes_at_tp1(tmp_path):
     assert got[4:] == pytest.approx(want[4:], rel=1e-4)
 
 
-def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
+def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("RAO_FAULT_NAN_STEPS", "3")
     out = tmp_path / "nan1"
+    capfd.readouterr()
     forked(out, "train.steps=5", "checkpoint.save_at_end=false")
+    assert "\nwarning: step 3: non-finite loss or gradient; update skipped (1 in a row)\n" in capfd.readouterr().out
     recs = records(out)
     assert recs[2]["loss"] is None and recs[2]["skipped_steps"] == 1 and recs[2]["update_ok"] is False
     assert all(r["loss"] is not None for r in recs[3:]) and recs[-1]["skipped_steps"] == 1
