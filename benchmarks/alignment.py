@@ -91,6 +91,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 SETTING_METHODS = {"rule": "dpo,simpo,rpo,rao", "rm": "dpo,rpo,rao"}
 
 
+def loss_of(method: str) -> str:
+    """The registry loss a method (or a variant) trains with."""
+    return VARIANTS[method][0] if method in VARIANTS else method
+
+
 def keep(args: argparse.Namespace, path: Path) -> None:
     """Copy a finished artefact (a run's result.json, the split, the RM scores, the report) into ``--results``,
     under the same relative path, so a stopped benchmark continues later with ``--reuse`` on that folder."""
@@ -207,7 +212,7 @@ class Runner:
             eval_prompts: Path, probe: tuple[Path, dict[int, float]] | None) -> dict | None:
         """``probe``: the preferred answers and their start log-probs, measured at the last step (or None)."""
         args = self.args
-        ov = [f"loss.name={VARIANTS.get(method, (method,))[0]}", *overrides_of(point)]
+        ov = [f"loss.name={loss_of(method)}", *overrides_of(point)]
         key = self.key(setting=setting, method=method, overrides=ov, seed=seed, steps=args.steps,
                        batch=args.global_batch_groups, data=file_hash(data), start=args.start_id,
                        eval=file_hash(eval_prompts), k=args.k, temperature=args.temperature,
@@ -439,7 +444,7 @@ def run_setting(args: argparse.Namespace, runner: Runner, setting: str, data: Pa
              forward_logps(args, runner.start_ckpt, probe_file, args.out / f"{setting}_probe_start.safetensors"))
     tuned, used = {}, {}
     for m in methods:
-        used[m] = sum(differs(g) for g in groups) if VARIANTS.get(m, (m,))[0] in PAIRWISE else len(groups)
+        used[m] = sum(differs(g) for g in groups) if loss_of(m) in PAIRWISE else len(groups)
     for m in (m for m in methods if m not in VARIANTS):  # every grid first, then the seeds seed by seed
         if kept and m in kept:
             tuned[m] = kept[m]  # carries its "tuned_in"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,6 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.bad_in_row = 0
-        self.warned_log_z = False  # RAO's log Z drift is reported once per run
         self.resumed_from = self._resume()
         if self.resumed_from is None and self.train_batcher.reference is not None:
             startup.log0(preflight.step0_reference_check(self.chunks, self.train_batcher,
@@ -292,6 +292,7 @@ class Trainer:
         bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not rank0, desc=f"{cfg.loss.name} training",
                    dynamic_ncols=True)
         record: dict[str, Any] = {}
+        warned_log_z = False
         with PreemptionHandler() as preemption:
             try:
                 while self.step < cfg.train.steps:
@@ -300,10 +301,10 @@ class Trainer:
                     if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last:
                         record.update(self.evaluate())
                     writer.write(record)
-                    if not self.warned_log_z and (
+                    if not warned_log_z and (
                             line := preflight.log_z_drift_line(self.loss, self.step, record.get("log_z"))):
                         _warn(line)
-                        self.warned_log_z = True
+                        warned_log_z = True  # once per run
                     bar.update(1)
                     bar.set_postfix(_postfix(record))
                     if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0 and not last:
@@ -341,8 +342,6 @@ class Trainer:
 def _warn(line: str) -> None:
     """A warning during the step loop, on rank 0: on a line of its own above the progress bar, not after it."""
     if startup.is_rank0():
-        import sys
-
         from tqdm import tqdm
 
         tqdm.write(line, file=sys.stdout)

@@ -134,8 +134,8 @@ def calibration_lines(loss: Any, groups: run_data.RunGroups) -> list[str]:
     lines = [f"rewards: normalised by {scale:.6g}·r {shift + 0.0:+.6g} (loss.reward_normalization)"]  # no "-0"
     if loss.name != "rao":
         return lines
-    h = {**loss.spec.defaults, **loss.hparams}
-    beta, log_z0 = h["beta"], _log_z0(loss)
+    h = _rao_settings(loss)
+    beta, log_z0 = h["beta"], h["log_z0"]
     total_scale, total_shift = compose((scale, shift), h["reward_scale"], h["reward_shift"])
     t = target_range([g.rewards for g in groups.train], beta=beta, log_z0=log_z0, scale=total_scale,
                      shift=total_shift)
@@ -149,10 +149,12 @@ def calibration_lines(loss: Any, groups: run_data.RunGroups) -> list[str]:
     return lines
 
 
-def _log_z0(loss: Any) -> float:
+def _rao_settings(loss: Any) -> dict[str, Any]:
+    """RAO's hyper-parameters as the loss sees them: its defaults under the ones set, ``log_z0`` resolved."""
     from rao_megatron.losses.rao import resolve_log_z0
 
-    return resolve_log_z0(loss.hparams.get("log_z0"), loss.hparams.get("z0"))
+    h = {**loss.spec.defaults, **loss.hparams}
+    return {**h, "log_z0": resolve_log_z0(h["log_z0"], h["z0"])}
 
 
 def log_z_drift_line(loss: Any, step: int, log_z: float | None) -> str | None:
@@ -160,10 +162,11 @@ def log_z_drift_line(loss: Any, step: int, log_z: float | None) -> str | None:
     ``LOG_Z_DRIFT_NATS`` from log_z0 (every target Δ_R* = r/β − log Z moves with it), else None."""
     from rao_megatron.losses.calibration import LOG_Z_DRIFT_NATS
 
-    if loss.name != "rao" or log_z is None or not {**loss.spec.defaults, **loss.hparams}["prefix_consistency"]:
+    if loss.name != "rao" or log_z is None:
         return None
-    log_z0 = _log_z0(loss)
-    if abs(log_z - log_z0) <= LOG_Z_DRIFT_NATS:
+    h = _rao_settings(loss)
+    log_z0 = h["log_z0"]
+    if not h["prefix_consistency"] or abs(log_z - log_z0) <= LOG_Z_DRIFT_NATS:
         return None
     return (f"warning: step {step}: RAO's log Z has moved {log_z - log_z0:+.2f} nats from log_z0 {log_z0:.4g} "
             "(the prompt tokens' log-prob change, sg(Δ_P)), which moves every target by as much; "
