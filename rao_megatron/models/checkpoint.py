@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
 from rao_megatron.models.provider import as_chunks
 from rao_megatron.parallel.compat import apply_compat_shims
@@ -110,12 +111,71 @@ def load_model_checkpoint(chunks: Any, path: str | os.PathLike, *, strict: bool 
     if skip_prefixes:
         sharded = {name: {k: v for k, v in chunk.items() if not k.startswith(skip_prefixes)}
                    for name, chunk in sharded.items()}
+    sharded = match_layer_spec(sharded, stored_keys(path), path)
     loaded = dist_checkpointing.load(sharded, str(path))
     for i, chunk in enumerate(as_chunks(chunks)):
         missing, _ = chunk.load_state_dict(loaded[f"model{i}"], strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state") and not k.startswith(skip_prefixes)]
         if strict and missing:
             raise KeyError(f"checkpoint {path} lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+# The two layer specs name a few entries differently (megatron-core models/gpt/gpt_layer_specs.py). The local
+# spec maps its separate norms onto the names of TE's fused LayerNorm-linear layers; the TE spec of a MoE layer
+# keeps ``pre_mlp_layernorm`` as a module of its own (the router cannot take a fused norm). Each pair below is
+# one parameter under either name.
+SPEC_ALIASES: tuple[tuple[str, str], ...] = (
+    (".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_"),
+    (".input_layernorm.", ".self_attention.linear_qkv.layer_norm_"),
+)
+
+
+def stored_keys(path: str | os.PathLike) -> set[str]:
+    """The global keys of every tensor and object a dist_checkpointing checkpoint stores."""
+    return {getattr(entry, "key", name) for name, entry in load_sharded_metadata(str(path)).items()}
+
+
+def _spec_alias(key: str, stored: set[str]) -> str | None:
+    """The name ``key`` has in a checkpoint written under the other layer spec, if it is stored there."""
+    for a, b in SPEC_ALIASES:
+        for old, new in ((a, b), (b, a)):
+            if old in key and (renamed := key.replace(old, new)) in stored:
+                return renamed
+    return None
+
+
+def match_layer_spec(sharded: dict[str, Any], stored: set[str], path: str | os.PathLike) -> dict[str, Any]:
+    """This rank's request ``sharded`` renamed to the keys of a checkpoint written under either layer spec.
+
+    A model checkpoint written with the local spec (CPU, the converters) loads into the Transformer Engine
+    spec (GPU training) and back, every family: a parameter stored under the other spec's name (MoE's
+    pre-MLP norm) is read from there, and an ``_extra_state`` the checkpoint lacks (TE norms' FP8 metadata,
+    which local torch norms do not have) is not requested: the module keeps its fresh one. Values are read
+    as stored, bit for bit. Anything else missing is a one-line error naming the checkpoint.
+    """
+    missing: list[str] = []
+
+    def visit(tree: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, entry in tree.items():
+            if isinstance(entry, dict):
+                out[name] = visit(entry)
+                continue
+            key = getattr(entry, "key", None)
+            if key is None or key in stored:
+                out[name] = entry
+            elif (alias := _spec_alias(key, stored)) is not None:
+                entry.key = alias
+                out[name] = entry
+            elif not key.endswith("_extra_state"):
+                missing.append(key)
+        return out
+
+    matched = visit(sharded)
+    if missing:
+        raise KeyError(f"checkpoint {path} lacks {sorted(set(missing))[:5]}"
+                       f"{' ...' if len(set(missing)) > 5 else ''} (written for another model?)")
+    return matched
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
