@@ -578,6 +578,64 @@ def check_smollm2(ctx: Context) -> list[Row]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# 3b. Checkpoints across layer specs: the converter builds the local spec on CPU, training the TE spec on CUDA
+# ---------------------------------------------------------------------------------------------------------
+
+SPEC_FAMILIES = ("qwen3", "qwen3_moe")  # q/k norms (TE norms with _extra_state); MoE's pre-MLP norm key
+#: fp32 TE model vs HF fp32 on the same weights (TE's GEMMs may use TF32), mean |log-prob diff| in nats
+SPEC_MEAN_TOL = 1e-2
+
+
+def check_layer_specs(ctx: Context) -> list[Row]:
+    cpu = base_env(CUDA_VISIBLE_DEVICES="")  # the converter as a user runs it: on CPU (the CPU venv's view)
+    done, res = ctx.worker("spec_hf", families=list(SPEC_FAMILIES))
+    rows: list[Row] = []
+    for fam in SPEC_FAMILIES:
+        d = ctx.dir / fam
+        if not (d / "hf").is_dir():
+            why = done.why() if not done.ok() else "no tiny HF checkpoint written"
+            rows += [Row(f"layer_specs/{fam}_load", FAIL, why), Row(f"layer_specs/{fam}_export", FAIL, why)]
+            continue
+        conv = ctx.run(f"{fam}_hf_to_megatron", module_cmd("convert", "hf-to-megatron", "--hf", d / "hf", "--out",
+                                                           d / "local_spec", "--dtype", "fp32", "--no-progress"), cpu)
+        if not conv.ok():
+            rows += [Row(f"layer_specs/{fam}_load", FAIL, conv.why(), conv.seconds),
+                     Row(f"layer_specs/{fam}_export", FAIL, "not run: hf-to-megatron failed")]
+            continue
+        done, info = ctx.worker("spec_load", hf=str(d / "hf"), ckpt=str(d / "local_spec"), out=str(d / "te_spec"))
+        rows.append(judge_spec_load(fam, info if info else {"error": done.why()}, done.seconds))
+        if not (d / "te_spec").is_dir():
+            rows.append(Row(f"layer_specs/{fam}_export", FAIL, "not run: the TE model wrote no checkpoint"))
+            continue
+        back = ctx.run(f"{fam}_megatron_to_hf", module_cmd("convert", "megatron-to-hf", "--megatron", d / "te_spec",
+                                                          "--out", d / "hf_back", "--no-progress"), cpu)
+        if not back.ok():
+            rows.append(Row(f"layer_specs/{fam}_export", FAIL, back.why(), back.seconds))
+            continue
+        cmp = compare_safetensors(d / "hf", d / "hf_back")
+        rows.append(Row(f"layer_specs/{fam}_export", PASS if cmp["identical"] else FAIL,
+                        f"TE-spec checkpoint -> megatron-to-hf on CPU: {cmp['tensors']} tensors bit-identical"
+                        if cmp["identical"] else f"differs: missing {cmp['only_in_original']}, extra "
+                        f"{cmp['only_in_roundtrip']}, changed {cmp['different'][:3]}", back.seconds, cmp))
+    return rows
+
+
+def judge_spec_load(fam: str, info: dict[str, Any], seconds: float = 0.0) -> Row:
+    name = f"layer_specs/{fam}_load"
+    if "error" in info:
+        return Row(name, FAIL, info["error"], seconds, info)
+    problems = []
+    if not info.get("te_layers"):
+        problems.append("no Transformer Engine layers in the model (not the TE spec)")
+    if not info.get("mean_abs_diff", math.inf) <= SPEC_MEAN_TOL:
+        problems.append(f"mean |log-prob diff| vs HF {info.get('mean_abs_diff')} > {SPEC_MEAN_TOL}")
+    if problems:
+        return Row(name, FAIL, "; ".join(problems), seconds, info)
+    return Row(name, PASS, f"CPU-converted (local spec) checkpoint loads into the fp32 TE model: log-probs vs HF mean "
+               f"|diff| {info['mean_abs_diff']:.1e}", seconds, info)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # 4. Training: every task in bf16 with the distributed optimizer; log-prob kernels; cached reference
 # ---------------------------------------------------------------------------------------------------------
 
@@ -1035,6 +1093,9 @@ CHECKS: tuple[Check, ...] = (
     Check("smollm2", "SmolLM2-135M: convert on CPU, per-token log-probs of the bf16 TE model vs HF fp32 "
           f"(mean |Δ| <= {SMOLLM2_MEAN_TOL} nats), convert back bit-identical", check_smollm2, 240,
           ("transformer_engine", "smollm2")),
+    Check("layer_specs", f"tiny {' and '.join(SPEC_FAMILIES)}: converted on CPU (local spec), loaded into the fp32 TE "
+          "model (log-probs vs HF); saved from the TE model, converted back on CPU bit-identical",
+          check_layer_specs, 180, ("transformer_engine",)),
     Check("train", f"{TRAIN_STEPS} steps each of rao, dpo, bt, sft in bf16 with the distributed optimizer on CUDA "
           "(loss finite and falling, gpu_max_mem_gib); triton vs chunked and cached vs on-the-fly first-step loss",
           check_train, 240, ("transformer_engine",)),
@@ -1474,9 +1535,51 @@ def worker_moe(a: dict[str, Any]) -> None:
         res.section(name, lambda dtype=dtype: _moe_vs_hf(cfg, state, ids, hf_lp, dtype))
 
 
+def worker_spec_hf(a: dict[str, Any]) -> None:
+    """Tiny random HF checkpoints (fp32 safetensors) of the families whose keys differ between layer specs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    res = Results(a["result"])
+    for fam in a["families"]:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(lib("tiny_hf_config")(fam)).float()
+        model.save_pretrained(Path(a["dir"]) / fam / "hf")
+        res[fam] = "written"
+
+
+def worker_spec_load(a: dict[str, Any]) -> None:
+    """The converter's (local-spec) checkpoint into the TE model: log-probs vs HF, then saved from the TE model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    res = Results(a["result"])
+    _init_single_rank()
+    hf = AutoModelForCausalLM.from_pretrained(a["hf"], local_files_only=True, dtype=torch.float32).cuda().eval()
+    cfg = hf.config
+    ids = torch.randint(3, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.no_grad():
+        hf_lp = torch.log_softmax(hf(ids).logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    del hf
+    chunks = lib("build_model_chunks")(cfg, task="reference", params_dtype=torch.float32)
+    lib("load_model_checkpoint")(chunks, a["ckpt"])
+    model = lib("unwrap_model")(chunks[0])
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
+    pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+    with torch.no_grad():
+        lp = _token_logprobs(model, chunks[0](ids, pos, None), labels, cfg.vocab_size).float()[:, :-1]
+    diff = (lp - hf_lp).abs()
+    res.data.update(te_layers=any(c.__module__.startswith("transformer_engine")
+                                  for m in model.modules() for c in type(m).__mro__),
+                    mean_abs_diff=float(diff.mean()), max_abs_diff=float(diff.max()))
+    res.save()
+    lib("save_model_checkpoint")(chunks, a["out"], lib("read_checkpoint_meta")(a["ckpt"]))
+    res["saved"] = a["out"]
+
+
 WORKERS: dict[str, Callable[[dict[str, Any]], None]] = {
     "probe": worker_probe, "models": worker_models, "smollm2": worker_smollm2, "kernels": worker_kernels,
-    "moe": worker_moe,
+    "moe": worker_moe, "spec_hf": worker_spec_hf, "spec_load": worker_spec_load,
 }
 
 

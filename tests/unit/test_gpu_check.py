@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "gpu_check.py"
-EXPECTED_CHECKS = ["pytest", "models", "smollm2", "train", "preemption", "kernels", "vllm", "multi_gpu", "moe"]
+EXPECTED_CHECKS = ["pytest", "models", "smollm2", "layer_specs", "train", "preemption", "kernels", "vllm", "multi_gpu", "moe"]
 NO_GPU = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"}
 
 
