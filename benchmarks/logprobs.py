@@ -23,6 +23,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -35,7 +36,8 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _inputs(t: int, h: int, v: int, device: str, dtype: torch.dtype):
+def make_inputs(t: int, h: int, v: int, device: str, dtype: torch.dtype):
+    """Seeded hidden states ``[T, H]``, output weight ``[V, H]`` (both requiring grad) and labels ``[T]``."""
     g = torch.Generator(device="cpu").manual_seed(0)
     hidden = (torch.randn(t, h, generator=g) / h**0.25).to(device, dtype).requires_grad_()
     weight = (torch.randn(v, h, generator=g) / h**0.25).to(device, dtype).requires_grad_()
@@ -53,10 +55,10 @@ def _step(impl: str, precision: str, hidden, weight, labels, chunk_size: int | N
 
 def worker(impl: str, t: int, h: int, v: int, precision: str, chunk_size: int | None = None) -> dict:
     """One CPU measurement in this (fresh) process; prints a JSON line."""
-    small = _inputs(64, 64, 512, "cpu", torch.float32)
+    small = make_inputs(64, 64, 512, "cpu", torch.float32)
     _step(impl, precision, *small)  # warm up thread pools / lazy imports outside the measurement
     del small
-    hidden, weight, labels = _inputs(t, h, v, "cpu", torch.float32)
+    hidden, weight, labels = make_inputs(t, h, v, "cpu", torch.float32)
     base = _rss_kib("VmRSS")
     try:  # reset the high-water mark so earlier temporaries (input creation) do not count
         with open("/proc/self/clear_refs", "w") as f:
@@ -88,24 +90,34 @@ def mm_gflops(device: str, dtype: torch.dtype, h: int) -> float:
     return 2 * 2048 * h * n / best / 1e9
 
 
-def cuda_measure(impl: str, t: int, h: int, v: int, precision: str) -> dict:
-    dtype = torch.bfloat16 if precision != "fp32" else torch.float32
-    hidden, weight, labels = _inputs(t, h, v, "cuda", dtype)
-    _step(impl, precision, hidden, weight, labels)  # compile / warm up
-    hidden.grad = weight.grad = None
+def cuda_time_and_memory(step: Callable[[], None], clear: Callable[[], None], repeats: int = 3) -> dict:
+    """CUDA: ``step`` once to compile / warm up, then the median time of ``repeats`` calls (``clear`` before each
+    drops the gradients) and the peak memory they allocate beyond what was allocated before them."""
+    step()  # compile / warm up
+    clear()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(3):
-        hidden.grad = weight.grad = None
+    for _ in range(repeats):
+        clear()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        _step(impl, precision, hidden, weight, labels)
+        step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return {"impl": impl, "T": t, "H": h, "V": v, "time_s": sorted(times)[1],
-            "extra_bytes": torch.cuda.max_memory_allocated() - base, "elem_bytes": hidden.element_size()}
+    return {"time_s": sorted(times)[len(times) // 2], "extra_bytes": torch.cuda.max_memory_allocated() - base}
+
+
+def cuda_measure(impl: str, t: int, h: int, v: int, precision: str) -> dict:
+    dtype = torch.bfloat16 if precision != "fp32" else torch.float32
+    hidden, weight, labels = make_inputs(t, h, v, "cuda", dtype)
+
+    def clear() -> None:
+        hidden.grad = weight.grad = None
+
+    measured = cuda_time_and_memory(lambda: _step(impl, precision, hidden, weight, labels), clear)
+    return {"impl": impl, "T": t, "H": h, "V": v, **measured, "elem_bytes": hidden.element_size()}
 
 
 def run_cpu(impl: str, t: int, h: int, v: int, precision: str, threads: int, chunk_size: int | None = None) -> dict:

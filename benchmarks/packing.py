@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,9 +36,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))  # run as a script: the `benchmarks` package (and rao_megatron) import from the root
 
-import ultrafeedback_mix as mix  # noqa: E402
+from benchmarks import ultrafeedback_mix as mix  # noqa: E402
+from benchmarks.common import print_result, run_result_worker, spread  # noqa: E402
 
 SMOLLM2_HF = ROOT / ".cache/smollm2-hf"
 SMOLLM2_MEGATRON = ROOT / ".cache/bench/smollm2-megatron"
@@ -115,16 +115,8 @@ def layout_fill(m: dict, max_length: int, seed: int, steps: int = 64) -> dict:
 def run_worker(spec: dict) -> dict:
     """One training run in a fresh process; returns its timed records and peak RSS."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"}
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          env=env)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"worker failed ({spec['label']}), exit {proc.returncode}")
-    line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT "))
-    out = json.loads(line[len("RESULT "):])
-    out["wall_s"] = time.perf_counter() - t0
-    return out
+    return run_result_worker([sys.executable, __file__, "--worker", json.dumps(spec)], env,
+                             f"worker failed ({spec['label']})")
 
 
 def worker(spec: dict) -> None:
@@ -139,10 +131,8 @@ def worker(spec: dict) -> None:
     trainer.run()
     records = [json.loads(x) for x in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines() if x]
     timed = [r for r in records if r["step"] > spec["warmup"]]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    print("RESULT " + json.dumps({"records": [{k: r.get(k) for k in ("step", "loss", "step_time_s", "tokens_per_s",
-                                                                    "packing_efficiency")} for r in timed],
-                                  "peak_rss_gib": peak}), flush=True)
+    print_result(records=[{k: r.get(k) for k in ("step", "loss", "step_time_s", "tokens_per_s", "packing_efficiency")}
+                          for r in timed])
 
 
 def summarize(run: dict) -> dict:
@@ -151,13 +141,6 @@ def summarize(run: dict) -> dict:
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in recs),
             "padding_share": 1 - statistics.mean(r["packing_efficiency"] for r in recs),
             "peak_rss_gib": run["peak_rss_gib"], "losses": [r["loss"] for r in recs]}
-
-
-def spread(values: list[float], fmt: str) -> str:
-    med = statistics.median(values)
-    if len(values) == 1:
-        return format(med, fmt)
-    return f"{format(med, fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
 
 
 def main() -> int:

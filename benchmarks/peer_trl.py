@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -46,7 +45,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # run as a script: the `benchmarks` package (and rao_megatron) import from the root
+
+from benchmarks.common import print_result, run_result_worker, spread  # noqa: E402
+
 SMOLLM2_HF = ROOT / ".cache/smollm2-hf"
 SMOLLM2_MEGATRON = ROOT / ".cache/bench/smollm2-megatron"
 CONFIG = ROOT / "examples/configs/rao_tiny.yaml"
@@ -125,11 +127,10 @@ def trl_worker(spec: dict) -> None:
         ids_check = compare_ids(rows, theirs, tok)
     trainer.train()
     steps = [b - a for a, b in zip([timer.start, *timer.ends], timer.ends)]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     records = [{"step": i + 1, "loss": PreTokenizedDPO.losses[i], "step_time_s": steps[i],
                 "grad_norm": timer.grad_norms[i] if i < len(timer.grad_norms) else None,
                 "tokens": PreTokenizedDPO.tokens[i], "slots": None} for i in range(len(steps))]
-    print("RESULT " + json.dumps({"records": records, "peak_rss_gib": peak, "ids_check": ids_check}), flush=True)
+    print_result(records=records, ids_check=ids_check)
 
 
 def compare_ids(rows: list[dict], theirs, tok) -> dict:
@@ -162,8 +163,7 @@ def ours_worker(spec: dict) -> None:
         records.append({"step": r["step"], "loss": r["loss"], "step_time_s": r["step_time_s"],
                         "grad_norm": r["grad_norm"], "tokens": round(real),
                         "slots": round(real / r["packing_efficiency"])})
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print("RESULT " + json.dumps({"records": records, "peak_rss_gib": peak}), flush=True)
+    print_result(records=records)
 
 
 # ------------------------------------------------------------------------------------------------ parent
@@ -223,15 +223,7 @@ def tokenized_rows(overrides: list[str], pairs: list[dict], steps: int) -> list[
 def run_worker(cmd: list[str], label: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1", "TQDM_DISABLE": "1",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"{label} worker failed, exit {proc.returncode}")
-    line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT "))
-    out = json.loads(line[len("RESULT "):])
-    out["wall_s"] = time.perf_counter() - t0
-    return out
+    return run_result_worker(cmd, env, f"{label} worker failed")
 
 
 def summarize(run: dict, warmup: int) -> dict:
@@ -241,13 +233,6 @@ def summarize(run: dict, warmup: int) -> dict:
             "slots": statistics.mean(r["slots"] for r in timed) if timed[0]["slots"] else None,
             "peak_rss_gib": run["peak_rss_gib"], "losses": [r["loss"] for r in run["records"]],
             "grad_norms": [r["grad_norm"] for r in run["records"]]}
-
-
-def spread(values: list[float], fmt: str) -> str:
-    med = statistics.median(values)
-    if len(values) == 1:
-        return format(med, fmt)
-    return f"{format(med, fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
 
 
 def main() -> int:
@@ -275,8 +260,7 @@ def main() -> int:
         return 0
     if not Path(args.trl_python).is_file():
         raise SystemExit(f"{args.trl_python} not found: create the TRL venv (see the top of this file)")
-    sys.path.insert(0, str(HERE))
-    import ultrafeedback_mix as mix
+    from benchmarks import ultrafeedback_mix as mix
 
     repeats = args.repeats or (1 if args.quick else 3)
     steps = args.steps or (1 if args.quick else 3)

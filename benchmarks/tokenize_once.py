@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))  # run as a script: the `benchmarks` package (and rao_megatron) import from the root
 
 
 def _rss_kib() -> dict[str, int]:
@@ -75,7 +74,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="tiny tokenizer (no SmolLM2), for a smoke test")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from ultrafeedback_mix import make_groups, write_jsonl
+    from benchmarks.ultrafeedback_mix import make_groups, write_jsonl
 
     smol = ROOT / ".cache" / "smollm2-hf"
     tokenizer = None if args.quick or not (smol / "tokenizer.json").is_file() else str(smol)

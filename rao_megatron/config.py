@@ -383,12 +383,35 @@ def validate(cfg: Config, where: str = "", cli_keys: frozenset[str] = frozenset(
     if cfg.data.micro_batch_tokens is not None and cfg.data.micro_batch_tokens % cfg.data.max_length:
         raise ConfigError(f"config key 'data.micro_batch_tokens'{where}: {cfg.data.micro_batch_tokens} is not a "
                           f"multiple of data.max_length={cfg.data.max_length} (a micro-batch is whole rows)")
+    if cfg.parallel.sequence_parallel:
+        _check_sequence_parallel_tokens(cfg, where)
     if cfg.train.min_lr > cfg.train.lr:
         raise ConfigError(f"config key 'train.min_lr'{where} ({cfg.train.min_lr}) must be <= train.lr ({cfg.train.lr})")
     if cfg.model.hf_config is None and cfg.model.preset is None and cfg.model.init_checkpoint is None:
         # a converted checkpoint records its HF architecture (rao_model.json); otherwise one is needed
         raise ConfigError(f"config key 'model.hf_config'{where}: set it, model.preset or model.init_checkpoint")
     return cfg
+
+
+def _check_sequence_parallel_tokens(cfg: Config, where: str = "") -> None:
+    """Sequence parallelism splits each micro-batch's tokens over the TP ranks, so their count must divide by
+    ``parallel.tp``: a padded row's ``data.max_length``; a packed micro-batch (one THD sequence of rows x
+    max_length tokens): ``data.micro_batch_tokens``, or -- when the row count follows the data (groups per
+    micro-batch x responses per group) -- max_length itself."""
+    tp, length, tokens = cfg.parallel.tp, cfg.data.max_length, cfg.data.micro_batch_tokens
+    both = math.lcm(length, tp)
+    if cfg.data.packing and tokens is not None:
+        if tokens % tp:
+            raise ConfigError(f"config key 'data.micro_batch_tokens'{where}: sequence parallelism splits each packed "
+                              f"micro-batch's {tokens} tokens over parallel.tp={tp} ranks; set data.micro_batch_tokens "
+                              f"to a multiple of {both} (of data.max_length={length} and parallel.tp={tp})")
+    elif length % tp:
+        what, fix = ((f"each packed micro-batch (rows of data.max_length={length} tokens, as many as the data "
+                      "needs)", f"set data.max_length to a multiple of {tp}, or data.micro_batch_tokens to a "
+                      f"multiple of {both}") if cfg.data.packing else
+                     (f"each padded row's {length} tokens", f"set data.max_length to a multiple of {tp}"))
+        raise ConfigError(f"config key 'data.max_length'{where}: sequence parallelism splits {what} over "
+                          f"parallel.tp={tp} ranks; {fix}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -37,13 +37,19 @@ class GroupBatcher:
     ``packed_rows`` rows (default: the padded layout's ``groups_per_micro_batch * responses_per_group``),
     so the number of micro-batches follows the tokens, not the group count, and may differ between DP
     ranks (each rank's schedule runs its own; gradients meet once per step).
+
+    ``equal_micro_batches`` (expert parallelism: the MoE token dispatcher runs collectives across DP ranks
+    inside every forward, so a rank with one forward more would wait forever) gives every DP rank the same
+    number of packed micro-batches in each step and eval pass: every rank plans every rank's share (lengths
+    only, and the step's groups are known to all, so no collective) and fills its own list up to the most
+    with all-padding micro-batches, which the loss skips. Off elsewhere: padding costs forwards.
     """
 
     def __init__(self, groups: Sequence[TokenizedGroup], *, seq_length: int, pad_id: int,
                  groups_per_micro_batch: int, global_batch_groups: int, dp_rank: int = 0, dp_size: int = 1,
                  responses_per_group: int | None = None, seed: int = 0,
                  reference: ReferenceLookup | None = None, packing: bool = False,
-                 packed_rows: int | None = None):
+                 packed_rows: int | None = None, equal_micro_batches: bool = False):
         gpm, g, dp = groups_per_micro_batch, global_batch_groups, dp_size
         unit = dp if packing else dp * gpm
         if min(gpm, g, dp) < 1 or g % unit:
@@ -70,6 +76,7 @@ class GroupBatcher:
         self.dp_rank, self.dp_size = dp_rank, dp
         self.micro_batches_per_step = g // (dp * gpm)
         self.packing = packing
+        self.equal_micro_batches = equal_micro_batches  # padded layouts are equal on every rank already
         self.packed_rows = packed_rows or gpm * self.rows_per_group
         if packing:  # refuse a group that can never fit, naming its row, before training starts
             for grp in self.groups:
@@ -81,6 +88,7 @@ class GroupBatcher:
         self.epoch, self.index = 0, 0
         self._perm: tuple[int, np.ndarray] | None = None
         self._fp: str | None = None
+        self._eval_count: int | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -89,9 +97,10 @@ class GroupBatcher:
 
     @property
     def num_eval_microbatches(self) -> int:
-        """Micro-batches this rank gets from :meth:`iter_eval_microbatches` (padded: the same on every rank)."""
+        """Micro-batches this rank gets from :meth:`iter_eval_microbatches` (padded or ``equal_micro_batches``:
+        the same on every rank)."""
         if self.packing:
-            return max(1, len(self._plan(self._eval_share())))
+            return self._eval_plans()[2]
         return math.ceil(len(self.groups) / (self.dp_size * self.groups_per_micro_batch))
 
     def _fingerprint(self) -> str:
@@ -121,31 +130,59 @@ class GroupBatcher:
         step = self._order(self.epoch)[self.index:self.index + self.global_batch_groups]
         self.index += self.global_batch_groups
         per_rank = self.global_batch_groups // self.dp_size
-        mine = step[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank].tolist()
+        shares = [step[r * per_rank:(r + 1) * per_rank].tolist() for r in range(self.dp_size)]
+        mine = shares[self.dp_rank]
         if self.packing:
-            return [self._collate_packed(mine, plan) for plan in self._plan(mine)]
+            plans = self._plan(mine)
+            padding = self._most_micro_batches(shares, len(plans)) - len(plans)
+            return [self._collate_packed(mine, plan) for plan in plans] + [self._padding() for _ in range(padding)]
         gpm = self.groups_per_micro_batch
         return [self._collate(mine[k * gpm:(k + 1) * gpm]) for k in range(self.micro_batches_per_step)]
 
     def iter_eval_microbatches(self) -> Iterator[dict[str, Tensor]]:
         """One pass over all groups in data order, no shuffle. Padded: every rank yields the same number of
         fixed-shape micro-batches (an empty tail is all PAD rows); packed: this rank's share of the groups,
-        packed (at least one micro-batch, all padding if the share is empty)."""
+        packed (at least one micro-batch, all padding if the share is empty; with ``equal_micro_batches``
+        padded up to the most any rank gets)."""
         if self.packing:
-            mine = self._eval_share()
-            plans = self._plan(mine)
-            if not plans:
-                yield empty_packed(self.packed_rows, self.seq_length, self.pad_id)
+            mine, plans, count = self._eval_plans()
             for plan in plans:
                 yield self._collate_packed(mine, plan)
+            for _ in range(count - len(plans)):
+                yield self._padding()
             return
         gpm, dp = self.groups_per_micro_batch, self.dp_size
         for k in range(self.num_eval_microbatches):
             start = (k * dp + self.dp_rank) * gpm
             yield self._collate(list(range(start, min(start + gpm, len(self.groups)))))
 
-    def _eval_share(self) -> list[int]:
-        return list(range(self.dp_rank, len(self.groups), self.dp_size))
+    def _eval_share(self, rank: int) -> list[int]:
+        return list(range(rank, len(self.groups), self.dp_size))
+
+    def _eval_plans(self) -> tuple[list[int], list[list[list[tuple[int, int]]]], int]:
+        """This rank's eval share, its packed plan, and how many micro-batches it yields (counted once:
+        planning every rank's share of a large set costs seconds)."""
+        mine = self._eval_share(self.dp_rank)
+        plans = self._plan(mine)
+        if self._eval_count is None:
+            shares = [self._eval_share(r) for r in range(self.dp_size)]
+            self._eval_count = max(1, self._most_micro_batches(shares, len(plans)))
+        return mine, plans, self._eval_count
+
+    def _most_micro_batches(self, shares: list[list[int]], own: int) -> int:
+        """With ``equal_micro_batches``: the most packed micro-batches any DP rank's share of ``shares`` takes
+        (``own``: this rank's, already planned); else ``own``."""
+        if not self.equal_micro_batches:
+            return own
+        return max([own] + [len(self._plan(share)) for r, share in enumerate(shares) if r != self.dp_rank])
+
+    def _padding(self) -> dict[str, Tensor]:
+        """An all-padding packed micro-batch with the real ones' per-sequence columns (empty): the loss skips
+        it, and code that reads ``seq_keys`` or ``ref_logps`` of every micro-batch finds them."""
+        columns = self._columns([])
+        for key in ("prompts", "responses", "group_ids"):
+            columns.pop(key)
+        return empty_packed(self.packed_rows, self.seq_length, self.pad_id, **columns)
 
     def _plan(self, indices: list[int]) -> list[list[list[tuple[int, int]]]]:
         """Packed micro-batches of the groups ``indices``: rows of (position in ``indices``, response)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -39,16 +40,27 @@ def plan_micro_batches(group_lengths: Sequence[Sequence[int]], *, rows: int,
     order = sorted(range(len(group_lengths)), key=lambda g: (-sum(group_lengths[g]), g))
     batches: list[list[list[tuple[int, int]]]] = []
     free: list[list[int]] = []  # free tokens per row, per micro-batch
+    # what a group needs of a micro-batch at least (its tokens in all, its longest sequence in one row),
+    # checked against every micro-batch at once: trying the full ones one by one in Python made planning a
+    # large data set quadratic (an eval pass, precompute_reference; equal_micro_batches plans every rank's)
+    total_free = np.zeros(64, dtype=np.int64)
+    widest_free = np.zeros(64, dtype=np.int64)
     for g in order:
-        seqs = sorted(range(len(group_lengths[g])), key=lambda j: (-group_lengths[g][j], j))
-        for b in range(len(batches) + 1):
-            if b == len(batches):
+        lengths = group_lengths[g]
+        seqs = sorted(range(len(lengths)), key=lambda j: (-lengths[j], j))
+        count = len(batches)
+        room = (total_free[:count] >= sum(lengths)) & (widest_free[:count] >= max(lengths, default=0))
+        for b in [*np.flatnonzero(room).tolist(), count]:  # the skipped ones would refuse the group anyway
+            if b == count:
                 batches.append([[] for _ in range(rows)])
                 free.append([seq_length] * rows)
+                if b == len(total_free):  # room for twice as many
+                    total_free = np.concatenate([total_free, np.zeros_like(total_free)])
+                    widest_free = np.concatenate([widest_free, np.zeros_like(widest_free)])
             trial = list(free[b])
             placed = []
             for j in seqs:
-                n = group_lengths[g][j]
+                n = lengths[j]
                 row = next((r for r in range(rows) if trial[r] >= n), None)
                 if row is None:
                     break
@@ -56,13 +68,14 @@ def plan_micro_batches(group_lengths: Sequence[Sequence[int]], *, rows: int,
                 placed.append((row, j))
             if len(placed) == len(seqs):
                 free[b] = trial
+                total_free[b], widest_free[b] = sum(trial), max(trial)
                 for row, j in placed:
                     batches[b][row].append((g, j))
                 break
-            if b == len(batches) - 1 and all(f == seq_length for f in free[b]):
+            if b == count:  # not even an empty micro-batch takes it
                 raise GroupTooLargeError(
-                    f"group {g}: {len(seqs)} sequences of {sum(group_lengths[g])} tokens "
-                    f"(longest {max(group_lengths[g])}) do not fit one micro-batch of {rows} rows x {seq_length} "
+                    f"group {g}: {len(seqs)} sequences of {sum(lengths)} tokens "
+                    f"(longest {max(lengths)}) do not fit one micro-batch of {rows} rows x {seq_length} "
                     "tokens; raise data.micro_batch_tokens or lower data.max_responses")
     return batches
 
@@ -132,10 +145,11 @@ def packed_order(placement: Sequence[Sequence[int]]) -> list[int]:
     return sorted(i for row in placement for i in row)
 
 
-def empty_packed(rows: int, seq_length: int, pad_id: int) -> dict[str, Tensor]:
-    """An all-padding packed micro-batch (a DP rank with no held-out groups left still runs the schedule)."""
+def empty_packed(rows: int, seq_length: int, pad_id: int, **per_sequence: Sequence | None) -> dict[str, Tensor]:
+    """An all-padding packed micro-batch: a DP rank with nothing left still runs the schedule (``per_sequence``:
+    empty columns, so that it has the keys its real neighbours have)."""
     return collate_packed([], [], placement=[[] for _ in range(rows)], seq_length=seq_length, pad_id=pad_id,
-                          group_ids=[])
+                          group_ids=[], **per_sequence)
 
 
 def layout_summary(lengths: Sequence[Sequence[int]], *, seq_length: int, rows: int, packing: bool,

@@ -22,7 +22,7 @@ ADV_EPS = 1e-6  # keeps Â finite (and 0) when every reward of a group is equal
 
 @register("grao", formula="−(1/G) Σ_i [Â_i·J(o_i) + β·Â_y·J(y) + λ·Â_i·(J(o_i) − J(y))]",
           needs_reference=False, needs_rewards=True, pairwise=False)
-def grao_terms(stats: SequenceStats, beta: float = 0.5, lam: float = 0.6) -> tuple[Tensor, Tensor, dict[str, float]]:
+def grao_terms(stats: SequenceStats, beta: float = 0.5, lam: float = 0.6) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Per-group −J ``[G]``, unit weights and metrics; each group needs one reference answer and ≥ 1 sample."""
     beta = checks.positive("grao", "beta", beta)
     lam = checks.non_negative("grao", "lam", lam)
@@ -55,10 +55,10 @@ def grao_terms(stats: SequenceStats, beta: float = 0.5, lam: float = 0.6) -> tup
     objective = group_mean(term, gi, groups.count)
     per_group = -objective
     metrics = {
-        "objective": float(objective.detach().mean()),
-        "reward_mean": float(r[samples].mean()),
-        "reference_reward": float(r[ref_pos].mean()),
-        "logps_mean/samples": float(j[samples].detach().mean()),
-        "logps_mean/reference": float(j_y.detach().mean()),
+        "objective": objective.detach().mean(),
+        "reward_mean": r[samples].mean(),
+        "reference_reward": r[ref_pos].mean(),
+        "logps_mean/samples": j[samples].detach().mean(),
+        "logps_mean/reference": j_y.detach().mean(),
     }
     return per_group, torch.ones_like(per_group), metrics

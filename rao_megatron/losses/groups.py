@@ -52,6 +52,17 @@ def group_mean(values: Tensor, index: Tensor, num_groups: int) -> Tensor:
     return group_sum(values, index, num_groups) / counts
 
 
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` where ``mask`` holds, as a 0-d tensor: NaN where it never holds.
+
+    The same number as ``values[mask].mean()`` without the boolean selection, whose size the host would
+    have to read first (a device sync on CUDA); an empty selection gives NaN, which the step's metric
+    average skips (as a metric that was not reported).
+    """
+    values = values if values.is_floating_point() else values.float()
+    return torch.where(mask, values, 0).sum() / mask.sum()
+
+
 def group_max(values: Tensor, index: Tensor, num_groups: int) -> Tensor:
     """Max of ``values [M]`` per group ``[num_groups]``."""
     out = torch.full((num_groups,), float("-inf"), dtype=values.dtype, device=values.device)

@@ -15,7 +15,7 @@ from .groups import Groups, group_mean, make_groups, preference_pairs
 from .registry import register
 from .stats import SequenceStats
 
-Terms = tuple[Tensor, Tensor, dict[str, float]]
+Terms = tuple[Tensor, Tensor, dict[str, Tensor]]  # metrics: detached 0-d tensors
 
 
 def _per_group(losses: Tensor, groups: Groups, chosen: Tensor) -> tuple[Tensor, Tensor]:
@@ -29,13 +29,13 @@ def _pairs(stats: SequenceStats, loss: str, pairing: str) -> tuple[Groups, Tenso
     return groups, chosen, rejected
 
 
-def _reward_metrics(chosen_r: Tensor, rejected_r: Tensor) -> dict[str, float]:
+def _reward_metrics(chosen_r: Tensor, rejected_r: Tensor) -> dict[str, Tensor]:
     chosen_r, rejected_r = chosen_r.detach(), rejected_r.detach()
     return {
-        "rewards/chosen": float(chosen_r.mean()),
-        "rewards/rejected": float(rejected_r.mean()),
-        "rewards/margin": float((chosen_r - rejected_r).mean()),
-        "rewards/accuracy": float((chosen_r > rejected_r).float().mean()),
+        "rewards/chosen": chosen_r.mean(),
+        "rewards/rejected": rejected_r.mean(),
+        "rewards/margin": (chosen_r - rejected_r).mean(),
+        "rewards/accuracy": (chosen_r > rejected_r).float().mean(),
     }
 
 
@@ -139,7 +139,7 @@ def orpo_terms(stats: SequenceStats, lam: float = 0.1, pairing: str = "best_vs_r
     nll = -avg[w]
     losses = nll - lam * F.logsigmoid(ratio)
     metrics = _reward_metrics(avg[w], avg[l])
-    metrics.update({"nll": float(nll.detach().mean()), "log_odds_ratio": float(ratio.detach().mean())})
+    metrics.update({"nll": nll.detach().mean(), "log_odds_ratio": ratio.detach().mean()})
     return (*_per_group(losses, groups, w), metrics)
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import checks
-from .groups import best_index, group_max, group_mean, make_groups
+from .groups import Groups, best_index, group_max, group_mean, make_groups, masked_mean
 from .registry import register
 from .stats import SequenceStats
 
@@ -36,10 +36,11 @@ def resolve_log_z0(log_z0: float | None, z0: float | None) -> float:
 
 
 def implicit_rewards(stats: SequenceStats, beta: float, log_z0: float,
-                     prefix_consistency: bool = True) -> tuple[Tensor, Tensor]:
+                     prefix_consistency: bool = True, groups: Groups | None = None) -> tuple[Tensor, Tensor]:
     """``(r̂ [N], log Z [G])``: β·Δ_R + β·log Z_i, with Δ_P averaged once per group and detached
-    (``prefix_consistency=False``: log Z_i = log_z0 for every group, Δ_P left out)."""
-    groups = make_groups(stats.group_ids)
+    (``prefix_consistency=False``: log Z_i = log_z0 for every group, Δ_P left out). ``groups``: the
+    batch's :func:`make_groups`, where the caller has it (computing it reads the group count on the host)."""
+    groups = make_groups(stats.group_ids) if groups is None else groups
     delta_r = stats.policy_logps - stats.ref_logps
     if prefix_consistency:
         # Δ_P is identical for every response of a prompt (causal attention); averaging over the group
@@ -56,7 +57,7 @@ def implicit_rewards(stats: SequenceStats, beta: float, log_z0: float,
           needs_reference=True, needs_rewards=True, pairwise=False)
 def rao_terms(stats: SequenceStats, beta: float = 0.1, log_z0: float | None = None, z0: float | None = None,
               reward_scale: float = 1.0, reward_shift: float = 0.0,
-              prefix_consistency: bool = True) -> tuple[Tensor, Tensor, dict[str, float]]:
+              prefix_consistency: bool = True) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Per-group RAO losses ``[G]``, unit weights ``[G]`` and the metrics of DESIGN §2. ``prefix_consistency``
     False drops sg(Δ_P) from log Z (a constant log_z0; not the paper's method, kept to measure its effect)."""
     beta = checks.positive("rao", "beta", beta)
@@ -66,7 +67,7 @@ def rao_terms(stats: SequenceStats, beta: float = 0.1, log_z0: float | None = No
     stats.require("rao", "policy_logps", "ref_logps", "policy_prompt_logps", "ref_prompt_logps", "rewards")
 
     groups = make_groups(stats.group_ids)
-    r_hat, log_z = implicit_rewards(stats, beta, log_z0, bool(prefix_consistency))
+    r_hat, log_z = implicit_rewards(stats, beta, log_z0, bool(prefix_consistency), groups)
     target = stats.rewards.to(r_hat.dtype) * reward_scale + reward_shift
     residual = target - r_hat
     per_group = group_mean(residual.square(), groups.index, groups.count)
@@ -74,30 +75,31 @@ def rao_terms(stats: SequenceStats, beta: float = 0.1, log_z0: float | None = No
                                                              residual.detach(), log_z)
 
 
-def _metrics(stats: SequenceStats, groups, r_hat: Tensor, target: Tensor, residual: Tensor,
-             log_z: Tensor) -> dict[str, float]:
-    """DESIGN §2's metrics. "Best" and "worst" only mean something where a group's rewards differ: in an
-    all-tied group (every answer wrong, or K = 1) the first response would be "best" by convention and its
-    target is set by β·log Z alone, so it would count as displaced by construction. Tied groups are
-    reported on their own: ``tied_share`` (of the groups) and ``tied/delta_r`` (their mean Δ_R)."""
+def _metrics(stats: SequenceStats, groups: Groups, r_hat: Tensor, target: Tensor, residual: Tensor,
+             log_z: Tensor) -> dict[str, Tensor]:
+    """DESIGN §2's metrics, as detached 0-d tensors (read on the host once per step, not here).
+
+    "Best" and "worst" only mean something where a group's rewards differ: in an all-tied group (every
+    answer wrong, or K = 1) the first response would be "best" by convention and its target is set by
+    β·log Z alone, so it would count as displaced by construction. Tied groups are reported on their own:
+    ``tied_share`` (of the groups) and ``tied/delta_r`` (their mean Δ_R). A metric with nothing to measure
+    in this batch (no group whose rewards differ, no tied group, no ordered pair) is NaN, which the step's
+    average skips."""
     idx = groups.index
     delta_r = (stats.policy_logps - stats.ref_logps).detach()
     differs = group_max(target, idx, groups.count) > -group_max(-target, idx, groups.count)  # [G]
-    metrics = {"log_z": float(log_z.mean()), "residual": float(residual.mean()),
-               "tied_share": float((~differs).float().mean())}
-    if bool(differs.any()):
-        best = best_index(groups, target)[differs]
-        worst = best_index(groups, -target)[differs]
-        metrics.update({
-            "rewards/best": float(r_hat[best].mean()),
-            "rewards/worst": float(r_hat[worst].mean()),
-            "rewards/gap": float((r_hat[best] - r_hat[worst]).mean()),
-            # likelihood displacement: the best response became less likely than under the reference
-            "displacement": float((delta_r[best] < 0).float().mean()),
-        })
-    if not bool(differs.all()):
-        metrics["tied/delta_r"] = float(delta_r[~differs[idx]].mean())
+    best = best_index(groups, target)  # meaningful where ``differs``; masked below
+    worst = best_index(groups, -target)
     ordered = (idx[:, None] == idx[None, :]) & (target[:, None] > target[None, :])
-    if bool(ordered.any()):
-        metrics["ranking_accuracy"] = float((r_hat[:, None] > r_hat[None, :])[ordered].float().mean())
-    return metrics
+    return {
+        "log_z": log_z.detach().mean(),
+        "residual": residual.mean(),
+        "tied_share": (~differs).float().mean(),
+        "rewards/best": masked_mean(r_hat[best], differs),
+        "rewards/worst": masked_mean(r_hat[worst], differs),
+        "rewards/gap": masked_mean(r_hat[best] - r_hat[worst], differs),
+        # likelihood displacement: the best response became less likely than under the reference
+        "displacement": masked_mean((delta_r[best] < 0).float(), differs),
+        "tied/delta_r": masked_mean(delta_r, ~differs[idx]),
+        "ranking_accuracy": masked_mean((r_hat[:, None] > r_hat[None, :]).float(), ordered),
+    }

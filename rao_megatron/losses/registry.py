@@ -14,8 +14,8 @@ from torch import Tensor
 
 from .stats import SequenceStats
 
-#: fn(stats, **hparams) -> (per_group [G] loss contributions, weights [G], metrics)
-LossTermsFn = Callable[..., tuple[Tensor, Tensor, dict[str, float]]]
+#: fn(stats, **hparams) -> (per_group [G] loss contributions, weights [G], metrics: detached 0-d tensors)
+LossTermsFn = Callable[..., tuple[Tensor, Tensor, dict[str, Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,11 @@ class LossSpec:
     ``sft`` (the number of response tokens). A training engine that splits a batch over micro-batches
     and data-parallel ranks passes the *global* normaliser so the summed result equals the loss of
     the whole batch (NeMo-RL's global-normalisation scheme).
+
+    Metrics are detached 0-d tensors on the loss's device, never Python numbers: reading a value on the
+    host is a device sync, so the training step reads all of its micro-batches' metrics at once
+    (``training.reductions``). A metric with nothing to measure in a batch is NaN (its step average
+    skips it).
     """
 
     name: str
@@ -68,18 +73,18 @@ class LossSpec:
         return BoundLoss(self, dict(hparams), (scale, shift))
 
     def __call__(self, stats: SequenceStats, *, normalizer: float | None = None,
-                 **hparams: Any) -> tuple[Tensor, dict[str, float]]:
+                 **hparams: Any) -> tuple[Tensor, dict[str, Tensor]]:
         self.check_hparams(hparams)
         return self._apply(stats, normalizer, hparams)
 
     def _apply(self, stats: SequenceStats, normalizer: float | None,
-               hparams: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+               hparams: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         per_group, weights, metrics = self.terms(stats, **hparams)
         denom = weights.sum() if normalizer is None else normalizer
         if normalizer is not None and not normalizer > 0:
             raise ValueError(f"normalizer must be > 0, got {normalizer}")
         loss = per_group.sum() / denom
-        metrics = {"loss": float(per_group.detach().sum() / weights.sum()), **metrics}
+        metrics = {"loss": per_group.detach().sum() / weights.sum(), **metrics}
         return loss, metrics
 
 
@@ -103,7 +108,7 @@ class BoundLoss:
         scale, shift = self.reward_affine
         return rewards if (scale, shift) == (1.0, 0.0) else rewards * scale + shift
 
-    def __call__(self, stats: SequenceStats, *, normalizer: float | None = None) -> tuple[Tensor, dict[str, float]]:
+    def __call__(self, stats: SequenceStats, *, normalizer: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         if stats.rewards is not None and self.reward_affine != (1.0, 0.0):
             stats = dataclasses.replace(stats, rewards=self.normalized_rewards(stats.rewards))
         return self.spec._apply(stats, normalizer, self.hparams)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -180,13 +181,71 @@ def check_expert_layout(cfg: dict[str, Any], *, tp: int = 1, ep: int = 1, etp: i
         raise ValueError(f"parallel.etp={etp} must divide moe_intermediate_size={spec.ffn_hidden_size}")
 
 
+def _transformer_engine_installed() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def transformer_engine_on_cuda() -> bool:
+    """The model runs on CUDA with Transformer Engine: the compute device is CUDA and TE imports (the
+    condition under which ``models.provider`` builds the TE layer spec; the start-up checks refuse CUDA
+    without TE)."""
+    from rao_megatron.parallel.device import compute_device
+
+    return _transformer_engine_installed() and compute_device().type == "cuda"
+
+
+def _apex_wgrad_fusion_installed() -> bool:
+    """apex's ``fused_weight_gradient_mlp_cuda`` imports (what Megatron's ``tensor_parallel.layers`` tries)."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def fusion_settings(te_on_cuda: bool, apex_wgrad_fusion: bool = False) -> dict[str, bool]:
+    """Megatron's kernel-fusion flags for the Transformer Engine spec on CUDA (``te_on_cuda``); all off otherwise.
+
+    On CUDA with TE (the megatron-core 0.16.1 sources that read each flag are named):
+
+    - ``apply_rope_fusion``: TE's fused RoPE (``rope_utils.apply_rotary_pos_emb``; ``TransformerConfig``
+      checks TE provides it). Packed THD batches need it: the unfused THD path splits by ``cu_seqlens``
+      on the host, a device sync per layer.
+    - ``gradient_accumulation_fusion``: TE's linears write weight gradients straight into DDP's fp32
+      ``main_grad`` (``fuse_wgrad_accumulation``); without it each micro-batch's gradient is rounded to the
+      bf16 parameter dtype first. Only with apex's ``fused_weight_gradient_mlp_cuda``
+      (``apex_wgrad_fusion``): the output layer is Megatron's own ``ColumnParallelLinear`` whatever the
+      spec, and it refuses the flag without that extension (``tensor_parallel/layers.py``). Needs the
+      trained model to be DDP-wrapped (the trainer's always is; frozen and forward-only models never
+      compute weight gradients).
+    - ``bias_activation_fusion``: SwiGLU without bias through Megatron's fused ``bias_swiglu_impl``
+      (``transformer/mlp.py``, ``moe/experts.py``); ``TransformerConfig`` allows it for silu.
+    - ``bias_dropout_fusion``: the fused residual add (``fusions/fused_bias_dropout.py``).
+
+    Off everywhere: ``masked_softmax_fusion`` (read by the local ``DotProductAttention`` only; TE's attention
+    ignores it, and the local path would need Megatron's compiled softmax kernels) and
+    ``persist_layer_norm`` (apex ``FusedLayerNorm`` only; TE norms ignore it and the local spec's torch
+    norms assert it is off). On the CPU every flag is off: the fused kernels need CUDA.
+    """
+    return dict(
+        apply_rope_fusion=te_on_cuda,
+        gradient_accumulation_fusion=te_on_cuda and apex_wgrad_fusion,
+        bias_activation_fusion=te_on_cuda,
+        bias_dropout_fusion=te_on_cuda,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
 def transformer_config_from_hf(hf_config: Any, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
                                ep: int = 1, etp: int | None = None,
                                params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
-                               **overrides: Any) -> TransformerConfig:
+                               fused: bool | None = None, **overrides: Any) -> TransformerConfig:
     """Megatron ``TransformerConfig`` for an HF Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE config at the given layout.
 
     ``ep`` / ``etp``: expert parallel and expert tensor parallel sizes (MoE only; ``etp`` None = ``tp``).
+    ``fused``: Megatron's fused kernels (:func:`fusion_settings`); None = on when the model runs on CUDA
+    with Transformer Engine (:func:`transformer_engine_on_cuda`).
     ``overrides`` are passed to ``TransformerConfig`` last (e.g. ``recompute_granularity``).
     """
     cfg = hf_config_to_dict(hf_config)
@@ -241,15 +300,10 @@ def transformer_config_from_hf(hf_config: Any, *, tp: int = 1, pp: int = 1, vpp:
         virtual_pipeline_model_parallel_size=vpp,
         sequence_parallel=sequence_parallel,
         use_cpu_initialization=not on_gpu,
-        # Fused kernels need CUDA (and TE/apex); the unfused paths give the same numbers.
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        bias_dropout_fusion=False,
         qk_layernorm=family in QK_NORM_FAMILIES,
     )
+    fused = transformer_engine_on_cuda() if fused is None else fused
+    kwargs.update(fusion_settings(fused, fused and _apex_wgrad_fusion_installed()))
     moe = moe_spec(cfg)
     if moe is not None:
         kwargs.update(_moe_kwargs(moe, ep=ep, etp=tp if etp is None else etp, on_gpu=on_gpu))

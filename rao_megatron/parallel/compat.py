@@ -18,6 +18,19 @@ What differs, and where it is handled:
 - **MoE metrics tracker** (here, :func:`moe_metric_entry`). Since 0.18 Megatron keeps the per-layer MoE
   metrics (the router's load-balancing loss) in ``moe_logging.get_moe_metrics_tracker()``; before, in the
   dict of ``moe_utils.get_moe_layer_wise_logging_tracker()`` (deprecated since, a view of the new one).
+- **MoE routing that ignores padding tokens** (here, :func:`gpt_forward_takes_padding_mask`).
+  ``GPTModel.forward(..., padding_mask=...)`` (keyword-only; ``[b, s]`` bool, True at padding) reaches every
+  MoE router, which then leaves padding tokens out of the load-balancing loss (and the z-loss and the
+  expert-bias token counts); token routing itself is unchanged. 0.16.1 (this package's floor) and 0.19.2
+  both have it, with the same name and meaning (read in both sources); a release without it counts
+  padding tokens, as this package did before passing the mask. Detected from the signature, once.
+- **Distributed-optimizer checkpoints of multi-bucket buffers** (here,
+  :func:`fix_fully_reshardable_multi_bucket_save`). ``DistributedOptimizer``'s ``fully_reshardable`` save
+  slices the DP-gathered optimizer state, which ``get_parameter_state_dp_zero`` packs with every bucket's
+  end padding stripped, at the buffer's padded parameter offsets: once DDP splits a buffer into several
+  buckets (``overlap_grad_reduce``, on with CUDA) and a bucket end is padded, every later parameter's
+  state is written from the wrong place (fixed upstream by Megatron-LM PR #5077, 2026-05; 0.16.1 has the
+  bug). Detected from the source, applied when the trainer builds its optimizer.
 - **CUDA streams in DDP's grad sync** (CPU path only, in :mod:`rao_megatron.parallel.cpu`). Since 0.19
   ``param_and_grad_buffer.start_grad_sync`` calls ``torch.cuda.current_stream()`` every step; the CPU
   patches give the patched modules in-order stream / event stand-ins (harmless on older releases).
@@ -84,6 +97,20 @@ def moe_metric_entry(name: str) -> tuple[Any, Any]:
 
     old = get_moe_layer_wise_logging_tracker().get(name)
     return (old["values"], old.get("reduce_group")) if old else (None, None)
+
+
+# --- MoE routers that leave padding tokens out (GPTModel.forward's padding_mask) ----------------------------
+
+
+@functools.cache
+def gpt_forward_takes_padding_mask() -> bool:
+    """Whether the installed ``GPTModel.forward`` takes ``padding_mask`` (True at padding tokens), which MoE
+    routers use to leave padding out of the load-balancing loss. Without it padding tokens count there."""
+    import inspect
+
+    from megatron.core.models.gpt import GPTModel
+
+    return "padding_mask" in inspect.signature(GPTModel.forward).parameters
 
 
 # --- megatron-core < 0.19: read 0.19's common state from the torch_dist files -------------------------
@@ -164,3 +191,55 @@ def apply_compat_shims() -> None:
     if not mcore_at_least(0, 19):
         _patch_common_state_loading()
     _APPLIED = True
+
+
+def fix_fully_reshardable_multi_bucket_save() -> bool:
+    """Make ``DistributedOptimizer``'s ``fully_reshardable`` save read each parameter's state from its place.
+
+    ``get_parameter_state_dp_zero`` returns the gathered state of a buffer as the concatenation of each
+    bucket's unpadded part; ``sharded_param_state_fully_reshardable`` slices it at ``param_index_map``
+    offsets, which count the padding at the end of every earlier bucket. The patch puts each bucket's part
+    back at its offset in the buffer (zeros in the padding) before the slicing. Applied only to the
+    releases whose save still slices the unpadded state (the zero-padding workaround in its source);
+    idempotent. Returns whether the installed release needs it.
+    """
+    import inspect
+
+    import torch
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.sharded_param_state_fully_reshardable
+    if getattr(original, "_rao_multi_bucket_fix", False):
+        return True
+    if "missing_elems_num" not in inspect.getsource(original):
+        return False
+
+    def at_buffer_offsets(optimizer: Any, state: dict | None) -> dict | None:
+        if state is None:
+            return None
+        for gbuf_idx, buffer in enumerate(optimizer.buffers):
+            for world in state[gbuf_idx].values():
+                for key, packed in list(world.items()):
+                    if not isinstance(packed, torch.Tensor):
+                        continue  # numel_unpadded
+                    padded = packed.new_zeros(buffer.numel)
+                    start = 0
+                    for bucket in buffer.buckets:
+                        n = bucket.numel_unpadded
+                        padded[bucket.offset:bucket.offset + n] = packed[start:start + n]
+                        start += n
+                    world[key] = padded
+        return state
+
+    @functools.wraps(original)
+    def sharded_param_state_fully_reshardable(self: Any, *args: Any, **kwargs: Any) -> Any:
+        gather = self.get_parameter_state_dp_zero
+        self.get_parameter_state_dp_zero = lambda *a, **k: at_buffer_offsets(self, gather(*a, **k))
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            del self.get_parameter_state_dp_zero
+
+    sharded_param_state_fully_reshardable._rao_multi_bucket_fix = True  # type: ignore[attr-defined]
+    DistributedOptimizer.sharded_param_state_fully_reshardable = sharded_param_state_fully_reshardable
+    return True

@@ -60,6 +60,31 @@ def check_device(device: str = "auto") -> None:
                           "install it (pip install -e '.[gpu]', or use an NGC PyTorch container)")
 
 
+def thd_attention() -> bool:
+    """Packed micro-batches run as Transformer Engine's THD sequences: the TE layer spec on CUDA (compute
+    device CUDA and TE importable, as ``models.provider.te_usable``); the CPU's local spec takes a mask."""
+    import importlib.util
+
+    from rao_megatron.parallel.device import compute_device
+
+    return compute_device().type == "cuda" and importlib.util.find_spec("transformer_engine") is not None
+
+
+def check_packing_dtype(cfg: Config, thd: bool | None = None) -> None:
+    """Packed batches on CUDA need bf16: TE's THD attention runs on its flash or fused backends, which take
+    bf16/fp16 only, and its unfused (fp32) backend does not take THD -- an fp32 packed run would stop at
+    the first forward with "No dot product attention backend is available". ``thd``: None = :func:`thd_attention`.
+
+    Refused rather than padded instead: padding changes the micro-batch layout, the throughput and what
+    ``data.micro_batch_tokens`` means, which the config should say, not the device.
+    """
+    thd = thd_attention() if thd is None else thd
+    if thd and cfg.data.packing and cfg.model.dtype == "fp32":
+        raise ConfigError("data.packing=true on CUDA runs Transformer Engine's THD attention, which needs "
+                          "model.dtype=bf16 (its fp32 attention takes no packed sequences); set model.dtype=bf16 "
+                          "or data.packing=false")
+
+
 def check_layout(cfg: Config) -> None:
     """World size must be a multiple of TP × PP and of ETP × EP × PP (Megatron's attention and expert
     layouts tile the same ranks): say so before Megatron does, in the config's words."""
@@ -90,6 +115,7 @@ def start(cfg: Config) -> None:
     from rao_megatron.parallel.state import initialize_model_parallel
 
     init_distributed(cfg.parallel.backend, device=cfg.parallel.device)
+    check_packing_dtype(cfg)
     check_layout(cfg)
     initialize_model_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp, seed=cfg.train.seed,
                               ep=cfg.parallel.ep, etp=cfg.parallel.etp)

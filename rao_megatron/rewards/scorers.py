@@ -98,8 +98,8 @@ class ModelScorer:
 
     Needs the model-parallel state (``initialize_model_parallel``). Sequences are sharded over DP ranks and
     scored in micro-batches of ``batch_size`` rows: packed several to a row of ``max_length`` tokens
-    (``packing``, default), or one per row, sorted by length and padded to the block's longest. Every rank
-    gets all scores back.
+    (``packing``, default; not for an fp32 model on CUDA, see :func:`packs`), or one per row, sorted by length
+    and padded to the block's longest. Every rank gets all scores back.
     """
 
     def __init__(self, checkpoint: str | os.PathLike, *, batch_size: int = 16, max_length: int = 2048,
@@ -128,7 +128,8 @@ class ModelScorer:
         self.chunks = build_model_chunks(AutoConfig.for_model(**meta["hf_config"]), task="rm", wrap_ddp=False,
                                          params_dtype=dtype)
         load_model_checkpoint(self.chunks, path)
-        self.batch_size, self.max_length, self.packing = batch_size, max_length, packing
+        self.batch_size, self.max_length = batch_size, max_length
+        self.packing = packing and packs(self.chunks[0], dtype)
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.fingerprint = f"model:{Path(resolve_checkpoint(path)).resolve()}:max_length={max_length}"
         self.writes = not dist.is_initialized() or dist.get_rank() == 0
@@ -223,6 +224,16 @@ class ModelScorer:
                 for k, s in zip(packed_order(placement), out["scores"].tolist()):
                     scores[k] = s
         return scores
+
+
+def packs(model: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """Whether ``model`` can score packed rows in ``dtype``: not an fp32 model that runs packed rows as
+    Transformer Engine THD sequences (CUDA), whose attention takes THD in bf16/fp16 only. Such a reward model
+    (fp32 checkpoints: converted ones, or trained on the CPU) scores padded rows instead, in the dtype it
+    was trained in: the same scores as packed, only slower -- casting it to bf16 would change them."""
+    from rao_megatron.models.provider import uses_thd
+
+    return not (dtype == torch.float32 and uses_thd(model))
 
 
 def find_model_checkpoint(path: str | os.PathLike) -> Path:

@@ -26,6 +26,42 @@ def use_distributed_optimizer(setting: bool | None = None) -> bool:
     return compute_device().type == "cuda" if setting is None else setting
 
 
+def ddp_config(distributed_optimizer: bool, *, interleaved: bool = False) -> DistributedDataParallelConfig:
+    """Megatron DDP settings for this process's compute device.
+
+    CUDA: gradients are reduced (reduce-scattered with the distributed optimizer) bucket by bucket while the
+    backward pass still runs (``overlap_grad_reduce``), in buckets of Megatron's default size (None:
+    max(40M, 1M x DP) elements, ``DistributedDataParallel.__init__``); with the distributed optimizer
+    the updated parameter shards are all-gathered bucket by bucket in the next forward pass (forward
+    pre-hooks, ``overlap_param_gather``), launched together on every pipeline stage under the interleaved
+    schedule (``align_param_gather``: Megatron-LM turns it off without virtual pipeline stages, where the
+    schedule never calls ``param_sync_func`` and the pre-hooks chain the buckets themselves). These are
+    Megatron-LM's ``--overlap-grad-reduce --overlap-param-gather``. Parameters read between an optimizer
+    step and the next forward (a checkpoint) need :func:`sync_params` first.
+    CPU (gloo): one synchronous reduction after the backward pass, no buckets.
+    Gradients are reduced in fp32 either way.
+    """
+    cuda = compute_device().type == "cuda"
+    gather = cuda and distributed_optimizer
+    return DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=cuda,
+                                         overlap_param_gather=gather, align_param_gather=gather and interleaved,
+                                         use_distributed_optimizer=distributed_optimizer, bucket_size=None)
+
+
+def sync_params(chunks: Sequence[torch.nn.Module]) -> None:
+    """All-gather the parameters now where DDP would only do it in the next forward pass.
+
+    With ``overlap_param_gather`` the distributed optimizer updates only this rank's shard; the other
+    ranks' shards arrive with the next forward's pre-hooks. A checkpoint written between the two would
+    hold stale weights, so it calls this first (Megatron-LM syncs the same way, via
+    ``disable_forward_pre_hook(param_sync=True)``, around ``save_checkpoint``). A no-op otherwise.
+    """
+    for chunk in chunks:
+        cfg = getattr(chunk, "ddp_config", None)
+        if cfg is not None and cfg.use_distributed_optimizer and cfg.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 def build_model_chunks(hf_config: Any, *, task: str = "policy", params_dtype: torch.dtype = torch.float32,
                        wrap_ddp: bool = True, use_te: bool | None = None, sequence_parallel: bool = False,
                        distributed_optimizer: bool | None = None) -> list[torch.nn.Module]:
@@ -64,13 +100,23 @@ def build_model_chunks(hf_config: Any, *, task: str = "policy", params_dtype: to
                 m.eval()
         return chunks
     # the DDP buffers must be laid out for the optimizer that will own them (Megatron asserts they agree)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=use_distributed_optimizer(
-                                                   distributed_optimizer))
-    wrapped = [DistributedDataParallel(m.config, ddp_config, m) for m in chunks]
-    cfg = wrapped[0].config
+    settings = ddp_config(use_distributed_optimizer(distributed_optimizer), interleaved=len(chunks) > 1)
+    # as Megatron-LM's get_model: buckets for the first chunk only (the later chunks' communication
+    # overlaps with the interleaved schedule's compute anyway)
+    wrapped = [DistributedDataParallel(m.config, settings, m, disable_bucketing=i > 0) for i, m in enumerate(chunks)]
+    cfg = wrapped[0].config  # the config the pipeline schedule reads
+
+    def per_chunk(name: str) -> Any:
+        funcs = [getattr(w, name) for w in wrapped]
+        return funcs if len(funcs) > 1 else funcs[0]
+
+    # what Megatron-LM's train() sets for the schedule
     cfg.finalize_model_grads_func = finalize_model_grads
-    cfg.no_sync_func = [w.no_sync for w in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    cfg.no_sync_func = per_chunk("no_sync")
+    if settings.overlap_grad_reduce:  # launch each chunk's reduction as its last backward ends (align_grad_reduce)
+        cfg.grad_sync_func = per_chunk("start_grad_sync")
+    if settings.overlap_param_gather and settings.align_param_gather:
+        cfg.param_sync_func = per_chunk("start_param_sync")
     return wrapped
 
 
@@ -97,14 +143,40 @@ def forward_backward(chunks: Sequence[torch.nn.Module] | torch.nn.Module, step: 
         rows, seq_length = 1, rows * seq_length  # the forward step runs packed rows as one THD sequence
     if hasattr(step, "grad_scale"):
         step.grad_scale = float(len(microbatches) * ps.get_data_parallel_world_size())
+    order = list(range(len(microbatches))) if forward_only else empty_first(microbatches)
+    microbatches = [microbatches[i] for i in order]
     iterators: Any = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
     for c in chunks:
         c.train(not forward_only)
     with torch.set_grad_enabled(not forward_only):
-        return get_forward_backward_func()(
+        outputs = get_forward_backward_func()(
             forward_step_func=step, data_iterator=iterators, model=list(chunks),
             num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=rows,
             decoder_seq_length=seq_length, forward_only=forward_only)
+    if len(outputs) != len(order):  # not the last pipeline stage: no outputs
+        return outputs
+    restored: list[Any] = [None] * len(outputs)
+    for position, i in enumerate(order):
+        restored[i] = outputs[position]
+    return restored
+
+
+def empty_first(microbatches: Sequence[dict[str, Tensor]]) -> list[int]:
+    """The order a training pass runs ``microbatches`` in: the empty ones (no sequences, the padding a DP rank
+    runs under expert parallelism) first, the rest as given; outputs are returned in the callers' order.
+
+    With ``overlap_grad_reduce`` (CUDA) Megatron's DDP launches a bucket's reduction once every parameter
+    in it has its gradient from the last micro-batch, and expects the same parameters every step. An
+    empty micro-batch's zero loss does not reach a weight used only by the loss (an untied output layer,
+    read by the log-prob kernel), so run last it would leave that bucket's reduction unlaunched: Megatron
+    fails an assertion at the next step (megatron-core 0.16.1, ``_ParamAndGradBucketGroup.reset`` or
+    "Communication call has not been issued for this bucket"). Only the summation order of the accumulated
+    gradients changes (an empty micro-batch adds zeros, or MoE load-balancing gradients of its padding tokens).
+    """
+    def empty(mb: dict[str, Tensor]) -> bool:
+        return "group_ids" in mb and mb["group_ids"].numel() == 0  # a shape: no device sync
+
+    return sorted(range(len(microbatches)), key=lambda i: not empty(microbatches[i]))
 
 
 def sequence_logps(chunks: Sequence[torch.nn.Module] | torch.nn.Module, microbatches: Sequence[dict[str, Tensor]],

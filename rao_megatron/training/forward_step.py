@@ -10,6 +10,11 @@ data-parallel rank). Megatron divides the returned loss by the number of micro-b
 Megatron DDP averages gradients over the D data-parallel ranks, so the tensor handed back for
 backward is multiplied by ``grad_scale = M·D``; the summed gradient is then exactly that of the
 whole-batch loss, whatever TP, PP, DP or the micro-batch split.
+
+Host syncs: a loss step reads one thing on the host per micro-batch, which sequences of it are real
+(:func:`_real_sequences`; the losses themselves read their groups and pairs). Everything it returns for
+the step's record (loss, metrics, group and pair counts) stays a 0-d tensor on the device;
+:mod:`rao_megatron.training.reductions` reads a whole step's values at once.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from rao_megatron.losses import BoundLoss, SequenceStats
 from rao_megatron.losses.groups import make_groups, preference_pairs
 from rao_megatron.models.provider import output_weight, unwrap_model, uses_thd
 from rao_megatron.models.reward import reward_scores
+from rao_megatron.parallel.compat import gpt_forward_takes_padding_mask
 
 
 @dataclass
@@ -60,12 +66,14 @@ def sequence_sums(token_logps: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor
     if not is_packed(batch):
         return (token_logps * batch["prompt_mask"]).sum(dim=1), (token_logps * batch["response_mask"]).sum(dim=1)
     segments = batch["segment_ids"].reshape(-1)
-    real = segments >= 0
     flat = token_logps.reshape(-1)
     n = batch["lengths"].shape[0]
+    # padding tokens (segment -1) go to a spare slot n, dropped after: no boolean selection, whose size
+    # the host would have to read (a device sync)
+    slot = torch.where(segments >= 0, segments, n)
 
     def per_sequence(mask: Tensor) -> Tensor:
-        return flat.new_zeros(n).index_add(0, segments[real], (flat * mask.reshape(-1))[real])
+        return flat.new_zeros(n + 1).index_add(0, slot, flat * mask.reshape(-1))[:n]
 
     return per_sequence(batch["prompt_mask"]), per_sequence(batch["response_mask"])
 
@@ -77,8 +85,55 @@ def last_token_values(values: Tensor, batch: dict[str, Tensor]) -> Tensor:
     return reward_scores(values, lengths=batch["seq_lengths"])
 
 
-def _optional(batch: dict[str, Tensor], name: str, keep: Tensor) -> Tensor | None:
-    return batch[name][keep] if name in batch else None
+def _optional(batch: dict[str, Tensor], name: str, real: Tensor) -> Tensor | None:
+    return batch[name][real] if name in batch else None
+
+
+def _real_sequences(batch: dict[str, Tensor]) -> Tensor:
+    """Indices ``[n]`` of the micro-batch's real sequences (padding rows have group id ``PAD_GROUP``).
+
+    The loss step's one host sync of its own: the losses take per-sequence tensors of the real sequences
+    only, so their number must be known on the host; every selection indexes with these indices, which
+    costs no further sync (a boolean mask would cost one per selection).
+    """
+    return torch.nonzero(batch["group_ids"] != PAD_GROUP).squeeze(1)
+
+
+def _count_distinct(ids: Tensor) -> Tensor:
+    """The number of distinct values of a non-empty 1-D tensor, as a 0-d tensor (``unique`` would sync)."""
+    ordered = ids.sort().values
+    return (ordered[1:] != ordered[:-1]).sum() + 1
+
+
+def padding_mask(batch: dict[str, Tensor]) -> Tensor:
+    """``[rows, seq_length]`` bool, True at padding: packed rows' tails and padding rows (megatron-core's
+    ``padding_mask`` convention). An all-padding micro-batch gets an all-False mask: with every token
+    excluded the router's load-balancing loss would be 0/0, so there it counts the padding, as before."""
+    tokens = batch["tokens"]
+    if is_packed(batch):
+        real = batch["segment_ids"] >= 0
+    else:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        real = (positions[None, :] < batch["seq_lengths"][:, None]) & (batch["group_ids"] != PAD_GROUP)[:, None]
+    return ~real & real.any()
+
+
+def _moe_padding_kwargs(model: torch.nn.Module, batch: dict[str, Tensor], flat: bool) -> dict[str, Tensor]:
+    """``{"padding_mask": ...}`` for an MoE model, so that its routers' load-balancing loss counts real
+    tokens only; ``{}`` for a dense model or a megatron-core whose ``GPTModel.forward`` has no such argument
+    (it would count padding tokens: ``parallel.compat.gpt_forward_takes_padding_mask``)."""
+    bare = unwrap_model(model)
+    if not getattr(bare.config, "num_moe_experts", None) or not gpt_forward_takes_padding_mask():
+        return {}
+    mask = padding_mask(batch)
+    if flat:  # THD: the rows run as one sequence
+        mask = mask.reshape(1, -1)
+    if not getattr(bare, "pre_process", True) and getattr(bare.config, "sequence_parallel", False):
+        # Megatron splits the mask over the sequence-parallel ranks only on the stage that embeds the tokens;
+        # a later pipeline stage holds this TP rank's s / tp positions and needs that part of the mask
+        tp = ps.get_tensor_model_parallel_world_size()
+        mask = mask.chunk(tp, dim=1)[ps.get_tensor_model_parallel_rank()].contiguous()
+    return {"padding_mask": mask}
 
 
 def _forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -86,9 +141,10 @@ def _forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
     Packed: with Transformer Engine the rows are flattened to one THD sequence with ``cu_seqlens`` (TE's
     fused attention never looks across a boundary); the local spec gets an explicit block-diagonal mask.
+    MoE models also get the padding mask, so that padding tokens do not count in the load-balancing loss.
     """
     if not is_packed(batch):
-        return model(batch["tokens"], batch["position_ids"], None)
+        return model(batch["tokens"], batch["position_ids"], None, **_moe_padding_kwargs(model, batch, False))
     if uses_thd(model):
         from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -97,10 +153,11 @@ def _forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
         params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
                                  max_seqlen_kv=longest)
         out = model(batch["tokens"].reshape(1, -1), batch["position_ids"].reshape(1, -1), None,
-                    packed_seq_params=params)
+                    packed_seq_params=params, **_moe_padding_kwargs(model, batch, True))
         # the last stage returns [1, rows * seq_length, *]; earlier stages hand their activations on as they are
         return out.reshape(rows, seq_length, *out.shape[2:]) if unwrap_model(model).post_process else out
-    return model(batch["tokens"], batch["position_ids"], packed_attention_mask(batch["segment_ids"]))
+    return model(batch["tokens"], batch["position_ids"], packed_attention_mask(batch["segment_ids"]),
+                 **_moe_padding_kwargs(model, batch, False))
 
 
 @dataclass
@@ -117,9 +174,10 @@ class _LossStep:
         return zero, {"loss": zero.detach(), "metrics": {}, "groups": 0, "sequences": 0}
 
     def _finish(self, stats: SequenceStats) -> tuple[Tensor, dict[str, Any]]:
+        """The loss for backward and the reduced outputs: loss, metrics and group count stay on the device."""
         loss, metrics = self.loss(stats, normalizer=self.normalizer)
         reduced = {"loss": loss.detach().clone(), "metrics": metrics,
-                   "groups": int(stats.group_ids.unique().numel()), "sequences": stats.num_sequences}
+                   "groups": _count_distinct(stats.group_ids), "sequences": stats.num_sequences}
         return loss * self.grad_scale, reduced
 
 
@@ -148,22 +206,22 @@ class PolicyStep(_LossStep):
     def loss_func(self, batch: dict[str, Tensor], model: torch.nn.Module,
                   hidden: Tensor) -> tuple[Tensor, dict[str, Any]]:
         prompt, response = _logp_sums(model, hidden, batch, self.vocab_size, self.logprobs)
-        keep = batch["group_ids"] != PAD_GROUP
-        if not bool(keep.any()):
+        real = _real_sequences(batch)
+        if real.numel() == 0:
             loss, reduced = self._empty(hidden)
         else:
             stats = SequenceStats(
-                policy_logps=response[keep], policy_prompt_logps=prompt[keep],
-                ref_logps=_optional(batch, "ref_logps", keep),
-                ref_prompt_logps=_optional(batch, "ref_prompt_logps", keep),
-                lengths=batch["lengths"][keep], group_ids=batch["group_ids"][keep],
-                rewards=_optional(batch, "rewards", keep),
-                is_reference_answer=_optional(batch, "is_reference_answer", keep))
+                policy_logps=response[real], policy_prompt_logps=prompt[real],
+                ref_logps=_optional(batch, "ref_logps", real),
+                ref_prompt_logps=_optional(batch, "ref_prompt_logps", real),
+                lengths=batch["lengths"][real], group_ids=batch["group_ids"][real],
+                rewards=_optional(batch, "rewards", real),
+                is_reference_answer=_optional(batch, "is_reference_answer", real))
             if self.loss.spec.needs_reference and stats.ref_logps is None:
                 raise ValueError(f"loss '{self.loss.name}' needs reference log-probs: precompute them "
                                  "(python -m rao_megatron.cli.precompute_reference) or use train.reference=on_the_fly")
             loss, reduced = self._finish(stats)
-        reduced["policy_logps"] = response[keep].detach()
+        reduced["policy_logps"] = response[real].detach()
         return loss, reduced
 
 
@@ -177,24 +235,25 @@ class RewardModelStep(_LossStep):
 
     def loss_func(self, batch: dict[str, Tensor], values: Tensor) -> tuple[Tensor, dict[str, Any]]:
         scores = last_token_values(values.float(), batch)
-        keep = batch["group_ids"] != PAD_GROUP
-        if not bool(keep.any()):
+        real = _real_sequences(batch)
+        if real.numel() == 0:
             loss, reduced = self._empty(values)
-            reduced.update(scores=scores[keep].detach(), pair_counts=(0, 0))
+            reduced.update(scores=scores[real].detach(), pair_counts=(0, 0))
             return loss, reduced
-        stats = SequenceStats(policy_logps=None, scores=scores[keep], lengths=batch["lengths"][keep],
-                              group_ids=batch["group_ids"][keep], rewards=_optional(batch, "rewards", keep))
+        stats = SequenceStats(policy_logps=None, scores=scores[real], lengths=batch["lengths"][real],
+                              group_ids=batch["group_ids"][real], rewards=_optional(batch, "rewards", real))
         loss, reduced = self._finish(stats)
-        reduced["scores"] = scores[keep].detach()
+        reduced["scores"] = scores[real].detach()
         reduced["pair_counts"] = self._pair_counts(stats)
         return loss, reduced
 
-    def _pair_counts(self, stats: SequenceStats) -> tuple[int, int]:
-        """(correctly ordered, all) preference pairs of this micro-batch: exact held-out pair accuracy."""
+    def _pair_counts(self, stats: SequenceStats) -> tuple[Tensor, int]:
+        """(correctly ordered, all) preference pairs of this micro-batch: exact held-out pair accuracy
+        (the first a 0-d tensor, read on the host with the step's other values)."""
         chosen, rejected = preference_pairs(make_groups(stats.group_ids), stats.rewards,
                                             self.loss.hparams.get("pairing", "best_vs_rest"), self.loss.name)
         s = stats.scores.detach()
-        return int((s[chosen] > s[rejected]).sum()), int(chosen.numel())
+        return (s[chosen] > s[rejected]).sum(), int(chosen.numel())
 
 
 @dataclass

@@ -17,12 +17,14 @@ from rao_megatron.config import Config, ConfigError, dump_config
 from rao_megatron.data.packing import layout_summary
 from rao_megatron.losses import get_loss
 from rao_megatron.parallel import startup
+from rao_megatron.parallel.compat import fix_fully_reshardable_multi_bucket_save
 from rao_megatron.parallel.device import compute_device, to_device
 from rao_megatron.training import model_init, preflight, run_data
 from rao_megatron.training.engine import (
     attach_reference_logps,
     build_model_chunks,
     forward_backward,
+    sync_params,
     use_distributed_optimizer,
 )
 from rao_megatron.training.forward_step import LogprobSettings, PolicyStep, RewardModelStep
@@ -52,7 +54,12 @@ def build_optimizer(cfg: Config, chunks: list[torch.nn.Module]) -> tuple[Any, Op
     opt_cfg = OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                               adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, clip_grad=t.clip_grad,
                               bf16=bf16, params_dtype=model_init.params_dtype(cfg),
-                              use_distributed_optimizer=use_distributed_optimizer(cfg.parallel.distributed_optimizer))
+                              use_distributed_optimizer=use_distributed_optimizer(cfg.parallel.distributed_optimizer),
+                              # as the chunks' DDP (Megatron-LM passes the one flag to both)
+                              overlap_param_gather=chunks[0].ddp_config.overlap_param_gather)
+    # CUDA's DDP buckets (overlap_grad_reduce): megatron-core's checkpoint save misplaces the optimizer state
+    # of multi-bucket buffers without this
+    fix_fully_reshardable_multi_bucket_save()
     optimizer = get_megatron_optimizer(opt_cfg, chunks)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if t.warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
@@ -146,6 +153,7 @@ class Trainer:
                 "tokenizer": run_data.run_tokenizer_path(self.cfg)}
         state = {"step": self.step, "skipped_steps": self.skipped_steps, "scheduler": self.scheduler.state_dict(),
                  "data": self.train_batcher.state_dict(), "config": self.cfg.to_dict()}
+        sync_params(self.chunks)  # CUDA: the last update's parameter all-gather waits for a forward pass
         path = save_training_checkpoint(self.checkpoint_root, self.step, self.chunks, self.optimizer, state, meta,
                                         keep_last=self.cfg.checkpoint.keep_last)
         self._last_saved = self.step
@@ -212,7 +220,9 @@ class Trainer:
         self.optimizer.zero_grad()
         outputs = forward_backward(self.chunks, self._loss_step(normalizer), microbatches)
         loss = step_loss(outputs)
-        moe = moe_aux_metrics(self.chunks, len(microbatches))  # MoE: the router load-balancing term, reported apart
+        # MoE: the router load-balancing term, reported apart. All-padding micro-batches (equal_micro_batches)
+        # count: their forwards add to Megatron's tracker, and it scales each one's term by 1/len(microbatches)
+        moe = moe_aux_metrics(self.chunks, len(microbatches))
         self.step += 1
         if self.step in fault_steps():
             loss = float("nan")

@@ -14,15 +14,20 @@ PLOTTED = ("loss", "eval/loss", "lr", "grad_norm", "tokens_per_s", "rewards/best
            "ranking_accuracy", "displacement", "residual", "log_z", "accuracy", "eval/accuracy", "nll")
 
 
-def mean_metrics(parts: Sequence[dict[str, float]], weights: Sequence[float]) -> dict[str, float]:
-    """Weighted mean of per-micro-batch metric dicts (keys missing from a part are skipped for it)."""
+def mean_metrics(parts: Sequence[dict[str, Any]], weights: Sequence[float]) -> dict[str, float]:
+    """Weighted mean of per-micro-batch metric dicts (keys missing from a part, or None or NaN there, are
+    skipped for it). Values are numbers; a tensor is read on the host here, one sync each
+    (``training.reductions.read_on_host`` reads a whole step's first)."""
     totals: dict[str, float] = {}
     norms: dict[str, float] = {}
     for part, w in zip(parts, weights):
         for k, v in part.items():
-            if v is None or (isinstance(v, float) and math.isnan(v)):
+            if v is None:
                 continue
-            totals[k] = totals.get(k, 0.0) + w * float(v)
+            v = float(v)
+            if math.isnan(v):
+                continue
+            totals[k] = totals.get(k, 0.0) + w * v
             norms[k] = norms.get(k, 0.0) + w
     return {k: totals[k] / norms[k] for k in totals if norms[k] > 0}
 

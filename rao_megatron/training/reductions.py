@@ -4,6 +4,10 @@ Loss functions run on the last pipeline stage only, on each data-parallel rank's
 What the trainer logs must be the same number on every rank, so every reduction is the same two moves:
 sum (or gather) over the DP group, then broadcast from the last PP stage. Tensors handed to collectives
 live on the compute device (NCCL needs CUDA tensors).
+
+The forward steps hand back their step values (loss, metrics, group and pair counts) as 0-d device tensors;
+:func:`read_on_host` reads all of a step's at once, in one device→host copy, the first time a reduction
+of that step needs them (reading each where it was made cost one device sync per value per micro-batch).
 """
 
 from __future__ import annotations
@@ -21,6 +25,57 @@ from rao_megatron.parallel.device import compute_device
 from rao_megatron.training.metrics import mean_metrics
 
 T = TypeVar("T")
+
+
+#: the entries of a forward step's reduced output that :func:`read_on_host` reads (0-d tensors or numbers)
+_SCALARS = ("loss", "groups", "sequences")
+#: entries holding a tuple of counts
+_COUNTS = ("pair_counts",)
+
+
+def _host_numbers(tensors: list[torch.Tensor]) -> list[float | int]:
+    """The values of 0-d tensors, read in one device→host copy (integer tensors give ints).
+
+    One stack per dtype, widened to fp64 (exact for fp32 / bf16 values and for counts below 2**53), then
+    one ``tolist``: the same numbers as ``float(t)`` one at a time.
+    """
+    if not tensors:
+        return []
+    device = tensors[0].device
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    order = [i for idx in by_dtype.values() for i in idx]
+    stacked = torch.cat([torch.stack([tensors[i].detach().reshape(()).to(device) for i in idx]).to(torch.float64)
+                         for idx in by_dtype.values()])
+    values: list[float | int] = [0] * len(tensors)
+    for i, v in zip(order, stacked.tolist()):  # the one device sync
+        values[i] = v if tensors[i].is_floating_point() else int(v)
+    return values
+
+
+def read_on_host(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``outputs`` (a step's reduced micro-batch outputs) with their 0-d tensors -- loss, groups, sequences,
+    every metric, pair counts -- replaced by Python numbers, in place, read in one device→host copy.
+
+    Idempotent: :func:`step_loss`, :func:`step_metrics` and :func:`summed_counts` each call it, and only the
+    first call of a step has anything to read. Other entries (per-sequence tensors) are left as they are.
+    """
+    slots: list[tuple[Any, Any]] = []
+    for o in outputs:
+        slots += [(o, k) for k in _SCALARS if isinstance(o.get(k), torch.Tensor)]
+        slots += [(o["metrics"], k) for k, v in o.get("metrics", {}).items() if isinstance(v, torch.Tensor)]
+        for key in _COUNTS:
+            if key in o and any(isinstance(v, torch.Tensor) for v in o[key]):
+                o[key] = list(o[key])  # back to a tuple below
+                slots += [(o[key], i) for i, v in enumerate(o[key]) if isinstance(v, torch.Tensor)]
+    for (where, key), value in zip(slots, _host_numbers([where[key] for where, key in slots])):
+        where[key] = value
+    for o in outputs:
+        for key in _COUNTS:
+            if isinstance(o.get(key), list):
+                o[key] = tuple(o[key])
+    return outputs
 
 
 def sum_over_data(values: Sequence[float]) -> list[float]:
@@ -94,17 +149,23 @@ def count_tokens(microbatches: Sequence[dict[str, torch.Tensor]]) -> tuple[int, 
 
 def step_loss(outputs: list[dict[str, Any]]) -> float:
     """The optimizer step's loss (sum of normalised micro-batch contributions over DP), on every rank."""
+    read_on_host(outputs)
     return last_stage_sum([sum(float(o["loss"]) for o in outputs)] if outputs else None, 1)[0]
 
 
 def summed_counts(outputs: list[dict[str, Any]], key: str, width: int) -> list[int]:
     """Sum of the integer tuples ``o[key]`` over micro-batches and DP ranks, on every rank."""
+    read_on_host(outputs)
     local = [sum(o[key][i] for o in outputs) for i in range(width)] if outputs else None
     return [int(round(v)) for v in last_stage_sum(local, width)]
 
 
 def step_metrics(outputs: list[dict[str, Any]]) -> dict[str, float]:
-    """Loss-function metrics averaged over micro-batches and DP ranks (group-weighted), on every rank."""
+    """Loss-function metrics averaged over micro-batches and DP ranks (group-weighted), on every rank.
+
+    A metric's average skips the micro-batches where it is NaN (nothing to measure there); a metric NaN in
+    every micro-batch is left out of the record."""
+    read_on_host(outputs)
     local = None
     if is_last_stage() and outputs:
         local = (mean_metrics([o["metrics"] for o in outputs], [o["groups"] for o in outputs]),

@@ -233,6 +233,11 @@ def reference_cache_path(cfg: Config, data_path: str, *, heldout: bool = False) 
 
 
 def packing_settings(cfg: Config) -> dict[str, Any]:
-    """The batcher's packing arguments from ``data.packing`` / ``data.micro_batch_tokens``."""
+    """The batcher's packing arguments from ``data.packing`` / ``data.micro_batch_tokens`` and the layout.
+
+    Under expert parallelism every DP rank runs the same number of packed micro-batches (the MoE token
+    dispatcher's collectives span DP ranks); the trainer, its step-0 check and ``precompute_reference``
+    all build their batchers from here, so none of them can leave it out.
+    """
     rows = cfg.data.micro_batch_tokens // cfg.data.max_length if cfg.data.micro_batch_tokens else None
-    return {"packing": cfg.data.packing, "packed_rows": rows}
+    return {"packing": cfg.data.packing, "packed_rows": rows, "equal_micro_batches": cfg.parallel.ep > 1}

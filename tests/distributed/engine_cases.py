@@ -1,11 +1,13 @@
 """Shared fixtures for the engine equivalence tests: a tiny HF model, synthetic groups, and a worker that
-runs one optimizer step's forward/backward at a given layout and saves loss and HF-layout gradients."""
+runs one optimizer step's forward/backward at a given layout and saves loss and HF-layout gradients; the
+comparison of two layouts' steps (``assert_same_step``) and a forward-only pipeline run (``schedule_forward``)."""
 
 from __future__ import annotations
 
 import random
 from typing import Any
 
+import pytest
 import torch
 
 VOCAB = 250  # not a multiple of 128: padded vocab rows must be masked out
@@ -161,3 +163,52 @@ def run_logps(tp: int, pp: int, hf_cfg: Any, hf_sd: dict[str, torch.Tensor], gro
         if ps.get_data_parallel_rank() == 0:
             torch.save({"prompt": torch.cat([p for p, _ in sums]), "response": torch.cat([r for _, r in sums]),
                         "keys": torch.cat([mb["seq_keys"] for mb in mbs])}, out_path)
+
+
+def assert_same_step(a: dict[str, Any], b: dict[str, Any], what: str) -> None:
+    """Two layouts' results of one step (``run_step``, qwen3_cases.run_losses): the same loss, MoE metrics (when
+    the results have them) and HF-layout gradients, up to fp32 summation order."""
+    # The layouts sum in different orders, so only fp32 rounding may separate them: losses agree to ~1e-7
+    # relative (seen <= 1.3e-7), gradient entries to ~2e-7 of the largest gradient (seen 2.2e-7 at TP2).
+    # atol = 1e-5 of that scale leaves ~50x for other CPUs' kernels; a layout bug is O(scale).
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), what
+    moe_a, moe_b = a.get("moe", {}), b.get("moe", {})
+    assert moe_a.keys() == moe_b.keys(), what
+    for key in moe_a:
+        assert moe_a[key] == pytest.approx(moe_b[key], rel=1e-5), f"{what}: {key}"
+    assert a["grads"].keys() == b["grads"].keys(), what
+    scale = max(g.abs().max().item() for g in a["grads"].values())
+    assert scale > 0
+    for key in a["grads"]:
+        torch.testing.assert_close(a["grads"][key], b["grads"][key], rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda m, key=key: f"{what}: gradient of {key}: {m}")
+
+
+def schedule_forward(chunks: list[torch.nn.Module], ids: torch.Tensor) -> torch.Tensor | None:
+    """Forward-only pipeline run (virtual stages too), one sequence per micro-batch; TP-gathered outputs [B, S, *]
+    on the last stage (logits gathered over the vocabulary shards; a reward head's [B, S, 1] as it is)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    micro = [ids[i: i + 1] for i in range(ids.shape[0])]
+    pos = torch.arange(ids.shape[1]).unsqueeze(0)
+
+    def step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+        out = model(next(data_iterator), pos, None)
+
+        def collect(o: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            if o.shape[-1] > 1:  # vocab-parallel logits
+                o = gather_from_tensor_model_parallel_region(o)
+            return o.sum() * 0, {"out": o.detach()}
+
+        return out, collect
+
+    iters: Any = [iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro)
+    for c in chunks:
+        c.eval()
+    with torch.no_grad():
+        res = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iters, model=chunks, num_microbatches=len(micro),
+            seq_length=ids.shape[1], micro_batch_size=1, forward_only=True)
+    return torch.cat([r["out"] for r in res]) if ps.is_pipeline_last_stage() else None

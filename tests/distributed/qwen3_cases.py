@@ -40,33 +40,6 @@ def hf_model(cfg: Any) -> torch.nn.Module:
     return model
 
 
-def schedule_forward(chunks: list[torch.nn.Module], ids: torch.Tensor) -> torch.Tensor | None:
-    """Forward-only pipeline run, one sequence per micro-batch; TP-gathered logits [B, S, V] on the last stage."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    micro = [ids[i: i + 1] for i in range(ids.shape[0])]
-    pos = torch.arange(ids.shape[1]).unsqueeze(0)
-
-    def step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
-        out = model(next(data_iterator), pos, None)
-
-        def collect(o: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            o = gather_from_tensor_model_parallel_region(o)
-            return o.sum() * 0, {"out": o.detach()}
-
-        return out, collect
-
-    for c in chunks:
-        c.eval()
-    with torch.no_grad():
-        res = get_forward_backward_func()(
-            forward_step_func=step, data_iterator=iter(micro), model=chunks, num_microbatches=len(micro),
-            seq_length=ids.shape[1], micro_batch_size=1, forward_only=True)
-    return torch.cat([r["out"] for r in res]) if ps.is_pipeline_last_stage() else None
-
-
 def model_and_state(family: str, **overrides: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     """The HF config and its state dict in checkpoint layout (experts per expert), plus a reward head."""
     from rao_megatron.models.hf_mappings import hf_checkpoint_layout
@@ -126,12 +99,13 @@ def run_losses(tp: int, pp: int, ep: int, etp: int | None, losses: list[str], au
 def hf_load_balancing_terms(hf_cfg: Any, groups: list[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Σ_layers L_l averaged over the micro-batches, and its gradients (checkpoint names), from HF's router logits.
 
-    ``L_l = E · Σ_i f_i · P_i`` per layer and micro-batch, over every token position of the micro-batch
-    (padding included, as the model sees it): f_i = tokens routed to expert i / (T·k), P_i = mean softmax
-    probability of expert i. This is Megatron's switch loss written out, not HF's ``load_balancing_loss_func``
-    (which pools all layers into one f and one P and does not divide by k).
+    ``L_l = E · Σ_i f_i · P_i`` per layer and micro-batch, over the micro-batch's real tokens (the forward
+    step hands Megatron the padding mask): f_i = tokens routed to expert i / (T·k), P_i = mean softmax
+    probability of expert i, T the number of real tokens. This is Megatron's switch loss written out, not
+    HF's ``load_balancing_loss_func`` (which pools all layers into one f and one P and does not divide by k).
     """
     from rao_megatron.models.hf_mappings import hf_checkpoint_layout
+    from rao_megatron.training.forward_step import padding_mask
 
     model = hf_model(hf_cfg).train()
     e, k = hf_cfg.num_experts, hf_cfg.num_experts_per_tok
@@ -139,8 +113,9 @@ def hf_load_balancing_terms(hf_cfg: Any, groups: list[dict[str, Any]]) -> tuple[
     total = torch.zeros(())
     for mb in mbs:
         out = model(mb["tokens"], position_ids=mb["position_ids"], output_router_logits=True)
+        real = ~padding_mask(mb).reshape(-1)  # router logits are [rows * seq_length, E]
         for logits in out.router_logits:
-            probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
+            probs = torch.softmax(logits.float(), dim=-1)[real]  # [T, E]: real tokens only
             t = probs.shape[0]
             counts = torch.nn.functional.one_hot(probs.topk(k, dim=-1).indices, e).sum((0, 1)).float()
             total = total + e * ((counts / (t * k)) * (probs.sum(0) / t)).sum()
@@ -150,5 +125,4 @@ def hf_load_balancing_terms(hf_cfg: Any, groups: list[dict[str, Any]]) -> tuple[
     return total.detach(), dict(hf_checkpoint_layout(grads))
 
 
-__all__ = ["AUX_COEFF", "LOSSES", "hf_load_balancing_terms", "hf_model", "model_and_state", "run_losses",
-           "schedule_forward"]
+__all__ = ["AUX_COEFF", "LOSSES", "hf_load_balancing_terms", "hf_model", "model_and_state", "run_losses"]

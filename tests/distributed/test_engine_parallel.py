@@ -7,6 +7,7 @@ import torch
 
 from rao_megatron.parallel.launch import run_distributed
 
+from .engine_cases import assert_same_step as _assert_same  # test_packing.py imports it from here
 from .engine_cases import run_step, synthetic_groups, tiny_model
 
 pytestmark = pytest.mark.distributed
@@ -26,19 +27,6 @@ def _run(tmp_path, name, tp, pp, dp, loss, groups, model, groups_per_mb=2, packe
     run_distributed(run_step, tp * pp * dp, tp, pp, loss, LOSSES[loss], groups_per_mb, cfg, sd, groups, str(out),
                     packed)
     return torch.load(out, weights_only=True)
-
-
-def _assert_same(a, b, what):
-    # The layouts sum in different orders, so only fp32 rounding may separate them: losses agree to ~1e-7
-    # relative (seen <= 1.3e-7), gradient entries to ~2e-7 of the largest gradient (seen 2.2e-7 at TP2).
-    # atol = 1e-5 of that scale leaves ~50x for other CPUs' kernels; a layout bug is O(scale).
-    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), what
-    assert a["grads"].keys() == b["grads"].keys()
-    scale = max(g.abs().max().item() for g in a["grads"].values())
-    assert scale > 0
-    for key in a["grads"]:
-        torch.testing.assert_close(a["grads"][key], b["grads"][key], rtol=1e-4, atol=1e-5 * scale,
-                                   msg=lambda m, key=key: f"{what}: gradient of {key}: {m}")
 
 
 @pytest.mark.parametrize("loss", sorted(set(LOSSES) - {"sft"}))

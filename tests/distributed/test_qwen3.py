@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from rao_megatron.models.hf_mappings import hf_checkpoint_layout
 from rao_megatron.parallel.launch import run_distributed
 
-from .engine_cases import synthetic_groups
+from .engine_cases import assert_same_step, synthetic_groups
 from .qwen3_cases import AUX_COEFF, LOSSES, hf_load_balancing_terms, hf_model, model_and_state, run_losses
 
 pytestmark = pytest.mark.distributed
@@ -55,7 +55,7 @@ def _logits_worker(tp: int, pp: int, ep: int, etp: int | None, names: tuple[str,
     from rao_megatron.models import build_gpt_model
     from rao_megatron.parallel.state import destroy_model_parallel, initialize_model_parallel
 
-    from .qwen3_cases import schedule_forward
+    from .engine_cases import schedule_forward
 
     initialize_model_parallel(tp=tp, pp=pp, ep=ep, etp=etp)
     for name in names:
@@ -177,20 +177,6 @@ def _run(tmp_path: Path, tag: str, world: int, tp: int, pp: int, ep: int, etp: i
     return torch.load(out, weights_only=True)
 
 
-def _assert_same(a: dict, b: dict, what: str) -> None:
-    # as tests/distributed/test_engine_parallel.py: only fp32 summation order separates two layouts
-    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), what
-    assert a["moe"].keys() == b["moe"].keys(), what
-    for key in a["moe"]:
-        assert a["moe"][key] == pytest.approx(b["moe"][key], rel=1e-5), f"{what}: {key}"
-    assert a["grads"].keys() == b["grads"].keys()
-    scale = max(g.abs().max().item() for g in a["grads"].values())
-    assert scale > 0
-    for key in a["grads"]:
-        torch.testing.assert_close(a["grads"][key], b["grads"][key], rtol=1e-4, atol=1e-5 * scale,
-                                   msg=lambda m, key=key: f"{what}: gradient of {key}: {m}")
-
-
 @pytest.mark.parametrize("family", list(TRAIN_LAYOUTS))
 def test_every_loss_at_every_layout_matches_tp1(family: str, tmp_path: Path) -> None:
     model = model_and_state(family)
@@ -201,7 +187,7 @@ def test_every_loss_at_every_layout_matches_tp1(family: str, tmp_path: Path) -> 
     for name, (world, tp, pp, ep, etp) in TRAIN_LAYOUTS[family].items():
         got = _run(tmp_path, name, world, tp, pp, ep, etp, model, groups)
         for loss in LOSSES:
-            _assert_same(got[loss], ref[loss], f"{family} {loss} {name} vs tp1")
+            assert_same_step(got[loss], ref[loss], f"{family} {loss} {name} vs tp1")
 
 
 def test_moe_training_at_tp2_is_refused_with_a_config_error() -> None:

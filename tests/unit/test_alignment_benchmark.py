@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "alignment.py"
-_spec = importlib.util.spec_from_file_location("alignment_benchmark", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+from benchmarks import alignment as bench
 
 
 def _groups(n: int) -> list[dict]:

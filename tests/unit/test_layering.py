@@ -1,7 +1,8 @@
 """Layers point one way (docs/architecture.md): a lower folder never imports a higher one.
 
 Read from the source with ``ast`` (no imports executed), so a back-edge anywhere -- top level or inside a
-function -- fails here with the file, line and the edge it adds.
+function -- fails here with the file, line and the edge it adds. tools/ and benchmarks/ sit above the package:
+they may import any of it (cli/ included), and nothing in rao_megatron imports them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[2] / "rao_megatron"
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE = REPO / "rao_megatron"
 
 #: folder (or root module) -> layer; a module may import its own folder and lower layers only
 LAYERS: dict[str, int] = {
@@ -25,6 +27,8 @@ LAYERS: dict[str, int] = {
 BOTTOM_PUBLIC = {"losses": {"rao_megatron.logprobs"}, "logprobs": {"rao_megatron.losses"}}
 #: layer-3 peers do not import each other
 PEERS_APART = {"conversion", "rewards", "generation"}
+#: folders above the package (scripts, importable as packages for the tests): they use it, it never uses them
+ABOVE = ("tools", "benchmarks")
 
 
 def _owner(path: Path, package: Path) -> str:
@@ -32,9 +36,10 @@ def _owner(path: Path, package: Path) -> str:
     return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 
 
-def _imports(path: Path, package_dir: Path) -> list[tuple[int, str]]:
-    """``(line, absolute module)`` of every ``rao_megatron`` import in ``path``."""
-    module = ".".join(("rao_megatron", *path.relative_to(package_dir).with_suffix("").parts))
+def _imports(path: Path, package_dir: Path, tops: tuple[str, ...] = ("rao_megatron",)) -> list[tuple[int, str]]:
+    """``(line, absolute module)`` of every import in ``path`` (in the package ``package_dir``) of the top-level
+    packages ``tops``."""
+    module = ".".join((package_dir.name, *path.relative_to(package_dir).with_suffix("").parts))
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -47,7 +52,7 @@ def _imports(path: Path, package_dir: Path) -> list[tuple[int, str]]:
             else:
                 name = node.module or ""
             found.append((node.lineno, name))
-    return [(line, name) for line, name in found if name == "rao_megatron" or name.startswith("rao_megatron.")]
+    return [(line, name) for line, name in found if name.split(".")[0] in tops]
 
 
 def back_edges(package: Path = PACKAGE) -> list[str]:
@@ -60,8 +65,12 @@ def back_edges(package: Path = PACKAGE) -> list[str]:
             problems.append(f"{path.relative_to(package.parent)}: '{owner}' has no layer (add it to LAYERS and "
                             "docs/architecture.md, or move it into a folder)")
             continue
-        for line, name in _imports(path, package):
+        for line, name in _imports(path, package, ("rao_megatron", *ABOVE)):
             parts = name.split(".")
+            if parts[0] in ABOVE:
+                problems.append(f"{path.relative_to(package.parent)}:{line} imports {name}: {parts[0]}/ sits above "
+                                "the package, which never imports it")
+                continue
             if len(parts) < 2:
                 continue
             target = parts[1]
@@ -84,6 +93,23 @@ def test_layers_point_one_way() -> None:
     assert not problems, "\n".join(problems)
 
 
+def above_problems(repo: Path = REPO) -> list[str]:
+    """tools/ and benchmarks/ may import any layer of the package: each import must name one that exists."""
+    problems = []
+    for top in ABOVE:
+        for path in sorted((repo / top).rglob("*.py")):
+            for line, name in _imports(path, repo / top):
+                parts = name.split(".")
+                if len(parts) > 1 and parts[1] not in LAYERS:
+                    problems.append(f"{path.relative_to(repo)}:{line} imports {name}: unknown target '{parts[1]}'")
+    return problems
+
+
+def test_tools_and_benchmarks_import_known_layers() -> None:
+    problems = above_problems()
+    assert not problems, "\n".join(problems)
+
+
 def test_package_root_holds_folders_and_config_only() -> None:
     stray = sorted(p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "config.py"))
     assert not stray, f"modules at the package root: {stray}; commands go to cli/, library code to its folder"
@@ -94,6 +120,8 @@ def test_package_root_holds_folders_and_config_only() -> None:
     ("models/provider.py", "from rao_megatron.training import engine\n"),
     ("losses/rao.py", "from rao_megatron.logprobs.chunked import ChunkedLogprobs\n"),
     ("data/collate.py", "import rao_megatron.cli.train\n"),
+    ("cli/train.py", "from tools.gpucheck import harness\n"),
+    ("training/engine.py", "def _timing():\n    from benchmarks.logprobs import cuda_measure\n"),
 ])
 def test_a_back_edge_is_caught(tmp_path, edge) -> None:
     """The checker itself: copy the package, add one back-edge, and it must be reported."""
