@@ -128,10 +128,16 @@ def test_every_run_the_checks_start_has_a_valid_config(tmp_path):
     # the NEW keys (parallel.device, parallel.distributed_optimizer) and every override must load
     from rao_megatron.config import load_config
 
-    runs = [args for _, args in train.train_runs(tmp_path, triton=True).values()]
+    first_wave = train.train_runs(tmp_path, triton=True)
+    fp32 = load_config(*_config_args(first_wave.pop("fp32_packed")[1]))
+    assert (fp32.model.dtype, fp32.data.packing, fp32.parallel.device) == ("fp32", True, "cuda")
+    runs = [args for _, args in first_wave.values()]
     runs += [train.cached_run(tmp_path)[1], preemption.preemption_args(tmp_path / "p", 12)]
     runs += [multi_gpu.parallel_args(tmp_path / n, *extra) for n, extra in multi_gpu.PARALLEL_LAYOUTS.items()]
     runs += [moe.moe_args(tmp_path / n, 3, *extra) for n, extra in {"one": (), **moe.MOE_LAYOUTS}.items()]
+    data = tmp_path / "uneven.jsonl"
+    moe.write_uneven_groups(data)
+    runs += [moe.uneven_args(tmp_path / "u", data, *extra) for extra in ((), ("data.packing=false",))]
     for args in runs:
         config, overrides = _config_args(args)
         cfg = load_config(config, overrides)
@@ -141,6 +147,38 @@ def test_every_run_the_checks_start_has_a_valid_config(tmp_path):
     assert cfg.train.task == "sft" and cfg.train.steps == train.TRAIN_STEPS
     pre = load_config(*_config_args(preemption.preemption_args(tmp_path / "p", 12)))
     assert pre.train.min_lr == pre.train.lr, "the preemption comparison needs an LR schedule independent of steps"
+
+
+def test_judge_fp32_packed(tmp_path):
+    log = tmp_path / "fp32.log"
+
+    def judged(rc, text):
+        log.write_text(text)
+        return train.judge_fp32_packed(harness.Done("fp32_packed", rc, 1.0, log)).verdict
+
+    refused = ("error: data.packing=true on CUDA runs Transformer Engine's THD attention, which needs model.dtype=bf16"
+               " ...; set model.dtype=bf16 or data.packing=false\n")
+    assert judged(2, refused) == "PASS"
+    assert judged(0, "step 1 loss 0.7\n") == "FAIL"  # ran: the check is gone
+    assert judged(1, "Traceback (most recent call last):\nRuntimeError: No dot product attention backend\n") == "FAIL"
+    assert judged(2, "Traceback (most recent call last):\n" + refused) == "FAIL"
+
+
+def test_uneven_groups_pack_unevenly_over_two_ranks(tmp_path):
+    # the row exists for unequal micro-batch counts per DP rank: the data must still give them
+    from rao_megatron.config import load_config
+    from rao_megatron.data import GroupBatcher
+    from rao_megatron.training import run_data
+
+    data = tmp_path / "uneven.jsonl"
+    moe.write_uneven_groups(data)
+    cfg = load_config(*_config_args(moe.uneven_args(tmp_path / "u", data)))
+    groups = run_data.load_groups(cfg, run_data.load_run_tokenizer(cfg), cfg.loss.build().spec)
+    settings = {k: v for k, v in run_data.packing_settings(cfg).items() if k != "equal_micro_batches"}
+    counts = [len(GroupBatcher(groups.train, seq_length=cfg.data.max_length, pad_id=0, groups_per_micro_batch=1,
+                               global_batch_groups=cfg.train.global_batch_groups, dp_rank=r, dp_size=2,
+                               seed=cfg.data.seed, **settings).next_step()) for r in range(2)]
+    assert counts[0] != counts[1], counts
 
 
 def record(step, loss, mem=0.5, **kw):

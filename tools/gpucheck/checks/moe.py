@@ -3,6 +3,8 @@ at TP > 1 (sequence parallelism); EP over NCCL. The CPU tests cover the rest."""
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from ..harness import (
     Context,
     Results,
     Row,
+    base_env,
     module_cmd,
     rank0_env,
     read_metrics,
@@ -84,12 +87,52 @@ def check_moe(ctx: Context) -> list[Row]:
                              what=f"RAO step-1 loss of tiny Qwen3-MoE, {name} vs 1 GPU", seconds=run.seconds)
         add_later_steps(row, read_metrics(ctx.dir / name), records, (2, 3))
         rows.append(row)
+    if ctx.probe.get("gpus", 0) >= 2:
+        rows.append(check_uneven_ep2(ctx))
     return rows
 
 
+def write_uneven_groups(path: Path) -> None:
+    """20 groups of 4 responses, ~40% long (a 4-row micro-batch each at 256 tokens) and the rest short (two to a
+    micro-batch): the two DP ranks' shares pack into different numbers of micro-batches."""
+    rng = random.Random(7)
+    rows = []
+    for i in range(20):
+        size = 34 if rng.random() < 0.4 else 6
+        rows.append({"prompt": f"Say {'abcdefgh'[i % 8]}.",
+                     "responses": ["".join(rng.choice("abcdefgh") for _ in range(size + j)) for j in range(4)],
+                     "rewards": [round(rng.random(), 3) for _ in range(4)]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def uneven_args(out: Path, data: Path, *extra: str) -> list[str]:
+    return moe_args(out, 2, "parallel.ep=2", f"data.train_path={data}", "data.eval_fraction=0.25",
+                    "data.micro_batch_tokens=256", "data.groups_per_micro_batch=1", "train.global_batch_groups=14",
+                    "train.eval_every=1", "model.moe_aux_loss_coeff=0", *extra)
+
+
+def check_uneven_ep2(ctx: Context) -> Row:
+    """EP2 over NCCL with packed micro-batches whose counts differ between the DP ranks (the all-to-all inside
+    every forward hangs a rank one forward short): it finishes, and its losses equal the padded layout's."""
+    data = ctx.dir / "uneven.jsonl"
+    write_uneven_groups(data)
+    runs = {name: (torchrun_cmd(2, "train", *uneven_args(ctx.dir / name, data, *extra)), base_env())
+            for name, extra in (("ep2_uneven_packed", ()), ("ep2_uneven_padded", ("data.packing=false",)))}
+    done = ctx.run_all(runs)
+    for run in done.values():
+        if not run.ok():
+            return Row("moe/ep2_uneven", FAIL, run.why(), run.seconds)
+    packed, padded = (read_metrics(ctx.dir / name) for name in runs)
+    row = compare_losses("moe/ep2_uneven", packed, padded, [1], rtol=PARALLEL_RTOL,
+                         what="EP2, uneven packed micro-batches per rank: RAO step-1 loss vs the padded layout",
+                         seconds=done["ep2_uneven_packed"].seconds)
+    add_later_steps(row, packed, padded, (2,))
+    return row
+
+
 CHECK = Check("moe", "tiny Qwen3-MoE: TE grouped GEMM + all-to-all log-probs vs HF; RAO trains in bf16 with the "
-              "load-balancing metrics; with 2 GPUs EP2, TP2 + SP and TP2 + SP + EP2 step-1 losses equal 1 GPU's",
-              check_moe, 200, ("transformer_engine",))
+              "load-balancing metrics; with 2 GPUs EP2, TP2 + SP and TP2 + SP + EP2 step-1 losses equal 1 GPU's, and EP2 "
+              "with uneven packed micro-batches per rank finishes with the padded layout's loss", check_moe, 260, ("transformer_engine",))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,10 +10,12 @@ from ..harness import (
     DEPS,
     FAIL,
     MISSING,
+    PASS,
     RAO_TINY,
     RM_TINY,
     Check,
     Context,
+    Done,
     Row,
     module_cmd,
     rank0_env,
@@ -43,6 +45,9 @@ def train_runs(d: Path, *, triton: bool) -> dict[str, tuple[str, list[str]]]:
         "precompute": ("precompute_reference", ["--config", str(RAO_TINY), "model.dtype=bf16", "parallel.device=cuda",
                                                 f"data.reference_cache={d / 'ref_logps.safetensors'}"]),
     }
+    # refused in one line before anything is built: TE's THD attention takes bf16/fp16 only
+    runs["fp32_packed"] = ("train", train_args(d / "fp32_packed", RAO_TINY, "train.steps=1", "model.dtype=fp32",
+                                               "data.packing=true"))
     if triton:
         runs["sft_triton"] = ("train", train_args(d / "sft_triton", RAO_TINY, "train.steps=3", "train.task=sft",
                                                   "loss.name=sft", "model.logprob_impl=triton"))
@@ -71,6 +76,8 @@ def check_train(ctx: Context) -> list[Row]:
             rows.append(judge_training(f"train/{name}", read_metrics(d / name), TRAIN_STEPS, done[name].seconds))
             rows[-1].figures["runs_sharing_the_gpu"] = len(runs)  # throughput figures are not benchmarks
 
+    rows.append(judge_fp32_packed(done["fp32_packed"]))
+
     if "sft_triton" not in done:
         rows.append(Row("train/triton_vs_chunked", MISSING, f"triton not importable: {DEPS['triton'].install}"))
     elif problem := first_problem(done["sft_triton"], "triton run") or first_problem(done["sft"], "chunked run"):
@@ -97,6 +104,20 @@ def check_train(ctx: Context) -> list[Row]:
     return rows
 
 
+#: what the start-up check says for model.dtype=fp32 with data.packing=true on CUDA (parallel/startup.py)
+FP32_PACKED_HINT = "set model.dtype=bf16 or data.packing=false"
+
+
+def judge_fp32_packed(done: Done) -> Row:
+    """fp32 + packing on CUDA: exit 2 with the one-line start-up error, not a failure inside the attention."""
+    log = done.log.read_text(errors="replace") if done.log.is_file() else ""
+    if done.rc == 2 and FP32_PACKED_HINT in log and "Traceback" not in log:
+        return Row("train/fp32_packed_refused", PASS, "model.dtype=fp32 + data.packing=true on CUDA: refused at "
+                   "start-up in one line (exit 2)", done.seconds)
+    return Row("train/fp32_packed_refused", FAIL, f"expected exit 2 with {FP32_PACKED_HINT!r} and no traceback; "
+               f"{done.why() if done.rc else 'it ran (exit 0)'}", done.seconds)
+
+
 def metric_diffs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
     """|a[k] - b[k]| for the loss metrics two step records share (timings and memory left out)."""
     skip = {"step", "lr", "tokens_per_s", "step_time_s", "gpu_max_mem_gib", "grad_norm"}
@@ -105,4 +126,4 @@ def metric_diffs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
 
 CHECK = Check("train", f"{TRAIN_STEPS} steps each of rao, dpo, bt, sft in bf16 with the distributed optimizer on "
               "CUDA (loss finite and falling, gpu_max_mem_gib); triton vs chunked and cached vs on-the-fly first-step "
-              "loss", check_train, 240, ("transformer_engine",))
+              "loss; fp32 + packing refused in one line", check_train, 240, ("transformer_engine",))
