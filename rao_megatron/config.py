@@ -8,13 +8,16 @@ reported with the close matches. Errors are :class:`ConfigError` naming the key 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
 import os
+import re
 import sys
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +30,10 @@ class ConfigError(ValueError):
 
 
 def _f(default: Any, help: str, *, choices: tuple | None = None, gt: float | None = None,
-       ge: float | None = None, lt: float | None = None, le: float | None = None) -> Any:
-    meta = {"help": help, "choices": choices, "gt": gt, "ge": ge, "lt": lt, "le": le}
+       ge: float | None = None, lt: float | None = None, le: float | None = None, path: bool = False) -> Any:
+    """A config field with its help text and checks; ``path=True``: a file or directory, whose ``~`` and
+    ``$VARIABLES`` are expanded when it is set (:func:`expand_path`)."""
+    meta = {"help": help, "choices": choices, "gt": gt, "ge": ge, "lt": lt, "le": le, "path": path}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -37,11 +42,13 @@ def _f(default: Any, help: str, *, choices: tuple | None = None, gt: float | Non
 @dataclass
 class ModelConfig:
     hf_config: str | None = _f(None, "HF model directory or config.json the architecture is read from "
-                                     "(Llama family, Qwen2, Qwen3, Qwen3-MoE); None uses `preset`.")
+                                     "(Llama family, Qwen2, Qwen3, Qwen3-MoE); None uses `preset`.", path=True)
     preset: str | None = _f("tiny-llama", "Built-in tiny architecture for tests and tiny runs.",
                             choices=("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-qwen3-moe", None))
-    init_checkpoint: str | None = _f(None, "Megatron checkpoint directory to initialise from; None = random init.")
-    tokenizer: str | None = _f(None, "HF tokenizer directory; None = the model directory (or the tiny test tokenizer).")
+    init_checkpoint: str | None = _f(None, "Megatron checkpoint directory to initialise from; None = random init.",
+                                     path=True)
+    tokenizer: str | None = _f(None, "HF tokenizer directory; None = the model directory (or the tiny test "
+                                     "tokenizer).", path=True)
     dtype: str = _f("fp32", "Parameter and compute dtype.", choices=("fp32", "bf16"))
     logprob_impl: str = _f("chunked", "Vocab-parallel log-prob implementation.",
                            choices=("reference", "chunked", "triton"))
@@ -108,25 +115,24 @@ class LossConfig:
 
     def build(self) -> Any:
         """The registry loss with these hyper-parameters, checked (a ``BoundLoss``), calibrated by
-        ``reward_stats`` when they are known: rewards mapped by ``reward_normalization``, and RAO's ``log_z0``
-        derived from them when neither ``log_z0`` nor ``z0`` is set (``losses.calibration``)."""
+        ``reward_stats`` when they are known: rewards mapped by ``reward_normalization``, and the loss's own
+        ``calibrate`` hook deriving what it derives from them (RAO: ``log_z0``, when neither ``log_z0`` nor ``z0``
+        is set; ``losses.calibration``)."""
         from rao_megatron.losses import get_loss
-        from rao_megatron.losses.calibration import RewardStats, auto_log_z0, compose, normalization_affine
+        from rao_megatron.losses.calibration import RewardStats, normalization_affine
 
         spec = get_loss(self.name)
-        hparams = self.hparams()
         stats = RewardStats.from_dict(self.reward_stats) if self.reward_stats else None
         affine = normalization_affine(self.reward_normalization, stats) if spec.needs_rewards else (1.0, 0.0)
-        if self.name == "rao" and stats is not None and self.log_z0 is None and self.z0 is None:
-            scale, shift = compose(affine, hparams.get("reward_scale", 1.0), hparams.get("reward_shift", 0.0))
-            hparams["log_z0"] = auto_log_z0(stats, hparams.get("beta", spec.defaults["beta"]), scale, shift)
-        return spec.bind(hparams, reward_affine=affine)
+        return spec.bind(self.hparams(), reward_affine=affine, reward_stats=stats)
 
 
 @dataclass
 class DataConfig:
-    train_path: str | None = _f(None, "Training data: JSONL/Parquet file or a `datasets` name.")
-    eval_path: str | None = _f(None, "Held-out data; None = split `eval_fraction` off the training data.")
+    train_path: str | None = _f(None, "Training data: JSONL/Parquet file, a directory of them, or a `datasets` "
+                                       "name.", path=True)
+    eval_path: str | None = _f(None, "Held-out data; None = split `eval_fraction` off the training data.",
+                               path=True)
     eval_fraction: float = _f(0.05, "Share of rows held out when eval_path is unset.", ge=0, lt=1)
     max_length: int = _f(512, "Fixed sequence length (prompt + response) in tokens.", gt=1)
     overlength: str = _f("drop", "Responses longer than max_length: drop them (counted), truncate them, or "
@@ -145,8 +151,14 @@ class DataConfig:
     token_store: bool = _f(True, "Tokenize each data file once into memory-mapped int32 arrays shared by every "
                                  "rank and command (rebuilt when the data, tokenizer or length policy change).")
     token_cache: str | None = _f(None, "Directory of the tokenize-once stores; None = beside the data file "
-                                       "(<data>.tokens/).")
-    reference_cache: str | None = _f(None, "Precomputed reference log-probs; None = beside the data, if present.")
+                                       "(<data>.tokens/).", path=True)
+    reference_cache: str | None = _f(None, "Precomputed reference log-probs; None = beside the data, if present.",
+                                     path=True)
+    special_tokens_in_text: str = _f("warn", "Row text (prompt or response) that spells one of the tokenizer's "
+                                             "special tokens (`<|im_end|>`, `<|eot_id|>`): the tokenizer turns it "
+                                             "into that control token. warn: count the rows and name the first; "
+                                             "refuse: stop with an error naming file, row and field.",
+                                     choices=("warn", "refuse"))
     seed: int = _f(1234, "Shuffle seed.")
 
 
@@ -154,7 +166,7 @@ class DataConfig:
 class TrainConfig:
     task: str = _f("policy", "What is trained: a policy with a preference loss, a reward model, or SFT.",
                    choices=("policy", "rm", "sft"))
-    output_dir: str = _f("runs/default", "Metrics, TensorBoard logs, plots and checkpoints go here.")
+    output_dir: str = _f("runs/default", "Metrics, TensorBoard logs, plots and checkpoints go here.", path=True)
     steps: int = _f(100, "Optimizer steps.", ge=1)
     global_batch_groups: int = _f(8, "Prompt groups per optimizer step (across data-parallel ranks).", ge=1)
     lr: float = _f(5e-7, "Peak learning rate.", gt=0)
@@ -177,7 +189,15 @@ class TrainConfig:
 class CheckpointConfig:
     save_every: int = _f(0, "Save every N steps; 0 = only at the end.", ge=0)
     keep_last: int = _f(2, "Checkpoints kept (older ones deleted).", ge=1)
-    resume: str = _f("auto", "auto (newest complete checkpoint in output_dir), none, or a directory.")
+    resume: str = _f("auto", "auto: resume the newest complete checkpoint in train.output_dir if this run wrote "
+                             "it (same train.task, loss and loss settings, initial model, global batch, data seed "
+                             "and data), else stop naming what changed; fresh: start afresh in train.output_dir, "
+                             "deleting its checkpoints and metrics (none: the same); or a checkpoint directory to "
+                             "resume (checked the same way).", path=True)
+    allow_changed_run: bool = _f(False, "Resume a checkpoint that another run wrote (other task, loss or loss "
+                                        "settings, initial model, global batch, data seed or data) on purpose: "
+                                        "its weights, optimizer, LR schedule and step carry over, the data stream "
+                                        "goes on from its position, and what changed is printed.")
     save_at_end: bool = _f(True, "Save after the last step.")
 
 
@@ -286,7 +306,13 @@ def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
         raise _unknown(key, [f"{section}.{n}" for n in fields_], where)
     hint = typing.get_type_hints(stype)[name]
     coerced = _coerce(key, value, hint, where)
-    _check_range(key, coerced, dict(fields_[name].metadata), where)
+    meta = dict(fields_[name].metadata)
+    _check_range(key, coerced, meta, where)
+    if meta.get("path") and isinstance(coerced, str):
+        try:
+            coerced = expand_path(coerced)
+        except ValueError as e:
+            raise ConfigError(f"config key '{key}'{where}: {e}") from None
     setattr(getattr(cfg, section), name, coerced)
 
 
@@ -317,6 +343,41 @@ def _yaml_error(p: Path, e: yaml.YAMLError) -> ConfigError:
     problem = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
     context = getattr(e, "context", None)
     return ConfigError(f"config file {p} is not valid YAML: {at}{problem}" + (f" ({context})" if context else ""))
+
+
+def _duplicate_keys(node: yaml.Node, path: str, p: Path, seen_nodes: set[int]) -> None:
+    """Refuse a key given twice in one mapping of the YAML node tree (PyYAML keeps the last one silently)."""
+    if id(node) in seen_nodes:  # an alias: the anchored node was checked where it was defined
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
+            full = f"{path}.{key}" if path and key is not None else (key or path)
+            if key is not None and key != "<<":
+                line = key_node.start_mark.line + 1
+                if key in lines:
+                    raise ConfigError(f"config file {p}: key '{full}' is given twice (line {lines[key]} and line "
+                                      f"{line}); keep one")
+                lines[key] = line
+            _duplicate_keys(value_node, full, p, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _duplicate_keys(item, path, p, seen_nodes)
+
+
+def _load_yaml(text: str, p: Path) -> Any:
+    """``yaml.safe_load(text)``, refusing duplicate keys (one line naming the key and both lines)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _duplicate_keys(node, "", p, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -353,8 +414,10 @@ def validate(cfg: Config, where: str = "", cli_keys: frozenset[str] = frozenset(
         setattr(cfg.loss, key, None)
         if os.environ.get("RANK", "0") == "0":
             print(f"note: loss.{key}{where} is not used by loss '{spec.name}'; ignored", file=sys.stderr)
-    if cfg.loss.z0 is not None and cfg.loss.log_z0 is not None:
-        raise ConfigError(f"config keys 'loss.z0' and 'loss.log_z0'{where}: give one of the two, not both")
+    if clash := spec.exclusive_clash(cfg.loss.hparams()):
+        keys = " and ".join(f"'loss.{k}'" for k in clash)
+        hint = "give one of the two, not both" if len(clash) == 2 else "give one of them"
+        raise ConfigError(f"config keys {keys}{where}: {hint}")
     if cfg.loss.reward_stats is not None:
         from rao_megatron.losses.calibration import RewardStats
 
@@ -387,10 +450,31 @@ def validate(cfg: Config, where: str = "", cli_keys: frozenset[str] = frozenset(
         _check_sequence_parallel_tokens(cfg, where)
     if cfg.train.min_lr > cfg.train.lr:
         raise ConfigError(f"config key 'train.min_lr'{where} ({cfg.train.min_lr}) must be <= train.lr ({cfg.train.lr})")
+    _check_outputs_apart(cfg, where)
     if cfg.model.hf_config is None and cfg.model.preset is None and cfg.model.init_checkpoint is None:
         # a converted checkpoint records its HF architecture (rao_model.json); otherwise one is needed
         raise ConfigError(f"config key 'model.hf_config'{where}: set it, model.preset or model.init_checkpoint")
     return cfg
+
+
+#: config keys a run (or ``precompute_reference``) writes, and those it only reads
+OUTPUT_KEYS = ("train.output_dir", "data.token_cache", "data.reference_cache")
+INPUT_KEYS = ("data.train_path", "data.eval_path", "model.hf_config", "model.init_checkpoint", "model.tokenizer")
+
+
+def _check_outputs_apart(cfg: Config, where: str = "") -> None:
+    """An output key that names the same file or directory as an input key would be written over it: refused."""
+    def value(key: str) -> str | None:
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    for out_key in OUTPUT_KEYS:
+        out = value(out_key)
+        for in_key in INPUT_KEYS:
+            source = value(in_key)
+            if out is not None and source is not None and same_path(out, source):
+                raise ConfigError(f"config keys '{out_key}' and '{in_key}'{where} name the same path {source}: "
+                                  f"the run would write over its input; set {out_key} to another path")
 
 
 def _check_sequence_parallel_tokens(cfg: Config, where: str = "") -> None:
@@ -418,11 +502,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Defaults, then the YAML file at ``path``, then ``section.key=value`` overrides; validated."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
+        try:
+            p = Path(expand_path(str(path)))
+        except ValueError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+        if p.is_dir():
+            raise ConfigError(f"config file {p} is a directory, not a YAML file")
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            data = yaml.safe_load(p.read_bytes().decode("utf-8"))
+            data = _load_yaml(p.read_bytes().decode("utf-8"), p)
         except UnicodeDecodeError as e:
             raise ConfigError(f"config file {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
                               f"{e.start}): a binary file, or another encoding?") from None
@@ -452,6 +541,138 @@ def describe() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"  {f.name} = {default!r}\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+class WriteError(ValueError):
+    """An output that could not be written (disk full, quota, permissions, I/O error): one line naming the
+    path and the operating system's cause; what was there before is left as it is."""
+
+
+#: how torch's zip writer reports a failed write (torch.save, torch.distributed.checkpoint): no errno survives
+_TORCH_WRITE_FAILURES = ("inline_container.cc", "PytorchStreamWriter failed", "unexpected pos", "file write failed")
+#: an errno kept only as text: Rust I/O errors (safetensors: ``Os { code: 28, kind: StorageFull, ... }``) and
+#: Python's ``[Errno 28] ...`` in a message (Megatron pickles each rank's failure, losing its cause)
+_TEXT_ERRNO = re.compile(r"(?:Os \{ code: |os error |\[Errno )(\d+)")
+#: below this many free bytes a write that failed without an errno is taken for a full disk
+LOW_SPACE_BYTES = 64 << 20
+
+
+def _error_chain(e: BaseException) -> list[BaseException]:
+    """``e``, its causes and contexts, and every rank's failure of a torch.distributed.checkpoint
+    ``CheckpointException`` (``failures``: rank -> (exception, traceback))."""
+    out: list[BaseException] = []
+    todo: list[Any] = [e]
+    while todo:
+        x = todo.pop(0)
+        if not isinstance(x, BaseException) or any(x is y for y in out):
+            continue
+        out.append(x)
+        todo += [x.__cause__, x.__context__]
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return out
+
+
+def _free_bytes(path: str | os.PathLike) -> int | None:
+    import shutil
+
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def write_failure(e: BaseException, path: str | os.PathLike) -> str | None:
+    """Why a write to ``path`` failed, in the operating system's words (``No space left on device``), when
+    ``e`` is a failed write; None for any other error.
+
+    The OSError may sit anywhere in the chain (torch wraps it in ``RuntimeError: [enforce fail at
+    inline_container.cc] ... unexpected pos``; Megatron's checkpoint writer in a ``CheckpointException`` of
+    every rank's failure). Where the errno is lost (``torch.save`` to a path), a nearly full file system is
+    the cause, else the library's own line is given.
+    """
+    import errno as errno_
+
+    chain = _error_chain(e)
+    for x in chain:
+        if isinstance(x, OSError) and x.errno is not None and not isinstance(x, ConnectionError):
+            return x.strerror or os.strerror(x.errno)
+    for x in chain:
+        m = _TEXT_ERRNO.search(str(x))
+        if m:
+            return os.strerror(int(m.group(1)))
+    torch_write = next((str(x).splitlines()[0] for x in chain
+                        if any(t in str(x) for t in _TORCH_WRITE_FAILURES)), None)
+    # Megatron raises the gathered failures on the coordinator, an empty CheckpointException on the other ranks
+    other_rank = any(type(x).__name__ == "CheckpointException" and not getattr(x, "failures", None) for x in chain)
+    if torch_write is None and not other_rank:
+        return None  # not a failed write (a bug in a writer, an interrupt): raised as it is
+    free = _free_bytes(path)
+    if free is not None and free < LOW_SPACE_BYTES:
+        return f"{os.strerror(errno_.ENOSPC)} ({free >> 20} MiB free)"
+    if torch_write is None:
+        return "another rank's write failed (the first rank's error names the cause)"
+    return f"the write failed ({torch_write}); is the file system full, over quota or failing?"
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def guarded_write(path: str | os.PathLike, what: str, *, partial: str | os.PathLike | None = None) -> Iterator[None]:
+    """Run the block that writes ``what`` to ``path``; a failed write (ENOSPC, EDQUOT, EIO, EACCES, torch's
+    ``unexpected pos``) becomes a one-line :class:`WriteError` naming the path and the cause, and
+    ``partial`` (the write's temporary file or directory, if any) is removed. Other errors pass unchanged.
+    Write to a temporary path and rename it over ``path`` inside the block: the previous ``path`` (the last
+    good checkpoint) then stays as it was."""
+    try:
+        yield
+    except BaseException as e:
+        cause = write_failure(e, path)
+        if cause is None:
+            raise
+        if partial is not None:
+            _remove(Path(partial))
+        raise WriteError(f"{what} {path}: cannot write: {cause}") from e
+
+
+_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def expand_path(text: str) -> str:
+    """``~`` / ``~user`` and ``$VAR`` / ``${VAR}`` expanded in a path: the one rule of every path key and option.
+
+    A variable that is not set is a ValueError naming it (a path ``$SCRATCH/runs`` must not become a
+    directory literally named ``$SCRATCH``).
+    """
+    def variable(m: re.Match) -> str:
+        name = m.group(1).strip("{}")
+        if name not in os.environ:
+            raise ValueError(f"environment variable ${name} in {text!r} is not set")
+        return os.environ[name]
+
+    return os.path.expanduser(_VARIABLE.sub(variable, text))
+
+
+def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file or directory (after symlinks; hard links too, when both exist)."""
+    pa, pb = Path(a), Path(b)
+    try:
+        if pa.exists() and pb.exists():
+            return os.path.samefile(pa, pb)
+        return pa.resolve() == pb.resolve()
+    except (OSError, RuntimeError):  # a symlink loop, an unreadable parent: not provably the same
+        return False
 
 
 def check_writable(path: str | os.PathLike, what: str, *, directory: bool = True, hint: str = "") -> None:

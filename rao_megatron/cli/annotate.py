@@ -18,17 +18,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rao_megatron.cli.common import run_cli
+from rao_megatron.cli.common import path_option, refuse_overwrite, run_cli
 from rao_megatron.data.formats import FORMATS
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rao_megatron.cli.annotate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="input rows: JSONL / Parquet file, saved dataset or `datasets` name")
-    p.add_argument("--out", required=True, help="output group data (.jsonl, or .parquet)")
+    path_option(p, "--data", required=True, help="input rows: JSONL / Parquet file, saved dataset or `datasets` name")
+    path_option(p, "--out", role="output", required=True, help="output group data (.jsonl, or .parquet)")
     scorer = p.add_mutually_exclusive_group(required=True)
-    scorer.add_argument("--reward-model", metavar="DIR",
+    path_option(scorer, "--reward-model", metavar="DIR",
                         help="reward-model checkpoint (train.task=rm): a checkpoint, its checkpoints/ root or the run dir")
     scorer.add_argument("--reward-fn", metavar="MODULE:FUNCTION",
                         help="reward function fn(prompt, response[, row]) -> float, e.g. "
@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch per DP rank (reward model)")
     p.add_argument("--max-length", type=int, default=2048,
                    help="tokens per prompt + response for the reward model; longer responses are truncated")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the one recorded in the checkpoint)")
+    path_option(p, "--tokenizer", help="tokenizer directory (default: the one recorded in the checkpoint)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (reward model)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (reward model)")
     p.add_argument("--chunk-rows", type=int, default=256, help="rows scored between progress records")
@@ -51,8 +51,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from rao_megatron.config import check_writable
-    from rao_megatron.rewards.annotate import annotate
+    from rao_megatron.rewards.annotate import annotate, state_paths
 
+    # the output and its side files (partial, rejected, progress) never replace the input
+    refuse_overwrite({"--out": list(state_paths(args.out).values())}, {"--data": args.data})
     check_writable(args.out, "--out", directory=False)  # before a reward model is loaded or a row scored
 
     if args.reward_model:

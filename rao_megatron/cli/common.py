@@ -108,6 +108,86 @@ def report_user_error(message: str) -> None:
         pass
 
 
+#: what a path option is to its command: read, written, or neither (run_cli expands every one of them)
+PATH_ROLES = ("input", "output", "path")
+
+
+def path_option(parser: Any, *flags: str, role: str = "input", **kwargs: Any) -> argparse.Action:
+    """``parser.add_argument`` for an option naming a file or directory.
+
+    :func:`run_cli` expands ``~`` and ``$VARIABLES`` in it (``config.expand_path``, the rule of the config's
+    path keys too) and refuses an ``output`` option that names the same path as an ``input`` option of the
+    command: no command writes over its input.
+    """
+    if role not in PATH_ROLES:
+        raise ValueError(f"role must be one of {PATH_ROLES}, got {role!r}")
+    action = parser.add_argument(*flags, **kwargs)
+    action.path_role = role  # type: ignore[attr-defined]
+    return action
+
+
+def _path_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The path options of ``parser`` and of its sub-commands."""
+    found = []
+    for action in parser._actions:
+        if getattr(action, "path_role", None):
+            found.append(action)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                found += _path_actions(sub)
+    return found
+
+
+def _option_name(action: argparse.Action) -> str:
+    return max(action.option_strings, key=len) if action.option_strings else action.dest
+
+
+def refuse_overwrite(outputs: dict[str, Any], inputs: dict[str, Any]) -> None:
+    """Raise a one-line error when a path an output option writes is one an input option reads.
+
+    ``outputs`` / ``inputs``: option name -> a path or a list of paths (None: not given).
+    """
+    from rao_megatron.config import ConfigError, same_path
+
+    def paths(value: Any) -> list[str]:
+        if value is None:
+            return []
+        return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+    for out_name, out_value in outputs.items():
+        for out in paths(out_value):
+            for in_name, in_value in inputs.items():
+                for source in paths(in_value):
+                    if same_path(out, source):
+                        raise ConfigError(f"{out_name} {out} is the same path as {in_name} {source}: a command "
+                                          f"never writes over its input; choose another {out_name}")
+
+
+def prepare_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Expand ``~`` / ``$VARIABLES`` in every path option of ``args`` and refuse outputs over inputs."""
+    from rao_megatron.config import ConfigError, expand_path
+
+    roles: dict[str, dict[str, Any]] = {"input": {}, "output": {}}
+    done: set[str] = set()
+    for action in _path_actions(parser):  # sub-commands may share a dest (--out): each value once
+        value = getattr(args, action.dest, None)
+        if value is None or action.dest in done:
+            continue
+        done.add(action.dest)
+        name = _option_name(action)
+        try:
+            if isinstance(value, list):
+                value = [expand_path(v) if isinstance(v, str) else v for v in value]
+            elif isinstance(value, str):
+                value = expand_path(value)
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from None
+        setattr(args, action.dest, value)
+        if action.path_role in roles:
+            roles[action.path_role][name] = value
+    refuse_overwrite(roles["output"], roles["input"])
+
+
 def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
             argv: list[str] | None = None) -> int:
     """Parse ``argv``, run ``main``; a user error prints ``error: …`` on one line and exits with code 2.
@@ -119,6 +199,7 @@ def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.A
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     args = parser.parse_args(argv)
     try:
+        prepare_paths(parser, args)
         return int(main(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -126,6 +207,23 @@ def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.A
     except user_error_types() as e:
         if args.debug:
             raise
-        msg = str(e) if not isinstance(e, KeyError) else str(e.args[0] if e.args else e)
+        if isinstance(e, OSError) and e.errno is not None:
+            msg = os_error_line(e)
+        else:
+            msg = str(e) if not isinstance(e, KeyError) else str(e.args[0] if e.args else e)
         report_user_error(msg.splitlines()[0] if msg.strip() else type(e).__name__)
         return EXIT_USER_ERROR
+    except OSError as e:
+        # the user's paths: permissions, a directory where a file belongs, a full disk; not the network
+        if args.debug or isinstance(e, (ConnectionError, TimeoutError)) or e.errno is None:
+            raise
+        report_user_error(os_error_line(e))
+        return EXIT_USER_ERROR
+
+
+def os_error_line(e: OSError) -> str:
+    """``PATH: No space left on device`` (``[Errno 28] ...: 'PATH'`` as Python spells it, made readable)."""
+    if e.filename is None:
+        return e.strerror or str(e)
+    target = f" -> {e.filename2}" if e.filename2 is not None else ""
+    return f"{e.filename}{target}: {e.strerror or type(e).__name__}"

@@ -15,6 +15,8 @@ import argparse
 import os
 import sys
 
+from rao_megatron.cli.common import path_option  # light: no torch
+
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser of all three sub-commands."""
@@ -24,8 +26,8 @@ def parser() -> argparse.ArgumentParser:
     dtype_help = "parameter dtype; auto = the source's (HF config dtype / checkpoint's stored dtype)"
 
     h2m = sub.add_parser("hf-to-megatron", help="HF safetensors directory -> Megatron torch_dist checkpoint")
-    h2m.add_argument("--hf", required=True, help="HF model directory (config.json, *.safetensors, tokenizer)")
-    h2m.add_argument("--out", required=True, help="new (or empty) output directory")
+    path_option(h2m, "--hf", required=True, help="HF model directory (config.json, *.safetensors, tokenizer)")
+    path_option(h2m, "--out", role="output", required=True, help="new (or empty) output directory")
     h2m.add_argument("--tp", type=int, default=1, help="tensor-parallel size the ranks are written at")
     h2m.add_argument("--pp", type=int, default=1, help="pipeline-parallel size the ranks are written at")
     _expert_args(h2m, "written at")
@@ -34,16 +36,16 @@ def parser() -> argparse.ArgumentParser:
                      help="policy (causal LM) or rm (scalar head); default: rm for *ForSequenceClassification")
 
     m2h = sub.add_parser("megatron-to-hf", help="Megatron checkpoint (any TP/PP) -> HF safetensors directory")
-    m2h.add_argument("--megatron", required=True, help="Megatron model checkpoint directory (rao_model.json)")
-    m2h.add_argument("--out", required=True, help="new (or empty) output directory")
+    path_option(m2h, "--megatron", required=True, help="Megatron model checkpoint directory (rao_model.json)")
+    path_option(m2h, "--out", role="output", required=True, help="new (or empty) output directory")
     m2h.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"), help=dtype_help)
     m2h.add_argument("--max-shard-size", default="2GB",
                      help="largest safetensors file (e.g. 2GB, 500MB); above it the weights are sharded with "
                           "model.safetensors.index.json")
 
     cmp = sub.add_parser("compare", help="logits of an HF model vs a Megatron checkpoint (fp32, same prompts)")
-    cmp.add_argument("--hf", required=True, help="HF model directory")
-    cmp.add_argument("--megatron", required=True, help="Megatron model checkpoint directory")
+    path_option(cmp, "--hf", required=True, help="HF model directory")
+    path_option(cmp, "--megatron", required=True, help="Megatron model checkpoint directory")
     cmp.add_argument("--tp", type=int, default=1, help="tensor-parallel size to load the checkpoint at")
     cmp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to load the checkpoint at")
     _expert_args(cmp, "loaded at")

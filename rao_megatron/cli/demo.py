@@ -41,7 +41,7 @@ from rao_megatron.cli.chain import (
     run_command,
     torchrun_module,
 )
-from rao_megatron.cli.common import run_cli
+from rao_megatron.cli.common import path_option, run_cli
 
 DEFAULT_CONFIG = REPO / "examples" / "configs" / "rao_smollm2_demo.yaml"
 DEFAULT_HF = REPO / ".cache" / "smollm2-hf"
@@ -250,9 +250,9 @@ def run_demo(s: Settings, start_from: str | None = None, online: bool = False, u
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rao_megatron.cli.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    p.add_argument("--hf", default=str(DEFAULT_HF), help="where the extracted SmolLM2 goes (shared with the tests)")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config of the train stage")
+    path_option(p, "--out", role="output", default="runs/demo", help="run directory (default: runs/demo)")
+    path_option(p, "--hf", role="path", default=str(DEFAULT_HF), help="where the extracted SmolLM2 goes (shared with the tests)")
+    path_option(p, "--config", default=str(DEFAULT_CONFIG), help="training config of the train stage")
     p.add_argument("--from", dest="start_from", metavar="STAGE", help="redo this stage and every later one")
     p.add_argument("--until", metavar="STAGE", help="stop after this stage")
     p.add_argument("--online", action="store_true", help="also run GRAO online rounds and evaluate them")

@@ -30,22 +30,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from rao_megatron.cli.common import run_cli
+from rao_megatron.cli.common import path_option, refuse_overwrite, run_cli
 from rao_megatron.rewards.answers import DEFAULT_REWARD_FN, evaluate_answers, markdown_table, write_report
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rao_megatron.cli.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--answers", action="append", required=True,
+    path_option(p, "--answers", action="append", required=True,
                    help="generate output to evaluate (repeat for several, one table row each)")
     p.add_argument("--label", action="append", help="name of each --answers file in the table (default: file name)")
     p.add_argument("--reward-fn", metavar="MODULE:FUNCTION",
                    help=f"rule reward for accuracy / pass@1 (default: {DEFAULT_REWARD_FN} when rows carry 'answer')")
-    p.add_argument("--reward-model", metavar="DIR", help="reward-model checkpoint judging the win rate")
-    p.add_argument("--baseline", help="generate output of another model to compute the win rate against")
-    p.add_argument("--tokenizer", help="tokenizer directory for mean token length (default: the answers' model's)")
-    p.add_argument("--out-dir", help="where eval.md and eval.json go (default: beside the first --answers file)")
+    path_option(p, "--reward-model", metavar="DIR", help="reward-model checkpoint judging the win rate")
+    path_option(p, "--baseline", help="generate output of another model to compute the win rate against")
+    path_option(p, "--tokenizer", help="tokenizer directory for mean token length (default: the answers' model's)")
+    path_option(p, "--out-dir", role="output", help="where eval.md and eval.json go (default: beside the first --answers file)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (reward model)")
     p.add_argument("--max-length", type=int, default=2048, help="tokens per prompt + answer for the reward model")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (reward model)")
@@ -56,18 +56,21 @@ def parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from rao_megatron.config import check_writable
+    from rao_megatron.config import check_writable, guarded_write
 
     if args.reward_model and not args.baseline:
         raise ValueError("--reward-model judges the win rate against --baseline; give --baseline too")
     out_dir = args.out_dir or Path(args.answers[0]).parent
+    refuse_overwrite({"--out-dir": [Path(out_dir) / "eval.md", Path(out_dir) / "eval.json"]},
+                     {"--answers": args.answers, "--baseline": args.baseline})
     check_writable(out_dir, "--out-dir")  # before any answer is scored (every rank: all leave together)
     summary = evaluate_answers(args.answers, args.label, reward_fn=args.reward_fn, reward_model=args.reward_model,
                                baseline=args.baseline, tokenizer=args.tokenizer, batch_size=args.batch_size,
                                max_length=args.max_length, tp=args.tp, pp=args.pp)
     if dist.is_initialized() and dist.get_rank() != 0:
         return 0
-    md, js = write_report(summary, out_dir)
+    with guarded_write(out_dir, "--out-dir"):
+        md, js = write_report(summary, out_dir)
     for res in summary["results"]:
         if res.get("note"):
             print(f"note: {res['note']}", flush=True)

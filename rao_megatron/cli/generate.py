@@ -27,7 +27,8 @@ import os
 import sys
 from pathlib import Path
 
-from rao_megatron.cli.common import run_cli
+from rao_megatron.cli.common import path_option, run_cli
+from rao_megatron.config import guarded_write
 from rao_megatron.data.prompts import read_prompts
 from rao_megatron.generation import (
     BACKENDS,
@@ -43,9 +44,9 @@ from rao_megatron.generation import (
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rao_megatron.cli.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="HF checkpoint directory (weights, config, tokenizer with a chat template)")
-    p.add_argument("--prompts", required=True, help="input rows: JSONL / Parquet file or saved `datasets` directory")
-    p.add_argument("--out", required=True, help="output JSONL (appended to: a rerun resumes)")
+    path_option(p, "--model", required=True, help="HF checkpoint directory (weights, config, tokenizer with a chat template)")
+    path_option(p, "--prompts", required=True, help="input rows: JSONL / Parquet file or saved `datasets` directory")
+    path_option(p, "--out", role="output", required=True, help="output JSONL (appended to: a rerun resumes)")
     p.add_argument("--n", type=int, default=4, help="responses per prompt (K)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="response length limit in tokens")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy")
@@ -87,9 +88,10 @@ def main(args: argparse.Namespace) -> int:
         with out.open("a", encoding="utf-8") as f:
             for rows in iter_generated(engine, todo, cfg, model_name=args.model, batch_size=args.batch_size,
                                        progress=not args.no_progress, done=len(prompts) - len(todo)):
-                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-                f.flush()
-                os.fsync(f.fileno())
+                with guarded_write(out, "--out"):  # a full disk: one line; a rerun resumes after the last batch
+                    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                    f.flush()
+                    os.fsync(f.fileno())
     print(f"{args.prompts} -> {out}: {len(prompts)} prompts × {cfg.n} responses ({len(todo)} generated now, "
           f"backend {backend})", flush=True)
     return 0

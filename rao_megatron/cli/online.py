@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from rao_megatron.cli.chain import fresh_dir, python_module, run_chain, run_command, torchrun_module
-from rao_megatron.cli.common import run_cli
+from rao_megatron.cli.common import path_option, run_cli
 
 
 def _done(marker: Path) -> bool:
@@ -127,15 +127,15 @@ def run_online(args: argparse.Namespace) -> Path:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rao_megatron.cli.online", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="GRAO training config (loss.name=grao)")
-    p.add_argument("--prompts", required=True, help="prompt rows with a `reference` answer (JSONL / Parquet)")
-    p.add_argument("--hf", required=True, help="the starting policy in HF format (the round-1 sampler)")
-    p.add_argument("--start", required=True, help="the starting policy as a Megatron checkpoint (round-1 init)")
-    p.add_argument("--out", required=True, help="run directory (round_N/ and final_hf go here)")
+    path_option(p, "--config", required=True, help="GRAO training config (loss.name=grao)")
+    path_option(p, "--prompts", required=True, help="prompt rows with a `reference` answer (JSONL / Parquet)")
+    path_option(p, "--hf", required=True, help="the starting policy in HF format (the round-1 sampler)")
+    path_option(p, "--start", required=True, help="the starting policy as a Megatron checkpoint (round-1 init)")
+    path_option(p, "--out", role="output", required=True, help="run directory (round_N/ and final_hf go here)")
     p.add_argument("--rounds", type=int, default=2)
     scorer = p.add_mutually_exclusive_group(required=True)
     scorer.add_argument("--reward-fn", metavar="MODULE:FUNCTION", help="rule reward, as for rao_megatron.cli.annotate")
-    scorer.add_argument("--reward-model", metavar="DIR", help="reward-model checkpoint, as for rao_megatron.cli.annotate")
+    path_option(scorer, "--reward-model", metavar="DIR", help="reward-model checkpoint, as for rao_megatron.cli.annotate")
     p.add_argument("--n", type=int, default=4, help="G: answers sampled per prompt and round")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8)

@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rao_megatron.cli.common import EXIT_NON_FINITE, EXIT_PREEMPTED, run_cli
+from rao_megatron.cli.common import EXIT_NON_FINITE, EXIT_PREEMPTED, path_option, run_cli
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rao_megatron.cli.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=False, help="YAML config (see examples/configs/)")
+    path_option(p, "--config", required=False, help="YAML config (see examples/configs/)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. loss.beta=0.1 train.lr=5e-7")
     p.add_argument("--help-config", action="store_true", help="list every config key with its help and exit")
     return p

@@ -19,9 +19,11 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from rao_megatron.conversion.convert import build_chunks, run_ranks
-from rao_megatron.conversion.hf_io import TOKENIZER_FILES, ConversionError
+from rao_megatron.conversion.hf_io import TOKENIZER_FILES, ConversionError, read_hf_config
 from rao_megatron.conversion.validate import check_layout, config_for_task, conversion_world_size
-from rao_megatron.parallel.state import destroy_model_parallel, initialize_model_parallel
+from rao_megatron.data.tokenizer import pad_id
+from rao_megatron.models.hf_config import ModelArch
+from rao_megatron.parallel.state import destroy_model_parallel, initialize_model_parallel, is_last_stage
 
 DEFAULT_PROMPTS = ("What is the capital of France?", "Write a haiku about autumn leaves.",
                    "Explain in one sentence why the sky is blue.")
@@ -84,7 +86,7 @@ def prompt_token_ids(tokenizer: Any, prompts: list[str] | tuple[str, ...]) -> tu
             rows.append(tokenizer(text, add_special_tokens=False)["input_ids"])
         else:
             rows.append(tokenizer(p)["input_ids"])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer, default=0)
     lengths = torch.tensor([len(r) for r in rows])
     ids = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -105,18 +107,18 @@ def _output_step(task: str, data_iterator: Any, model: torch.nn.Module) -> tuple
     return out, collect
 
 
-def _megatron_outputs_worker(checkpoint: str, cfg: dict[str, Any], task: str, ids: torch.Tensor, tp: int,
+def _megatron_outputs_worker(checkpoint: str, arch: ModelArch, task: str, ids: torch.Tensor, tp: int,
                              pp: int, out_file: str, ep: int = 1, etp: int | None = None) -> None:
     from rao_megatron.models.checkpoint import load_model_checkpoint
     from rao_megatron.training.engine import forward_backward
 
     initialize_model_parallel(tp=tp, pp=pp, ep=ep, etp=etp)
-    chunks = build_chunks(cfg, task, torch.float32)
+    chunks = build_chunks(arch, task, torch.float32)
     load_model_checkpoint(chunks, checkpoint, strict=True)
     position_ids = torch.arange(ids.shape[1]).unsqueeze(0)
     microbatches = [{"tokens": ids[i: i + 1], "position_ids": position_ids} for i in range(ids.shape[0])]
     outputs = forward_backward(chunks, functools.partial(_output_step, task), microbatches, forward_only=True)
-    if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 and \
+    if is_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and \
             ps.get_data_parallel_rank() == 0:  # DP replicas (ranks for EP) compute the same
         torch.save(torch.cat([o["out"] for o in outputs]), out_file)
     destroy_model_parallel()
@@ -130,14 +132,13 @@ def megatron_outputs(checkpoint: str | os.PathLike, ids: torch.Tensor, *, tp: in
     checkpoint = resolve_checkpoint(checkpoint)
     meta = read_checkpoint_meta(checkpoint)
     task = "rm" if meta.get("task") == "rm" else "policy"
-    cfg = config_for_task(meta["hf_config"], task)
-    check_layout(cfg, tp, pp, ep, etp)
+    arch = check_layout(config_for_task(meta["hf_config"], task), tp, pp, ep, etp)
     with tempfile.TemporaryDirectory(prefix="rao-compare-") as tmp:
         out_file = os.path.join(tmp, "outputs.pt")
         run_ranks(_megatron_outputs_worker, conversion_world_size(tp, pp, ep, etp), str(Path(checkpoint).resolve()),
-                  cfg, task, ids, tp, pp, out_file, ep, etp)
+                  arch, task, ids, tp, pp, out_file, ep, etp)
         out = torch.load(out_file)
-    return out if task == "rm" else out[..., : cfg["vocab_size"]]
+    return out if task == "rm" else out[..., : arch.vocab_size]
 
 
 @torch.no_grad()
@@ -176,9 +177,7 @@ def compare_checkpoints(hf_dir: str | os.PathLike, checkpoint: str | os.PathLike
         elif prompts:
             raise ConversionError(f"--prompts needs a tokenizer; neither {hf_dir} nor the checkpoint has one")
         else:
-            from rao_megatron.models.hf_config import hf_config_to_dict
-
-            vocab = hf_config_to_dict(hf_dir)["vocab_size"]
+            vocab = read_hf_config(hf_dir)["vocab_size"]
             ids = torch.randint(0, vocab, (4, 32), generator=torch.Generator().manual_seed(0))
             source = "4 random sequences (no tokenizer)"
     if lengths is None:

@@ -47,7 +47,7 @@ from rao_megatron.conversion.validate import (
     conversion_world_size,
     task_of,
 )
-from rao_megatron.models.hf_config import is_moe, transformer_config_from_hf
+from rao_megatron.models.hf_config import ModelArch, transformer_config_from_hf
 from rao_megatron.models.hf_mappings import mappings_for
 from rao_megatron.models.hf_state import iter_mapped_params, load_hf_state_dict_into_megatron, rank_dims
 from rao_megatron.models.provider import build_gpt_model
@@ -57,7 +57,8 @@ from rao_megatron.parallel.state import destroy_model_parallel, initialize_model
 
 #: generous: a rank may wait at a barrier while another reads or writes many GB
 RANK_TIMEOUT_S = 3600.0
-_USER_ERRORS = ("ConversionError", "ValueError", "KeyError", "FileNotFoundError")
+_USER_ERRORS = ("ConversionError", "ValueError", "KeyError", "FileNotFoundError", "WriteError", "OSError",
+                "PermissionError")
 
 
 def hide_gpus() -> None:
@@ -109,15 +110,15 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
         raise
 
 
-def build_chunks(cfg: dict[str, Any], task: str, dtype: torch.dtype) -> list[torch.nn.Module]:
+def build_chunks(arch: ModelArch, task: str, dtype: torch.dtype) -> list[torch.nn.Module]:
     """This rank's model (one chunk, no VPP) with uninitialised weights: they are all loaded next."""
-    config = transformer_config_from_hf(cfg, tp=ps.get_tensor_model_parallel_world_size(),
+    config = transformer_config_from_hf(arch, tp=ps.get_tensor_model_parallel_world_size(),
                                         pp=ps.get_pipeline_model_parallel_world_size(),
                                         ep=ps.get_expert_model_parallel_world_size(),
                                         etp=ps.get_expert_tensor_parallel_world_size(), params_dtype=dtype,
                                         perform_initialization=False)
     builder = build_reward_model if task == "rm" else build_gpt_model
-    return [builder(cfg, config=config, params_dtype=dtype)]
+    return [builder(arch, config=config, params_dtype=dtype)]
 
 
 def _progress(total: int, desc: str, enabled: bool) -> tqdm:
@@ -135,7 +136,7 @@ class _HfToMegatronJob:
     pp: int
     task: str
     dtype: str
-    cfg: dict[str, Any]
+    arch: ModelArch
     meta: dict[str, Any]
     progress: bool
     ep: int = 1
@@ -146,11 +147,11 @@ def _hf_to_megatron_worker(job: _HfToMegatronJob) -> None:
     from rao_megatron.models.checkpoint import save_model_checkpoint
 
     initialize_model_parallel(tp=job.tp, pp=job.pp, ep=job.ep, etp=job.etp)
-    chunks = build_chunks(job.cfg, job.task, DTYPES[job.dtype])
-    reads = sum(len(m.hf) for _, _, m, _, _ in iter_mapped_params(chunks, mappings_for(job.cfg, job.task == "rm")))
+    chunks = build_chunks(job.arch, job.task, DTYPES[job.dtype])
+    reads = sum(len(m.hf) for _, _, m, _, _ in iter_mapped_params(chunks, mappings_for(job.arch, job.task == "rm")))
     bar = _progress(reads, "reading HF tensors (rank 0)", job.progress)
     hf = LazyHFStateDict(job.hf_dir, on_read=lambda _name: bar.update())
-    load_hf_state_dict_into_megatron(chunks, hf, job.cfg)
+    load_hf_state_dict_into_megatron(chunks, hf, job.arch)
     bar.close()
     save_model_checkpoint(chunks, job.target, job.meta)
     destroy_model_parallel()
@@ -170,8 +171,8 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int
     source = read_hf_config(hf_dir)
     task = task or task_of(source)
     cfg = config_for_task(source, task)
-    check_layout(cfg, tp, pp, ep, etp)
-    new_head = check_hf_tensors(LazyHFStateDict(hf_dir).shapes(), cfg, task, where=f"HF checkpoint {hf_dir}")
+    arch = check_layout(cfg, tp, pp, ep, etp)  # the architecture, parsed once
+    new_head = check_hf_tensors(LazyHFStateDict(hf_dir).shapes(), arch, task, where=f"HF checkpoint {hf_dir}")
     out = check_output_dir(out).resolve()
     dtype = dtype if dtype != "auto" else ("bf16" if config_dtype(cfg) == torch.bfloat16 else "fp32")
     if dtype not in DTYPES:
@@ -186,14 +187,14 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int
         "generation_config": _read_json(hf_dir / "generation_config.json"),
         "provenance": {"converter": "rao_megatron.cli.convert hf-to-megatron", "source": str(hf_dir),
                        "written_at_layout": {"tp": tp, "pp": pp, **({"ep": ep, "etp": tp if etp is None else etp}
-                                                                   if is_moe(cfg) else {})},
+                                                                   if arch.moe is not None else {})},
                        "rao_megatron": rao_megatron.__version__,
                        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "new_reward_head": bool(new_head)},
     }
     with staged_output(out) as target:
         run_ranks(_hf_to_megatron_worker, conversion_world_size(tp, pp, ep, etp),
-                  _HfToMegatronJob(str(hf_dir), str(target), tp, pp, task, dtype, cfg, meta, progress, ep, etp))
+                  _HfToMegatronJob(str(hf_dir), str(target), tp, pp, task, dtype, arch, meta, progress, ep, etp))
         copy_tokenizer_files(hf_dir, target / "tokenizer")
     return out
 
@@ -205,15 +206,15 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 # ---------------------------------------------------------------- Megatron -> HF
 
 
-def iter_hf_tensors(chunks: list[torch.nn.Module], cfg: dict[str, Any], task: str,
+def iter_hf_tensors(chunks: list[torch.nn.Module], arch: ModelArch, task: str,
                     ) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) for every parameter of a TP1/PP1 model, one at a time (views, no copies)."""
     if ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1 or \
             ps.get_expert_model_parallel_world_size() != 1 or ps.get_expert_tensor_parallel_world_size() != 1:
         raise ValueError("iter_hf_tensors needs the whole model on one rank (TP1 PP1 EP1)")
-    dims = rank_dims(cfg)
+    dims = rank_dims(arch)
     tied = any(getattr(c, "share_embeddings_and_output_weights", False) for c in chunks)
-    for name, param, mapping, layer, expert in iter_mapped_params(chunks, mappings_for(cfg, task == "rm"), dims):
+    for name, param, mapping, layer, expert in iter_mapped_params(chunks, mappings_for(arch, task == "rm"), dims):
         if tied and name == "output_layer.weight":
             continue  # the tied embedding, exported once as model.embed_tokens.weight
         yield from zip(mapping.hf_names(layer, expert), mapping.to_hf([param.detach()], dims), strict=True)
@@ -226,7 +227,7 @@ class _MegatronToHfJob:
     task: str
     stored_dtype: str
     out_dtype: str
-    cfg: dict[str, Any]
+    arch: ModelArch
     max_shard_bytes: int
     progress: bool
 
@@ -235,11 +236,11 @@ def _megatron_to_hf_worker(job: _MegatronToHfJob) -> None:
     from rao_megatron.models.checkpoint import load_model_checkpoint
 
     initialize_model_parallel(tp=1, pp=1)
-    chunks = build_chunks(job.cfg, job.task, DTYPES[job.stored_dtype])
+    chunks = build_chunks(job.arch, job.task, DTYPES[job.stored_dtype])
     load_model_checkpoint(chunks, job.checkpoint, strict=True)
-    total = sum(1 for _ in iter_hf_tensors(chunks, job.cfg, job.task))
+    total = sum(1 for _ in iter_hf_tensors(chunks, job.arch, job.task))
     writer = ShardedSafetensorsWriter(job.target, job.max_shard_bytes)
-    for name, tensor in tqdm(iter_hf_tensors(chunks, job.cfg, job.task), total=total, unit="tensor",
+    for name, tensor in tqdm(iter_hf_tensors(chunks, job.arch, job.task), total=total, unit="tensor",
                              desc="writing HF tensors", disable=not job.progress):
         writer.add(name, tensor, dtype=DTYPES[job.out_dtype])
     writer.close()
@@ -267,6 +268,7 @@ def megatron_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, dty
         raise ConversionError(f"{checkpoint}: the checkpoint metadata has no hf_config")
     task = "rm" if meta.get("task") == "rm" else "policy"
     cfg = config_for_task(meta["hf_config"], task)
+    arch = ModelArch.from_hf(cfg)
     stored = meta.get("dtype") or ("bf16" if config_dtype(cfg) == torch.bfloat16 else "fp32")
     out_dtype = stored if dtype == "auto" else dtype
     if out_dtype not in DTYPES or stored not in DTYPES:
@@ -275,7 +277,7 @@ def megatron_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, dty
     out = check_output_dir(out).resolve()
     with staged_output(out) as target:
         run_ranks(_megatron_to_hf_worker, 1,
-                  _MegatronToHfJob(str(checkpoint), str(target), task, stored, out_dtype, cfg, max_bytes, progress))
+                  _MegatronToHfJob(str(checkpoint), str(target), task, stored, out_dtype, arch, max_bytes, progress))
         out_cfg = dict(cfg, dtype=hf_dtype_name(DTYPES[out_dtype]))
         if "torch_dtype" in out_cfg:
             out_cfg["torch_dtype"] = out_cfg["dtype"]

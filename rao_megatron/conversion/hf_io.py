@@ -20,6 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from rao_megatron.config import guarded_write
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 #: files that make up an HF tokenizer (whichever of them a model has)
@@ -56,10 +58,28 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def open_safetensors(path: str | os.PathLike) -> Any:
+    """``safe_open(path)``; a file that is missing, truncated or not safetensors at all is a one-line
+    :class:`ConversionError` naming it (safetensors' own error names no file)."""
+    if not Path(path).is_file():
+        raise ConversionError(f"{path}: weight file missing (named by {INDEX_FILE}?)")
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # noqa: BLE001 - SafetensorError (header too small, incomplete metadata), OSError
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConversionError(f"{path}: not a readable safetensors file ({reason}); an interrupted download? "
+                              "fetch the file again") from None
+
+
 def _weight_map(hf_dir: Path) -> dict[str, str]:
     """Tensor name -> safetensors file name, from the index or the single-file checkpoint."""
     if (hf_dir / INDEX_FILE).is_file():
-        return dict(json.loads((hf_dir / INDEX_FILE).read_text())["weight_map"])
+        try:
+            index = json.loads((hf_dir / INDEX_FILE).read_text(encoding="utf-8"))
+            return {str(k): str(v) for k, v in index["weight_map"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConversionError(f"{hf_dir / INDEX_FILE}: not a safetensors index (expected JSON with a "
+                                  f"'weight_map' object; {type(e).__name__}: {e})") from None
     files = [hf_dir / SINGLE_FILE] if (hf_dir / SINGLE_FILE).is_file() else sorted(hf_dir.glob("*.safetensors"))
     if not files:
         found = "pytorch_model.bin" if any(hf_dir.glob("pytorch_model*.bin")) else "no weight files"
@@ -67,7 +87,7 @@ def _weight_map(hf_dir: Path) -> dict[str, str]:
                                 "with save_pretrained(..., safe_serialization=True)")
     weight_map: dict[str, str] = {}
     for f in files:
-        with safe_open(f, framework="pt") as st:
+        with open_safetensors(f) as st:
             weight_map.update({k: f.name for k in st.keys()})
     return weight_map
 
@@ -89,7 +109,7 @@ class LazyHFStateDict(Mapping[str, torch.Tensor]):
     def _file(self, name: str) -> Any:
         fname = self.weight_map[name]
         if fname not in self._handles:
-            self._handles[fname] = safe_open(self.hf_dir / fname, framework="pt")
+            self._handles[fname] = open_safetensors(self.hf_dir / fname)
         return self._handles[fname]
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -144,7 +164,9 @@ class ShardedSafetensorsWriter:
 
     def _flush(self) -> None:
         index = len(self._shards)
-        save_file(self._pending, str(self.out_dir / f"shard-{index:05d}.partial"), metadata={"format": "pt"})
+        shard = self.out_dir / f"shard-{index:05d}.partial"
+        with guarded_write(shard, "HF weight shard", partial=shard):  # a full disk: one line naming the file
+            save_file(self._pending, str(shard), metadata={"format": "pt"})
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 

@@ -6,8 +6,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 
-def row_label(row: int, *, one_based_line: bool) -> str:
-    """``line 17`` for a JSONL line (1-based), ``row 3 (0-based)`` for a Parquet / `datasets` row."""
+def row_label(row: int, *, one_based_line: bool | str) -> str:
+    """``line 17`` for a JSONL line (1-based), ``row 3 (0-based)`` for a Parquet / `datasets` row; a string
+    ``one_based_line`` is the label itself (``part-1.jsonl line 3``: a row of a file in a data directory)."""
+    if isinstance(one_based_line, str):
+        return one_based_line
     return f"line {row}" if one_based_line else f"row {row} (0-based)"
 
 
@@ -52,6 +55,10 @@ class DataReport:
     tied_groups_kept: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     t0: int | None = None
+    max_length: int | None = None            # the length policy's limit (prompt + response tokens)
+    shortest_prompt: int | None = None       # tokens of the shortest prompt read
+    special_token_rows: int = 0              # rows whose text spells one of the tokenizer's special tokens
+    special_token_first: list[str] | None = None  # [where, field, token] of the first such row
 
     def drop(self, reason: str, count: int = 1) -> None:
         """Count ``count`` items dropped for ``reason`` (a key of :data:`DROP_REASONS`)."""
@@ -67,4 +74,15 @@ class DataReport:
         lines += [f"  {DROP_REASONS[r]}: {self.dropped[r]}" for r in DROP_REASONS if self.dropped[r]]
         if self.tied_groups_kept:
             lines.append(f"  groups kept with all rewards equal: {self.tied_groups_kept}")
+        length_drops = self.dropped["group_prompt_overlength"] + self.dropped["response_overlength"]
+        if not self.groups_kept and length_drops and self.max_length is not None:
+            shortest = (f"; the shortest prompt alone is {self.shortest_prompt} tokens"
+                        if self.shortest_prompt is not None else "")
+            lines.append(f"  no group fits data.max_length={self.max_length} (prompt + response tokens){shortest}: "
+                         "raise data.max_length")
+        if self.special_token_rows and self.special_token_first:
+            where, field_name, token = self.special_token_first
+            lines.append(f"  warning: {self.special_token_rows} rows spell a special token of the tokenizer in their "
+                         f"text, which becomes that control token (the first: {where}, field '{field_name}', "
+                         f"{token!r}); set data.special_tokens_in_text=refuse to stop on them")
         return "\n".join(lines)

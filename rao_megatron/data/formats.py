@@ -55,7 +55,7 @@ MAX_ABS_REWARD = 1e6
 class Example:
     """One normalised row: a chat prompt and its responses (with rewards, if the data has them)."""
 
-    row: int                        # JSONL line number (1-based) or Parquet/`datasets` index (0-based)
+    row: int                        # JSONL line (1-based); Parquet / `datasets` / data-directory index (0-based)
     where: str                      # row_label(row): how error messages name this row
     prompt: list[Message]           # chat messages up to (excluding) the assistant turn
     responses: list[str]
@@ -333,7 +333,7 @@ def _ultrafeedback(r: _Row, reward_field: str) -> tuple[list[Message], list[str]
     return prompt, responses, rewards, unrated
 
 
-def parse_row(data: Any, fmt: str, *, source: str, row: int, one_based_line: bool,
+def parse_row(data: Any, fmt: str, *, source: str, row: int, one_based_line: bool | str,
               reward_field: str = "overall", roles: Collection[str] = KNOWN_ROLES) -> Example:
     """Normalise one raw row of format ``fmt`` (an UltraFeedback row may keep no rated response).
 
@@ -421,8 +421,53 @@ def _read_json_array(path: Path) -> list[Any]:
     return value
 
 
-def iter_raw_rows(path: str, *, split: str = "train") -> Iterator[tuple[int, bool, Any]]:
-    """Yield ``(row, one_based_line, raw)`` from a JSONL / JSON / Parquet file, a saved dataset, or a hub name."""
+#: file types read here (naming file, line and field); a directory of them is read file by file
+OWN_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _directory_files(p: Path, split: str) -> list[Path] | None:
+    """The files of a local data directory that ``datasets.load_dataset`` would read for ``split`` (its
+    split-name rules: ``train-*.jsonl``, ``test/`` ...), when they are JSONL / JSON / Parquet; None when
+    they are of another kind (CSV, ...), which `datasets` reads."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        by_split = DataFilesDict.from_patterns(get_data_patterns(str(p)), base_path=str(p))
+    except Exception:  # noqa: BLE001 - datasets' EmptyDatasetError and friends: no data file at all
+        raise DataError(str(p), None, None, "no data files in the directory (expected .jsonl, .json or "
+                        ".parquet files)") from None
+    if split not in by_split:
+        raise DataError(str(p), None, None, f"no '{split}' split in the directory (its files make the splits "
+                        f"{', '.join(str(s) for s in by_split)})")
+    files = sorted(Path(f) for f in by_split[split])
+    own = [f for f in files if f.suffix in OWN_SUFFIXES and not f.name.startswith((".", "_"))]
+    return own or None
+
+
+def _iter_directory_rows(p: Path, files: list[Path]) -> Iterator[tuple[int, str, Any]]:
+    """Rows of every file in turn: a running index (the row id) and ``part-1.jsonl line 3`` (the label)."""
+    index = 0
+    for f in files:
+        name = f.relative_to(p) if f.is_relative_to(p) else f
+        for row, one_based, raw in iter_raw_rows(str(f)):
+            yield index, f"{name} {row_label(row, one_based_line=one_based)}", raw
+            index += 1
+
+
+def _single_object(p: Path) -> bool:
+    """Whether a .json file is one JSON object (not rows): it parses whole, as a mapping."""
+    try:
+        value, error = parse_json(p.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        return False
+    return error is None and isinstance(value, Mapping)
+
+
+def iter_raw_rows(path: str, *, split: str = "train") -> Iterator[tuple[int, bool | str, Any]]:
+    """Yield ``(row, position, raw)`` from a JSONL / JSON / Parquet file, a directory of them, a saved dataset,
+    or a hub name. ``position`` is what :func:`row_label` needs: True (``row`` is a 1-based line), False (a
+    0-based index), or the label itself (``part-1.jsonl line 3``: a file of a directory; ``row`` is then the
+    running index over the directory)."""
     p = Path(path)
     if p.suffix in (".jsonl", ".json", ".parquet") and not p.exists():
         # a mistyped local path must not fall through to a hub download attempt
@@ -444,6 +489,9 @@ def iter_raw_rows(path: str, *, split: str = "train") -> Iterator[tuple[int, boo
                 continue  # a blank line is not a row (trailing newlines are common)
             raw, error = parse_json(line.rstrip("\r\n"))
             if error is not None:
+                if p.suffix == ".json" and _single_object(p):
+                    raise DataError(path, None, None, "holds one JSON object, not rows: a .json data file must "
+                                    "hold a list of rows (a JSON array), or use JSONL (one row per line)")
                 raise DataError(path, row_label(line_no, one_based_line=True), None, error)
             yield line_no, True, raw
     elif p.suffix == ".parquet":
@@ -467,6 +515,9 @@ def iter_raw_rows(path: str, *, split: str = "train") -> Iterator[tuple[int, boo
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[split]
+        elif p.is_dir() and (files := _directory_files(p, split)) is not None:
+            yield from _iter_directory_rows(p, files)  # our reader: a bad row names its file and line
+            return
         elif p.is_dir() or not p.suffix:
             ds = datasets.load_dataset(path, split=split)  # a local data dir, or a hub name on a cluster
         else:

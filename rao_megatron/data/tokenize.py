@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,6 +13,8 @@ from .errors import DataError, DataReport
 from .formats import Example
 
 OVERLENGTH = ("drop", "truncate", "error")
+#: what to do with row text that spells a special token (``data.special_tokens_in_text``)
+SPECIAL_TOKENS_IN_TEXT = ("warn", "refuse")
 _SENTINEL = "\u2063RESPONSE\u2063"  # invisible separators: cannot collide with template text
 
 
@@ -46,6 +49,41 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     if tokenizer.eos_token_id is None:
         raise ValueError("the chat template closes no assistant turn and the tokenizer has no eos token")
     return [tokenizer.eos_token_id]
+
+
+def special_token_pattern(tokenizer: PreTrainedTokenizerBase) -> re.Pattern | None:
+    """A regex matching the tokenizer's special tokens (bos / eos / pad, chat-template control tokens such as
+    ``<|im_end|>``): text that spells one is tokenized as that control token, not as the characters."""
+    tokens = {t for t in getattr(tokenizer, "all_special_tokens", []) if isinstance(t, str) and t}
+    for added in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(added, "special", False) and added.content:
+            tokens.add(added.content)
+    if not tokens:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+
+def _special_token_in(ex: Example, pattern: re.Pattern) -> tuple[str, str] | None:
+    """``(field, token)`` of the first text of ``ex`` that spells a special token, else None."""
+    texts = [("prompt", m["content"]) for m in ex.prompt]
+    texts += [("reference" if j == ex.reference_answer else f"responses[{j}]", y) for j, y in enumerate(ex.responses)]
+    for name, text in texts:
+        m = pattern.search(text)
+        if m:
+            return name, m.group(0)
+    return None
+
+
+def check_special_tokens(report: DataReport, policy: str) -> None:
+    """Apply ``data.special_tokens_in_text`` to a data report: ``refuse`` raises a :class:`DataError` naming the
+    first row, field and token; ``warn`` leaves the count and that row to ``report.summary()``."""
+    if policy not in SPECIAL_TOKENS_IN_TEXT:
+        raise ValueError(f"special_tokens_in_text must be one of {SPECIAL_TOKENS_IN_TEXT}, got {policy!r}")
+    if policy == "refuse" and report.special_token_rows and report.special_token_first:
+        where, field, token = report.special_token_first
+        raise DataError(report.source, where, field, f"spells the tokenizer's special token {token!r}, which "
+                        f"the tokenizer would turn into that control token ({report.special_token_rows} rows do; "
+                        "data.special_tokens_in_text=refuse; use warn to train on them as they are)")
 
 
 def _render_prompt(tokenizer: PreTrainedTokenizerBase, ex: Example, source: str) -> str:
@@ -91,10 +129,11 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenize
         raise ValueError(f"min_responses must be >= 1, got {min_responses}")
     if max_responses is not None and max_responses < min_responses:
         raise ValueError(f"max_responses={max_responses} is below min_responses={min_responses}")
-    report = DataReport(source=source, rows_read=sum(ex.rows for ex in examples))
+    report = DataReport(source=source, rows_read=sum(ex.rows for ex in examples), max_length=max_length)
     if not examples:
         return [], report
     eot = end_of_turn_ids(tokenizer)
+    specials = special_token_pattern(tokenizer)
     scored = examples[0].rewards is not None
     t0_where = "the caller (the training data's t0)"
     groups: list[TokenizedGroup] = []
@@ -115,6 +154,12 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenize
                                 f"rewards but {first} {'has' if scored else 'lacks'} them; all rows must agree")
             if not x:
                 raise DataError(source, ex.where, "prompt", "the chat template renders it to no tokens")
+            found = _special_token_in(ex, specials) if specials is not None else None
+            if found is not None:
+                report.special_token_rows += ex.rows
+                if report.special_token_first is None:
+                    report.special_token_first = [ex.where, *found]
+            report.shortest_prompt = min(len(x), report.shortest_prompt or len(x))
             if t0 is None:
                 t0, t0_where = x[0], f"the first row, {ex.where}"
             elif x[0] != t0:

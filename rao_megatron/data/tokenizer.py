@@ -134,5 +134,20 @@ def load_tokenizer(path: str | os.PathLike[str] | None) -> PreTrainedTokenizerBa
     return tokenizer
 
 
+def pad_id(tokenizer: PreTrainedTokenizerBase, default: int | None = None) -> int:
+    """The id padding positions hold: the pad token, else eos, else ``default``.
+
+    Pad positions are masked out of every loss and attention, so the id only has to be valid
+    (:func:`load_tokenizer` already sets ``pad = eos`` where a tokenizer has no pad token).
+    """
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    if default is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token; set a pad token")
+    return default
+
+
 if __name__ == "__main__":
     print(build_tiny_tokenizer(TINY_TOKENIZER_DIR))

@@ -9,6 +9,7 @@ from typing import Any
 
 from rao_megatron.data.prompts import Prompt, prompt_token_ids
 from rao_megatron.data.tokenize import end_of_turn_ids
+from rao_megatron.data.tokenizer import pad_id
 
 from .sampling import SamplingConfig, prompt_seed
 
@@ -88,8 +89,7 @@ class HFBackend:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).to(device)
         self.model = model
         self.stop = stop_token_ids(self.tokenizer)
-        pad = self.tokenizer.pad_token_id
-        self.pad = pad if pad is not None else self.stop[0]
+        self.pad = pad_id(self.tokenizer, default=self.stop[0] if self.stop else None)  # eos is stop[0] where set
 
     def generate(self, prompts: Sequence[Prompt], cfg: SamplingConfig) -> list[list[str]]:
         """``cfg.n`` responses for each prompt."""

@@ -6,18 +6,25 @@ Paper Algorithm 1, with the choices of DESIGN §2:
     r̂_ij    = β·Δ_R(y_ij) + β·log Z_i                  implicit reward
     L_i     = (1/K_i) Σ_j (r_ij − r̂_ij)²               point-wise MSE; batch loss = mean over groups
 with Δ_R = R_θ(y) − R_ref(y), Δ_P = P_θ(x) − P_ref(x), and r = reward_scale·r_raw + reward_shift.
+
+What a run needs to know about RAO comes with it, as the registry's hooks (docs/rao.md): ``log_z0`` derived from
+the training set's rewards (:func:`calibrate`), the start-up line on the step-0 targets (:func:`startup_lines`)
+and the warning when log Z drifts during training (:func:`watch_log_z`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import checks
+from .calibration import LOG_Z_DRIFT_NATS, SANE_TARGET_NATS, RewardStats, auto_log_z0, compose, target_range
 from .groups import Groups, best_index, group_max, group_mean, make_groups, masked_mean
-from .registry import register
+from .registry import BoundLoss, get_loss, register
 from .stats import SequenceStats
 
 DEFAULT_LOG_Z0 = math.log(50.0)  # the paper's reported Z0 = 50 (with β = 0.1, lr 5e-7)
@@ -53,8 +60,61 @@ def implicit_rewards(stats: SequenceStats, beta: float, log_z0: float,
     return beta * delta_r + beta * log_z[groups.index], log_z
 
 
+def settings(hparams: dict[str, Any]) -> dict[str, Any]:
+    """RAO's hyper-parameters as the loss sees them: its defaults under the ones set, ``log_z0`` resolved."""
+    h = {**get_loss("rao").defaults, **hparams}
+    return {**h, "log_z0": resolve_log_z0(h["log_z0"], h["z0"])}
+
+
+def calibrate(stats: RewardStats, hparams: dict[str, Any], affine: tuple[float, float]) -> dict[str, Any]:
+    """The hyper-parameters set, with ``log_z0`` derived from the training set's reward statistics
+    (:func:`~.calibration.auto_log_z0`, after the normalisation ``affine`` and RAO's own reward_scale /
+    reward_shift) when neither ``log_z0`` nor ``z0`` is set."""
+    if hparams.get("log_z0") is not None or hparams.get("z0") is not None:
+        return hparams
+    h = {**get_loss("rao").defaults, **hparams}
+    scale, shift = compose(affine, h["reward_scale"], h["reward_shift"])
+    return {**hparams, "log_z0": auto_log_z0(stats, h["beta"], scale, shift)}
+
+
+def startup_lines(loss: BoundLoss, rewards: Sequence[Sequence[float]] | None) -> list[str]:
+    """The range of step-0 targets Δ_R* = r/β − log_z0 over the training responses, with a warning when it
+    leaves the sane band (``SANE_TARGET_NATS``)."""
+    if not rewards:
+        return []
+    h = settings(loss.hparams)
+    beta, log_z0 = h["beta"], h["log_z0"]
+    total_scale, total_shift = compose(loss.reward_affine, h["reward_scale"], h["reward_shift"])
+    t = target_range(rewards, beta=beta, log_z0=log_z0, scale=total_scale, shift=total_shift)
+    lo, mean, hi = (round(x, 2) + 0.0 for x in (t.min, t.mean, t.max))  # + 0.0: never "-0.00"
+    lines = [f"RAO targets at step 0, Δ_R* = r/β − log_z0 (β {beta:g}, log_z0 {log_z0:.4g}): "
+             f"min {lo:+.2f} / mean {mean:+.2f} / max {hi:+.2f} nats over {t.responses} responses"]
+    if not t.sane:
+        lines.append(f"warning: RAO asks for log-probability changes beyond ±{SANE_TARGET_NATS:g} nats, which no "
+                     "fine-tuning run reaches; raise loss.beta, set loss.reward_normalization=minmax or zscore, or "
+                     "change loss.log_z0 (docs/rao.md)")
+    return lines
+
+
+def watch_log_z(loss: BoundLoss, step: int, record: dict[str, Any]) -> str | None:
+    """A warning when the step's batch-mean log Z = log_z0 + sg(Δ_P) (``record["log_z"]``; absent or None on a
+    step without metrics) has moved more than ``LOG_Z_DRIFT_NATS`` from log_z0 (every target Δ_R* = r/β − log Z
+    moves with it), else None."""
+    log_z = record.get("log_z")
+    if log_z is None:
+        return None
+    h = settings(loss.hparams)
+    log_z0 = h["log_z0"]
+    if not h["prefix_consistency"] or abs(log_z - log_z0) <= LOG_Z_DRIFT_NATS:
+        return None
+    return (f"warning: step {step}: RAO's log Z has moved {log_z - log_z0:+.2f} nats from log_z0 {log_z0:.4g} "
+            "(the prompt tokens' log-prob change, sg(Δ_P)), which moves every target by as much; "
+            "loss.prefix_consistency=false holds it at log_z0 (docs/rao.md, \"Watch log_z\")")
+
+
 @register("rao", formula="(1/K) Σ_j (r_j − β·Δ_R(y_j) − β·(log_z0 + sg(Δ_P(x))))²",
-          needs_reference=True, needs_rewards=True, pairwise=False)
+          needs_reference=True, needs_rewards=True, pairwise=False, calibrate=calibrate,
+          startup_lines=startup_lines, watch=watch_log_z, exclusive=[("z0", "log_z0")])
 def rao_terms(stats: SequenceStats, beta: float = 0.1, log_z0: float | None = None, z0: float | None = None,
               reward_scale: float = 1.0, reward_shift: float = 0.0,
               prefix_consistency: bool = True) -> tuple[Tensor, Tensor, dict[str, Tensor]]:

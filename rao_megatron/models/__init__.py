@@ -3,6 +3,7 @@
 from rao_megatron.models.hf_config import (
     LLAMA3_TINY_ROPE,
     SUPPORTED_ARCHITECTURES,
+    ModelArch,
     hf_config_to_dict,
     model_family,
     padded_vocab_size,
@@ -22,6 +23,7 @@ from rao_megatron.models.reward import ScalarHead, build_reward_model, last_toke
 __all__ = [
     "LLAMA3_TINY_ROPE",
     "SUPPORTED_ARCHITECTURES",
+    "ModelArch",
     "ScalarHead",
     "as_chunks",
     "build_gpt_model",

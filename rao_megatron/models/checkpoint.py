@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
+from rao_megatron.config import guarded_write
 from rao_megatron.models.provider import as_chunks
 from rao_megatron.parallel.compat import apply_compat_shims
 
@@ -66,21 +67,26 @@ def barrier() -> None:
 
 
 def save_model_checkpoint(chunks: Any, path: str | os.PathLike, meta: dict[str, Any]) -> None:
-    """Write this model (all ranks call it) to an empty or new directory ``path`` via a temp dir + rename."""
+    """Write this model (all ranks call it) to an empty or new directory ``path`` via a temp dir + rename.
+
+    A failed write (a full disk) is a one-line ``config.WriteError`` naming ``path`` and the cause; the
+    temporary directory is removed and ``path`` keeps what it held (:func:`rao_megatron.config.guarded_write`).
+    """
     prepare_synchronous_save()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    if is_global_rank0():
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    barrier()
-    dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp))
-    if is_global_rank0():
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+    with guarded_write(path, "model checkpoint", partial=tmp if is_global_rank0() else None):
+        if is_global_rank0():
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        barrier()
+        dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp))
+        if is_global_rank0():
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     barrier()
 
 

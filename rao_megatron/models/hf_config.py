@@ -1,17 +1,20 @@
-"""Hugging Face config -> Megatron-Core ``TransformerConfig`` for the Llama, Qwen2, Qwen3 and Qwen3-MoE families."""
+"""Hugging Face config -> the typed ``ModelArch`` (parsed and checked once) -> Megatron-Core ``TransformerConfig``,
+for the Llama, Qwen2, Qwen3 and Qwen3-MoE families."""
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from rao_megatron.parallel.device import transformer_engine_on_cuda
 
 # HF architecture name -> model family (the conversion table and the attention-bias layout follow it).
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -113,11 +116,6 @@ def _check_divisible(name: str, value: int, by_name: str, by: int) -> None:
         raise ValueError(f"{name}={value} is not divisible by {by_name}={by}")
 
 
-def is_moe(hf_config: Any) -> bool:
-    """Whether the config's family has routed experts (Qwen3-MoE)."""
-    return model_family(hf_config_to_dict(hf_config)) in MOE_FAMILIES
-
-
 def num_experts(cfg: dict[str, Any]) -> int:
     """Routed experts per MoE layer: ``num_experts`` (Qwen's config.json) or ``num_local_experts``
     (what transformers 5 writes for the same attribute)."""
@@ -160,7 +158,140 @@ def moe_spec(cfg: dict[str, Any]) -> MoeSpec | None:
     return spec
 
 
-def check_expert_layout(cfg: dict[str, Any], *, tp: int = 1, ep: int = 1, etp: int | None = None) -> None:
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes the mappings need, plus this rank's place in the TP group."""
+
+    num_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    tp_size: int = 1
+    tp_rank: int = 0
+    num_experts: int = 0  # routed experts per layer (0: dense)
+    ep_size: int = 1  # expert parallel: each rank holds num_experts / ep_size experts
+    ep_rank: int = 0
+    etp_size: int = 1  # expert tensor parallel: each expert's weights are split this many ways
+    etp_rank: int = 0
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return padded_vocab_size(self.vocab_size, self.tp_size)
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.ep_size
+
+    def global_expert(self, local: int) -> int:
+        """The HF (global) index of this EP rank's local expert ``local``."""
+        return self.ep_rank * self.num_local_experts + local
+
+    def for_experts(self) -> ModelDims:
+        """The dims an expert weight is sharded by: the expert tensor-parallel group in place of TP."""
+        return dataclasses.replace(self, tp_size=self.etp_size, tp_rank=self.etp_rank)
+
+    def placed(self, tp_size: int = 1, tp_rank: int = 0, *, ep_size: int = 1, ep_rank: int = 0,
+               etp_size: int | None = None, etp_rank: int = 0) -> ModelDims:
+        """These sizes at a rank's place in the TP, EP and expert-TP groups (``etp_size`` None: the TP group's)."""
+        return dataclasses.replace(self, tp_size=tp_size, tp_rank=tp_rank, ep_size=ep_size, ep_rank=ep_rank,
+                                   etp_size=tp_size if etp_size is None else etp_size,
+                                   etp_rank=tp_rank if etp_size is None else etp_rank)
+
+    @classmethod
+    def from_hf(cls, arch: ModelArch, tp_size: int = 1, tp_rank: int = 0, *, ep_size: int = 1, ep_rank: int = 0,
+                etp_size: int | None = None, etp_rank: int = 0) -> ModelDims:
+        """``arch.dims`` placed at a rank (a config, dict or path is parsed first: :meth:`ModelArch.from_hf`)."""
+        return ModelArch.from_hf(arch).dims.placed(tp_size, tp_rank, ep_size=ep_size, ep_rank=ep_rank,
+                                                   etp_size=etp_size, etp_rank=etp_rank)
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """One model architecture, parsed and checked once from its HF config (:meth:`from_hf`).
+
+    What the model builders, the mapping tables and the converters read; layout-independent (``dims`` is
+    placed on a single rank; ``hf_state.rank_dims`` places it on this one). :attr:`hf_dict` is the HF config
+    as a plain dict, as checkpoint metadata (``rao_model.json``) and HF export record it; ``hf_object`` the
+    ``transformers`` config it was parsed from, if any (an HF model of the same architecture:
+    :meth:`to_transformers`). Neither takes part in equality.
+    """
+
+    family: str
+    dims: ModelDims
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    rope: RopeSpec
+    moe: MoeSpec | None
+    tie_word_embeddings: bool
+    rms_norm_eps: float
+    initializer_range: float
+    max_position_embeddings: int
+    _hf_dict: dict[str, Any] = field(compare=False, repr=False)
+    hf_object: Any = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def from_hf(cls, source: Any) -> ModelArch:
+        """Parse a ``transformers`` config, a config dict, a config.json path or a model directory (a
+        ``ModelArch`` is returned as is). ValueError for an architecture or setting that is not mapped."""
+        if isinstance(source, ModelArch):
+            return source
+        cfg = hf_config_to_dict(source)
+        family = model_family(cfg)
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={cfg['hidden_act']!r} is not supported (SwiGLU with silu only)")
+        if family != "qwen2" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
+            raise ValueError(f"{family} configs with attention_bias/mlp_bias are not supported")
+        if family in QK_NORM_FAMILIES and cfg.get("use_sliding_window"):
+            raise ValueError(f"{family} configs with use_sliding_window=true are not supported (full causal attention)")
+        # Mistral v0.1's sliding_window (4096) is not mapped: attention is fully causal, which is the same
+        # as long as sequences are no longer than the window.
+        rope = rope_spec(cfg)
+        moe = moe_spec(cfg)
+        heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+        dims = ModelDims(num_heads=heads, num_query_groups=cfg.get("num_key_value_heads") or heads,
+                         head_dim=cfg.get("head_dim") or hidden // heads, vocab_size=cfg["vocab_size"],
+                         num_experts=0 if moe is None else moe.num_experts)
+        return cls(family=family, dims=dims, num_layers=cfg["num_hidden_layers"], hidden_size=hidden,
+                   ffn_hidden_size=cfg["intermediate_size"], rope=rope, moe=moe,
+                   tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                   rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                   initializer_range=float(cfg.get("initializer_range", 0.02)),
+                   max_position_embeddings=cfg.get("max_position_embeddings", 4096), _hf_dict=cfg,
+                   hf_object=None if isinstance(source, (dict, str, os.PathLike)) else source)
+
+    @property
+    def hf_dict(self) -> dict[str, Any]:
+        """The HF config as a plain dict: the dict read, or the ``transformers`` config's ``to_dict()`` now (what
+        checkpoints recorded before the architecture was parsed once: HF's ``from_config`` sets the config's
+        ``dtype`` when the random init builds an HF model from it)."""
+        return self.hf_object.to_dict() if self.hf_object is not None else dict(self._hf_dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.dims.vocab_size
+
+    @property
+    def qk_layernorm(self) -> bool:
+        """q and k normalised per head (Megatron's ``qk_layernorm``: Qwen3, Qwen3-MoE)."""
+        return self.family in QK_NORM_FAMILIES
+
+    @property
+    def qkv_bias(self) -> bool:
+        """q/k/v projections with a bias (Qwen2)."""
+        return self.family == "qwen2"
+
+    def to_transformers(self) -> Any:
+        """The ``transformers`` config of this architecture: the one it was parsed from, else one built from
+        ``hf_dict``."""
+        if self.hf_object is not None:
+            return self.hf_object
+        from transformers import AutoConfig
+
+        return AutoConfig.for_model(**self._hf_dict)
+
+
+def check_expert_layout(arch: ModelArch, *, tp: int = 1, ep: int = 1, etp: int | None = None) -> None:
     """Expert parallel sizes against the model: EP divides the experts, ETP the expert FFN width.
 
     A dense model takes only ep = 1 and etp unset or equal to tp. Messages name the config keys.
@@ -168,30 +299,18 @@ def check_expert_layout(cfg: dict[str, Any], *, tp: int = 1, ep: int = 1, etp: i
     etp = tp if etp is None else etp
     if ep < 1 or etp < 1:
         raise ValueError(f"parallel.ep={ep} and parallel.etp={etp} must be >= 1")
-    spec = moe_spec(cfg)
+    arch = ModelArch.from_hf(arch)  # transitional: tests pass config dicts
+    spec = arch.moe
     if spec is None:
         if ep != 1 or etp != tp:
             raise ValueError(f"parallel.ep={ep} / parallel.etp={etp} need a mixture-of-experts model; "
-                             f"{model_family(cfg)} is dense (use ep=1 and leave etp unset)")
+                             f"{arch.family} is dense (use ep=1 and leave etp unset)")
         return
     if spec.num_experts % ep:
         raise ValueError(f"parallel.ep={ep} must divide num_experts={spec.num_experts}; valid: "
                          f"{', '.join(str(d) for d in range(1, spec.num_experts + 1) if spec.num_experts % d == 0)}")
     if spec.ffn_hidden_size % etp:
         raise ValueError(f"parallel.etp={etp} must divide moe_intermediate_size={spec.ffn_hidden_size}")
-
-
-def _transformer_engine_installed() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
-
-
-def transformer_engine_on_cuda() -> bool:
-    """The model runs on CUDA with Transformer Engine: the compute device is CUDA and TE imports (the
-    condition under which ``models.provider`` builds the TE layer spec; the start-up checks refuse CUDA
-    without TE)."""
-    from rao_megatron.parallel.device import compute_device
-
-    return _transformer_engine_installed() and compute_device().type == "cuda"
 
 
 def _apex_wgrad_fusion_installed() -> bool:
@@ -237,31 +356,20 @@ def fusion_settings(te_on_cuda: bool, apex_wgrad_fusion: bool = False) -> dict[s
     )
 
 
-def transformer_config_from_hf(hf_config: Any, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
+def transformer_config_from_hf(arch: ModelArch, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
                                ep: int = 1, etp: int | None = None,
                                params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
                                fused: bool | None = None, **overrides: Any) -> TransformerConfig:
-    """Megatron ``TransformerConfig`` for an HF Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE config at the given layout.
+    """Megatron ``TransformerConfig`` for a Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE architecture at the given layout.
 
     ``ep`` / ``etp``: expert parallel and expert tensor parallel sizes (MoE only; ``etp`` None = ``tp``).
     ``fused``: Megatron's fused kernels (:func:`fusion_settings`); None = on when the model runs on CUDA
-    with Transformer Engine (:func:`transformer_engine_on_cuda`).
+    with Transformer Engine (``parallel.device.transformer_engine_on_cuda``; ``models.provider`` passes whether
+    it builds the TE spec).
     ``overrides`` are passed to ``TransformerConfig`` last (e.g. ``recompute_granularity``).
     """
-    cfg = hf_config_to_dict(hf_config)
-    family = model_family(cfg)
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act={cfg['hidden_act']!r} is not supported (SwiGLU with silu only)")
-    if family != "qwen2" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
-        raise ValueError(f"{family} configs with attention_bias/mlp_bias are not supported")
-    if family in QK_NORM_FAMILIES and cfg.get("use_sliding_window"):
-        raise ValueError(f"{family} configs with use_sliding_window=true are not supported (full causal attention)")
-    rope_spec(cfg)  # rejects unsupported rope types early
-    # Mistral v0.1's sliding_window (4096) is not mapped: attention is fully causal, which is the same
-    # as long as sequences are no longer than the window.
-    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
-    groups = cfg.get("num_key_value_heads") or heads
-    layers = cfg["num_hidden_layers"]
+    arch = ModelArch.from_hf(arch)  # transitional (tests pass transformers configs); checks live there
+    heads, groups, layers = arch.dims.num_heads, arch.dims.num_query_groups, arch.num_layers
     _check_divisible("num_attention_heads", heads, "tp", tp)
     _check_divisible("num_key_value_heads (query groups)", groups, "tp", tp)
     _check_divisible("num_attention_heads", heads, "num_key_value_heads", groups)
@@ -273,24 +381,24 @@ def transformer_config_from_hf(hf_config: Any, *, tp: int = 1, pp: int = 1, vpp:
         _check_divisible("num_hidden_layers", layers, "pp*vpp", pp * vpp)
     if sequence_parallel and tp == 1:
         raise ValueError("sequence_parallel needs tp > 1 (it splits the sequence over the TP group)")
-    check_expert_layout(cfg, tp=tp, ep=ep, etp=etp)
+    check_expert_layout(arch, tp=tp, ep=ep, etp=etp)
     on_gpu = torch.cuda.is_available()
     kwargs: dict[str, Any] = dict(
         num_layers=layers,
-        hidden_size=hidden,
-        ffn_hidden_size=cfg["intermediate_size"],
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
         num_attention_heads=heads,
         num_query_groups=groups,
-        kv_channels=cfg.get("head_dim") or hidden // heads,
+        kv_channels=arch.dims.head_dim,
         normalization="RMSNorm",
-        layernorm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+        layernorm_epsilon=arch.rms_norm_eps,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=family == "qwen2",
+        add_qkv_bias=arch.qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        init_method_std=float(cfg.get("initializer_range", 0.02)),
+        init_method_std=arch.initializer_range,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -300,13 +408,12 @@ def transformer_config_from_hf(hf_config: Any, *, tp: int = 1, pp: int = 1, vpp:
         virtual_pipeline_model_parallel_size=vpp,
         sequence_parallel=sequence_parallel,
         use_cpu_initialization=not on_gpu,
-        qk_layernorm=family in QK_NORM_FAMILIES,
+        qk_layernorm=arch.qk_layernorm,
     )
     fused = transformer_engine_on_cuda() if fused is None else fused
     kwargs.update(fusion_settings(fused, fused and _apex_wgrad_fusion_installed()))
-    moe = moe_spec(cfg)
-    if moe is not None:
-        kwargs.update(_moe_kwargs(moe, ep=ep, etp=tp if etp is None else etp, on_gpu=on_gpu))
+    if arch.moe is not None:
+        kwargs.update(_moe_kwargs(arch.moe, ep=ep, etp=tp if etp is None else etp, on_gpu=on_gpu))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 

@@ -14,66 +14,13 @@ also what transformers 4.x holds in memory; transformers 5 fuses the experts in 
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from rao_megatron.models.hf_config import (
-    MOE_FAMILIES,
-    hf_config_to_dict,
-    model_family,
-    num_experts,
-    padded_vocab_size,
-)
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The sizes the mappings need, plus this rank's place in the TP group."""
-
-    num_heads: int
-    num_query_groups: int
-    head_dim: int
-    vocab_size: int
-    tp_size: int = 1
-    tp_rank: int = 0
-    num_experts: int = 0  # routed experts per layer (0: dense)
-    ep_size: int = 1  # expert parallel: each rank holds num_experts / ep_size experts
-    ep_rank: int = 0
-    etp_size: int = 1  # expert tensor parallel: each expert's weights are split this many ways
-    etp_rank: int = 0
-
-    @property
-    def padded_vocab_size(self) -> int:
-        return padded_vocab_size(self.vocab_size, self.tp_size)
-
-    @property
-    def num_local_experts(self) -> int:
-        return self.num_experts // self.ep_size
-
-    def global_expert(self, local: int) -> int:
-        """The HF (global) index of this EP rank's local expert ``local``."""
-        return self.ep_rank * self.num_local_experts + local
-
-    def for_experts(self) -> ModelDims:
-        """The dims an expert weight is sharded by: the expert tensor-parallel group in place of TP."""
-        return dataclasses.replace(self, tp_size=self.etp_size, tp_rank=self.etp_rank)
-
-    @classmethod
-    def from_hf(cls, hf_config: Any, tp_size: int = 1, tp_rank: int = 0, *, ep_size: int = 1, ep_rank: int = 0,
-                etp_size: int | None = None, etp_rank: int = 0) -> ModelDims:
-        cfg = hf_config_to_dict(hf_config)
-        heads = cfg["num_attention_heads"]
-        experts = num_experts(cfg) if model_family(cfg) in MOE_FAMILIES else 0
-        return cls(num_heads=heads, num_query_groups=cfg.get("num_key_value_heads") or heads,
-                   head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                   vocab_size=cfg["vocab_size"], tp_size=tp_size, tp_rank=tp_rank, num_experts=experts,
-                   ep_size=ep_size, ep_rank=ep_rank, etp_size=tp_size if etp_size is None else etp_size,
-                   etp_rank=tp_rank if etp_size is None else etp_rank)
+from rao_megatron.models.hf_config import ModelArch, ModelDims
 
 
 @dataclass(frozen=True)
@@ -272,11 +219,10 @@ FAMILY_MAPPINGS = {"llama": llama_mappings, "qwen2": qwen2_mappings, "qwen3": qw
                    "qwen3_moe": qwen3_moe_mappings}
 
 
-def mappings_for(hf_config: Any, reward_head: bool = False) -> list[ParamMapping]:
-    """The mapping table for an HF config's family."""
-    cfg = hf_config_to_dict(hf_config)
-    tied = bool(cfg.get("tie_word_embeddings", False)) and not reward_head
-    return FAMILY_MAPPINGS[model_family(cfg)](tied, reward_head)
+def mappings_for(arch: ModelArch, reward_head: bool = False) -> list[ParamMapping]:
+    """The mapping table for an architecture's family."""
+    arch = ModelArch.from_hf(arch)  # transitional: tests pass transformers configs and dicts
+    return FAMILY_MAPPINGS[arch.family](arch.tie_word_embeddings and not reward_head, reward_head)
 
 
 # transformers 5 keeps a MoE layer's experts fused in memory; checkpoint files hold them per expert

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from rao_megatron.models.hf_config import ModelArch
 from rao_megatron.models.hf_mappings import ModelDims, ParamMapping, hf_checkpoint_layout, mappings_for
 from rao_megatron.models.provider import as_chunks
 from rao_megatron.models.reward import ScalarHead
@@ -42,14 +43,13 @@ def _match(name: str, table: list[tuple[Any, ParamMapping]]
     return None
 
 
-def rank_dims(hf_config: Any) -> ModelDims:
+def rank_dims(arch: ModelArch) -> ModelDims:
     """The model's sizes and this rank's place in the TP, EP and expert-TP groups."""
-    return ModelDims.from_hf(hf_config, ps.get_tensor_model_parallel_world_size(),
-                             ps.get_tensor_model_parallel_rank(),
-                             ep_size=ps.get_expert_model_parallel_world_size(),
-                             ep_rank=ps.get_expert_model_parallel_rank(),
-                             etp_size=ps.get_expert_tensor_parallel_world_size(),
-                             etp_rank=ps.get_expert_tensor_parallel_rank())
+    return arch.dims.placed(ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(),
+                            ep_size=ps.get_expert_model_parallel_world_size(),
+                            ep_rank=ps.get_expert_model_parallel_rank(),
+                            etp_size=ps.get_expert_tensor_parallel_world_size(),
+                            etp_rank=ps.get_expert_tensor_parallel_rank())
 
 
 def iter_mapped_params(chunks: list[torch.nn.Module], mappings: list[ParamMapping], dims: ModelDims | None = None,
@@ -71,7 +71,7 @@ def iter_mapped_params(chunks: list[torch.nn.Module], mappings: list[ParamMappin
 
 @torch.no_grad()
 def load_hf_state_dict_into_megatron(model_or_chunks: Any, hf_state_dict: Mapping[str, torch.Tensor],
-                                     hf_config: Any) -> list[str]:
+                                     arch: ModelArch) -> list[str]:
     """Copy this rank's shards (TP slice, this stage's layers) of an HF state dict into the model.
 
     Returns the names of Megatron parameters left at their init because an optional HF tensor was
@@ -79,10 +79,11 @@ def load_hf_state_dict_into_megatron(model_or_chunks: Any, hf_state_dict: Mappin
     in-memory state dict with fused experts is read per expert (:func:`hf_checkpoint_layout`).
     """
     chunks = as_chunks(model_or_chunks)
-    dims = rank_dims(hf_config)
+    arch = ModelArch.from_hf(arch)  # transitional: tests pass transformers configs
+    dims = rank_dims(arch)
     hf_state_dict = hf_checkpoint_layout(hf_state_dict)
     kept_init = []
-    table = mappings_for(hf_config, _is_reward_model(chunks))
+    table = mappings_for(arch, _is_reward_model(chunks))
     for name, param, mapping, layer, expert in iter_mapped_params(chunks, table, dims):
         hf_names = mapping.hf_names(layer, expert)
         missing = [n for n in hf_names if n not in hf_state_dict]
@@ -111,7 +112,7 @@ def _gather_tp(tensor: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def megatron_to_hf_shard(model_or_chunks: Any, hf_config: Any) -> dict[str, torch.Tensor]:
+def megatron_to_hf_shard(model_or_chunks: Any, arch: ModelArch) -> dict[str, torch.Tensor]:
     """HF tensors (full, TP-gathered, on CPU) for the layers and modules of this PP stage.
 
     Collective over the TP group (and, for MoE, the expert TP and expert-parallel groups): every rank of
@@ -119,11 +120,12 @@ def megatron_to_hf_shard(model_or_chunks: Any, hf_config: Any) -> dict[str, torc
     """
     chunks = as_chunks(model_or_chunks)
     reward = _is_reward_model(chunks)
-    dims = rank_dims(hf_config)
+    arch = ModelArch.from_hf(arch)  # transitional: tests pass transformers configs
+    dims = rank_dims(arch)
     tied = any(getattr(c, "share_embeddings_and_output_weights", False) for c in chunks)
     out: dict[str, torch.Tensor] = {}
     experts: dict[str, torch.Tensor] = {}  # this EP rank's experts, ETP-gathered
-    for name, param, mapping, layer, expert in iter_mapped_params(chunks, mappings_for(hf_config, reward), dims):
+    for name, param, mapping, layer, expert in iter_mapped_params(chunks, mappings_for(arch, reward), dims):
         if tied and name == "output_layer.weight":
             continue  # the last stage's copy of the tied embedding; the first stage exports it
         if mapping.is_expert:
@@ -141,13 +143,13 @@ def megatron_to_hf_shard(model_or_chunks: Any, hf_config: Any) -> dict[str, torc
     return out
 
 
-def megatron_to_hf_state_dict(model_or_chunks: Any, hf_config: Any) -> dict[str, torch.Tensor]:
+def megatron_to_hf_state_dict(model_or_chunks: Any, arch: ModelArch) -> dict[str, torch.Tensor]:
     """The full HF state dict on every rank (TP all-gather, then PP merge). For tied models no ``lm_head``.
 
     Collective over the TP and PP groups. Holds the whole model in CPU memory on every rank: fine for
     small models and tests; large exports should write per-stage shards instead.
     """
-    local = megatron_to_hf_shard(model_or_chunks, hf_config)
+    local = megatron_to_hf_shard(model_or_chunks, arch)
     group = ps.get_pipeline_model_parallel_group()
     if dist.get_world_size(group) == 1:
         return local

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import types
 from typing import Any
 
@@ -15,28 +14,25 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from rao_megatron.models.hf_config import (
-    hf_config_to_dict,
+    ModelArch,
     llama3_inv_freq,
     padded_vocab_size,
-    rope_spec,
     transformer_config_from_hf,
 )
 from rao_megatron.parallel.compat import moe_router_gemm_without_te
-
-
-def te_usable() -> bool:
-    """Transformer Engine layers can be used: TE importable and a CUDA device present."""
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+from rao_megatron.parallel.device import transformer_engine_on_cuda
+from rao_megatron.parallel.state import is_first_stage, is_last_stage
 
 
 def layer_spec(config: TransformerConfig, use_te: bool | None = None) -> Any:
-    """TE layer spec on GPU with TE, else the local (pure PyTorch) spec; same parameters either way.
+    """TE layer spec on CUDA with TE (``use_te`` None: :func:`~rao_megatron.parallel.device.transformer_engine_on_cuda`),
+    else the local (pure PyTorch) spec; same parameters either way.
 
     MoE (``num_moe_experts``): TE's grouped-GEMM experts with TE when ``config.moe_grouped_gemm``, else
     one local MLP per expert (``SequentialMLP``); q/k norms with ``config.qk_layernorm`` (Qwen3).
     """
     if use_te is None:
-        use_te = te_usable()
+        use_te = transformer_engine_on_cuda()
     moe = {"num_experts": config.num_moe_experts, "qk_layernorm": config.qk_layernorm}
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -65,12 +61,8 @@ def as_chunks(model_or_chunks: Any) -> list[torch.nn.Module]:
 
 def _stage_flags(pre_process: bool | None, post_process: bool | None,
                  vp_stage: int | None) -> tuple[bool, bool]:
-    ignore_virtual = vp_stage is None
-    kwargs = {} if ignore_virtual else {"ignore_virtual": False, "vp_stage": vp_stage}
-    if pre_process is None:
-        pre_process = ps.is_pipeline_first_stage(**kwargs)
-    if post_process is None:
-        post_process = ps.is_pipeline_last_stage(**kwargs)
+    pre_process = is_first_stage(vp_stage) if pre_process is None else pre_process
+    post_process = is_last_stage(vp_stage) if post_process is None else post_process
     return pre_process, post_process
 
 
@@ -105,37 +97,37 @@ def set_moe_aux_loss_coeff(model_or_chunks: Any, coeff: float) -> None:
             chunk.config.moe_aux_loss_coeff = float(coeff)
 
 
-def build_gpt_model(hf_config: Any, *, config: TransformerConfig | None = None,
+def build_gpt_model(arch: ModelArch, *, config: TransformerConfig | None = None,
                     pre_process: bool | None = None, post_process: bool | None = None,
                     vp_stage: int | None = None, use_te: bool | None = None,
                     params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
                     share_embeddings_and_output_weights: bool | None = None) -> GPTModel:
-    """This rank's ``GPTModel`` (chunk ``vp_stage``) for an HF config; TP/PP/VPP from ``parallel_state``.
+    """This rank's ``GPTModel`` (chunk ``vp_stage``) for an architecture; TP/PP/VPP from ``parallel_state``.
 
-    ``config`` overrides the TransformerConfig derived from ``hf_config`` and the current parallel layout.
+    ``config`` overrides the TransformerConfig derived from ``arch`` and the current parallel layout. (A
+    ``transformers`` config, dict or path is parsed first, :meth:`ModelArch.from_hf`: what tests pass.)
     ``sequence_parallel`` needs TP > 1 and the Transformer Engine spec (the local spec's torch norms
     cannot split the sequence); it is refused otherwise rather than silently dropped.
     """
-    cfg = hf_config_to_dict(hf_config)
+    arch = ModelArch.from_hf(arch)  # transitional: tests pass transformers configs
     tp = ps.get_tensor_model_parallel_world_size()
     if use_te is None:
-        use_te = te_usable()
-    if config is None:
+        use_te = transformer_engine_on_cuda()
+    if config is None:  # Megatron's fused kernels with the TE spec only (a local-spec model on CUDA: none)
         config = transformer_config_from_hf(
-            cfg, tp=tp, pp=ps.get_pipeline_model_parallel_world_size(),
+            arch, tp=tp, pp=ps.get_pipeline_model_parallel_world_size(),
             vpp=ps.get_virtual_pipeline_model_parallel_world_size(), params_dtype=params_dtype,
             sequence_parallel=sequence_parallel, ep=ps.get_expert_model_parallel_world_size(),
-            etp=ps.get_expert_tensor_parallel_world_size())
+            etp=ps.get_expert_tensor_parallel_world_size(), fused=use_te)
     if config.num_moe_experts:
         prepare_moe(config, use_te)
     if config.sequence_parallel and not use_te:
         raise ValueError("sequence parallelism needs the Transformer Engine layer spec (CUDA with "
                          "transformer_engine installed: pip install -e '.[gpu]'); set parallel.sequence_parallel=false")
     pre_process, post_process = _stage_flags(pre_process, post_process, vp_stage)
-    rope = rope_spec(cfg)
-    tie = bool(cfg.get("tie_word_embeddings", False))
-    if share_embeddings_and_output_weights is not None:
-        tie = share_embeddings_and_output_weights
+    rope = arch.rope
+    tie = arch.tie_word_embeddings if share_embeddings_and_output_weights is None else \
+        share_embeddings_and_output_weights
     # Newer GPTModel versions read these from the config when it has such fields (NeMo-style configs).
     for attr, value in (("position_embedding_type", "rope"), ("rotary_base", rope.theta)):
         if hasattr(config, attr):
@@ -146,8 +138,8 @@ def build_gpt_model(hf_config: Any, *, config: TransformerConfig | None = None,
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(config, use_te),
-        vocab_size=padded_vocab_size(cfg["vocab_size"], tp),
-        max_sequence_length=cfg.get("max_position_embeddings", 4096),
+        vocab_size=padded_vocab_size(arch.vocab_size, tp),
+        max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=tie,

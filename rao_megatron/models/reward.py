@@ -9,6 +9,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
+from rao_megatron.models.hf_config import ModelArch
 from rao_megatron.models.provider import build_gpt_model
 from rao_megatron.parallel.device import compute_device
 
@@ -43,13 +44,13 @@ class ScalarHead(torch.nn.Module):
         return torch.nn.functional.linear(hidden, self.weight, self.bias), None
 
 
-def build_reward_model(hf_config: Any, *, pre_process: bool | None = None, post_process: bool | None = None,
+def build_reward_model(arch: ModelArch, *, pre_process: bool | None = None, post_process: bool | None = None,
                        vp_stage: int | None = None, use_te: bool | None = None,
                        params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
                        head_bias: bool = False,
                        head_init_std: float | None = None, head_seed: int = 0, **kwargs: Any) -> GPTModel:
     """A ``GPTModel`` whose last stage outputs one value per token, ``[B, S, 1]``, from a ``ScalarHead``."""
-    model = build_gpt_model(hf_config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+    model = build_gpt_model(arch, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
                             use_te=use_te, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
                             share_embeddings_and_output_weights=False, **kwargs)
     if model.post_process:

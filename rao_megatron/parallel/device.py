@@ -9,6 +9,7 @@ NCCL always gets CUDA tensors and gloo CPU ones.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,6 +27,22 @@ def compute_device() -> torch.device:
     if torch.cuda.is_available() and not cpu_patches_applied():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def transformer_engine_installed() -> bool:
+    """``transformer_engine`` can be imported here (looked up, not imported)."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def transformer_engine_on_cuda() -> bool:
+    """Models here run Transformer Engine layers: the compute device is CUDA and TE imports.
+
+    The one condition behind the TE layer spec (``models.provider``), Megatron's fused kernels
+    (``models.hf_config.fusion_settings``) and packed micro-batches as THD sequences
+    (``parallel.startup.check_packing_dtype``); the start-up checks refuse CUDA without TE
+    (``parallel.startup.check_device``). On the CPU the local spec runs, with an explicit attention mask.
+    """
+    return transformer_engine_installed() and compute_device().type == "cuda"  # without TE, CUDA is not asked
 
 
 def force_compute_device(device: torch.device | str | None) -> None:

@@ -1,17 +1,20 @@
-"""Process start-up: the process group (torchrun or a 1-rank one), device checks, Megatron's TP/PP/DP/EP layout."""
+"""Process start-up: the process group (torchrun or a 1-rank one), device checks, then Megatron's TP/PP/DP/EP
+layout (``parallel.state``, the lower module: it never starts a process group)."""
 
 from __future__ import annotations
 
-import math
 import os
+import sys
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from rao_megatron.config import Config, ConfigError
+from rao_megatron.config import ConfigError, ParallelConfig
+from rao_megatron.parallel.device import transformer_engine_installed, transformer_engine_on_cuda
 from rao_megatron.parallel.launch import free_port
+from rao_megatron.parallel.state import check_world, initialize_model_parallel
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0, device: str = "auto") -> None:
@@ -40,9 +43,6 @@ def check_device(device: str = "auto") -> None:
     interpreter. On CUDA the Transformer Engine spec is required (the local spec's torch norms are not
     built for CUDA / bf16 by Megatron; a silent fallback would fail at the first forward).
     """
-    import importlib.util
-    import sys
-
     cuda = torch.cuda.is_available()
     if device == "cuda" and not cuda:
         if torch.version.cuda is None:
@@ -55,49 +55,26 @@ def check_device(device: str = "auto") -> None:
     if device == "cpu" and cuda:
         raise ConfigError("config key 'parallel.device' is cpu, but this process sees CUDA devices; hide them "
                           "with CUDA_VISIBLE_DEVICES= (the sbatch scripts do with DEVICE=cpu)")
-    if cuda and importlib.util.find_spec("transformer_engine") is None:
+    if cuda and not transformer_engine_installed():
         raise ConfigError(f"CUDA run without Transformer Engine: {sys.executable} cannot import transformer_engine; "
                           "install it (pip install -e '.[gpu]', or use an NGC PyTorch container)")
 
 
-def thd_attention() -> bool:
-    """Packed micro-batches run as Transformer Engine's THD sequences: the TE layer spec on CUDA (compute
-    device CUDA and TE importable, as ``models.provider.te_usable``); the CPU's local spec takes a mask."""
-    import importlib.util
-
-    from rao_megatron.parallel.device import compute_device
-
-    return compute_device().type == "cuda" and importlib.util.find_spec("transformer_engine") is not None
-
-
-def check_packing_dtype(cfg: Config, thd: bool | None = None) -> None:
-    """Packed batches on CUDA need bf16: TE's THD attention runs on its flash or fused backends, which take
-    bf16/fp16 only, and its unfused (fp32) backend does not take THD -- an fp32 packed run would stop at
-    the first forward with "No dot product attention backend is available". ``thd``: None = :func:`thd_attention`.
+def check_packing_dtype(packing: bool, dtype: str, thd: bool | None = None) -> None:
+    """Packed batches on CUDA need bf16 (``data.packing``, ``model.dtype``): TE's THD attention runs on its
+    flash or fused backends, which take bf16/fp16 only, and its unfused (fp32) backend does not take THD -- an
+    fp32 packed run would stop at the first forward with "No dot product attention backend is available".
+    ``thd``: whether packed micro-batches run as THD sequences; None = TE on CUDA
+    (``parallel.device.transformer_engine_on_cuda``; the CPU's local spec takes a mask).
 
     Refused rather than padded instead: padding changes the micro-batch layout, the throughput and what
     ``data.micro_batch_tokens`` means, which the config should say, not the device.
     """
-    thd = thd_attention() if thd is None else thd
-    if thd and cfg.data.packing and cfg.model.dtype == "fp32":
+    thd = transformer_engine_on_cuda() if thd is None else thd
+    if thd and packing and dtype == "fp32":
         raise ConfigError("data.packing=true on CUDA runs Transformer Engine's THD attention, which needs "
                           "model.dtype=bf16 (its fp32 attention takes no packed sequences); set model.dtype=bf16 "
                           "or data.packing=false")
-
-
-def check_layout(cfg: Config) -> None:
-    """World size must be a multiple of TP × PP and of ETP × EP × PP (Megatron's attention and expert
-    layouts tile the same ranks): say so before Megatron does, in the config's words."""
-    world = dist.get_world_size()
-    tp, pp, ep = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep
-    etp = tp if cfg.parallel.etp is None else cfg.parallel.etp
-    if world % (tp * pp):
-        raise ConfigError(f"world size {world} is not divisible by parallel.tp × parallel.pp = {tp} × {pp}; "
-                          f"launch a multiple of {tp * pp} processes (torchrun --nproc-per-node)")
-    if world % (etp * ep * pp):
-        raise ConfigError(f"world size {world} is not divisible by parallel.etp × parallel.ep × parallel.pp = "
-                          f"{etp} × {ep} × {pp}; expert parallelism takes its ranks from data parallelism: "
-                          f"launch a multiple of {pp * math.lcm(tp, etp * ep)} processes")
 
 
 def is_rank0() -> bool:
@@ -110,12 +87,10 @@ def log0(*args: Any) -> None:
         print(*args, flush=True)
 
 
-def start(cfg: Config) -> None:
-    """Process groups and Megatron's TP/PP/DP layout for this run."""
-    from rao_megatron.parallel.state import initialize_model_parallel
-
-    init_distributed(cfg.parallel.backend, device=cfg.parallel.device)
-    check_packing_dtype(cfg)
-    check_layout(cfg)
-    initialize_model_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp, seed=cfg.train.seed,
-                              ep=cfg.parallel.ep, etp=cfg.parallel.etp)
+def start(parallel: ParallelConfig, *, seed: int) -> None:
+    """Process group (checked against ``parallel.device``) and Megatron's TP/PP/DP/EP layout for this run;
+    ``seed``: the model-init seed (``train.seed``). The layout is checked in the config's words first."""
+    init_distributed(parallel.backend, device=parallel.device)
+    check_world(dist.get_world_size(), parallel.tp, parallel.pp, parallel.ep, parallel.etp, error=ConfigError)
+    initialize_model_parallel(tp=parallel.tp, pp=parallel.pp, vpp=parallel.vpp, seed=seed, ep=parallel.ep,
+                              etp=parallel.etp)

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import torch.distributed as dist
 
+from rao_megatron.config import guarded_write
 from rao_megatron.data.formats import FORMATS, detect_format
 
 from .rows import ParsedRow, Rejection, count_input_rows, iter_input, output_row, parse_input_row
@@ -272,16 +273,18 @@ def annotate(data: str, out: str | os.PathLike, scorer: Scorer, *, format: str |
                 break
             results = scorer.score(chunk)
             if prog is not None:
-                _write_chunk(paths, chunk, results, fmt or "group", str(data), summary)
-                prog.data.update(rows_done=chunk[-1].index + 1, format=fmt, summary=dataclasses.asdict(summary))
-                prog.save(paths)
+                with guarded_write(paths["partial"], "annotation output"):  # kept: a rerun resumes it
+                    _write_chunk(paths, chunk, results, fmt or "group", str(data), summary)
+                    prog.data.update(rows_done=chunk[-1].index + 1, format=fmt, summary=dataclasses.asdict(summary))
+                    prog.save(paths)
             done_now += len(chunk)
             bar.update(len(chunk))
     finally:
         bar.close()
     summary.finished = exhausted
     if prog is not None and exhausted:
-        _finish(paths, summary)
+        with guarded_write(paths["out"], "annotation output", partial=Path(f"{paths['out']}.tmp")):
+            _finish(paths, summary)
     if exhausted:  # every rank learns whether anything was kept (rank 0 counted)
         read, kept, first = _broadcast((summary.rows_read, summary.rows_kept, summary.first_rejection))
         if read and not kept:

@@ -106,13 +106,14 @@ class ModelScorer:
                  tokenizer: str | None = None, packing: bool = True) -> None:
         from transformers import AutoConfig
 
-        from rao_megatron.data.tokenizer import load_tokenizer
+        from rao_megatron.data.tokenizer import load_tokenizer, pad_id
         from rao_megatron.models.checkpoint import (
             checkpoint_tokenizer,
             load_model_checkpoint,
             read_checkpoint_meta,
             resolve_checkpoint,
         )
+        from rao_megatron.models.hf_config import ModelArch
         from rao_megatron.training.engine import build_model_chunks
 
         path = find_model_checkpoint(checkpoint)
@@ -125,12 +126,12 @@ class ModelScorer:
         self.tokenizer = load_tokenizer(tokenizer or checkpoint_tokenizer(path))
         # the dtype the checkpoint was trained in (fp32 for converted and older checkpoints)
         dtype = torch.bfloat16 if meta.get("dtype") == "bf16" else torch.float32
-        self.chunks = build_model_chunks(AutoConfig.for_model(**meta["hf_config"]), task="rm", wrap_ddp=False,
-                                         params_dtype=dtype)
+        arch = ModelArch.from_hf(AutoConfig.for_model(**meta["hf_config"]))
+        self.chunks = build_model_chunks(arch, task="rm", wrap_ddp=False, params_dtype=dtype)
         load_model_checkpoint(self.chunks, path)
         self.batch_size, self.max_length = batch_size, max_length
         self.packing = packing and packs(self.chunks[0], dtype)
-        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad = pad_id(self.tokenizer)
         self.fingerprint = f"model:{Path(resolve_checkpoint(path)).resolve()}:max_length={max_length}"
         self.writes = not dist.is_initialized() or dist.get_rank() == 0
 
@@ -149,12 +150,14 @@ class ModelScorer:
         """Scores of every response of every row (all ranks call this with the same rows)."""
         from megatron.core import parallel_state as ps
 
+        from rao_megatron.parallel.state import is_last_stage
+
         tokenized = [r.rejection if r.rejection is not None else self._tokenize(r) for r in rows]
         seqs = [(i, t[0], y) for i, t in enumerate(tokenized) if not isinstance(t, Rejection) for y in t[1]]
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         mine = list(range(dp_rank, len(seqs), dp))
         local = self._forward([seqs[k] for k in mine])
-        keep = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+        keep = is_last_stage() and ps.get_tensor_model_parallel_rank() == 0
         parts: list[Any] = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
         if dist.is_initialized():
             dist.all_gather_object(parts, (mine, local) if keep else None)
@@ -254,12 +257,9 @@ def start_model_scorer(reward_model: str | os.PathLike, *, tp: int = 1, pp: int 
     """A :class:`ModelScorer` on a fresh model-parallel layout: joins (or starts) the process group, splits
     it TP × PP (× DP with the rest), then loads the checkpoint; every rank calls this."""
     from rao_megatron.parallel.startup import init_distributed
-    from rao_megatron.parallel.state import initialize_model_parallel
+    from rao_megatron.parallel.state import check_world, initialize_model_parallel
 
     init_distributed()
-    world = dist.get_world_size()
-    if tp < 1 or pp < 1 or world % (tp * pp):
-        raise ValueError(f"world size {world} is not divisible by --tp × --pp = {tp} × {pp}; launch a "
-                         f"multiple of {tp * pp} processes (torchrun --nproc-per-node)")
+    check_world(dist.get_world_size(), tp, pp, keys="--")
     initialize_model_parallel(tp=tp, pp=pp)
     return ModelScorer(reward_model, batch_size=batch_size, max_length=max_length, tokenizer=tokenizer)

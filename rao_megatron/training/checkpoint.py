@@ -2,6 +2,10 @@
 
 A training checkpoint directory is also a model checkpoint (:mod:`rao_megatron.models.checkpoint`):
 ``rao_model.json`` beside the sharded files, so ``model.init_checkpoint`` and the converters read it.
+
+``train_state.json`` records what the run that wrote it trains (:func:`run_identity`: task, loss and its
+settings, initial model; the data stream's own state adds global batch, data seed and data fingerprint);
+:func:`check_run` refuses to resume another run's checkpoint unless ``checkpoint.allow_changed_run``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from rao_megatron.config import ConfigError, LossConfig, guarded_write
+from rao_megatron.losses import get_loss
 from rao_megatron.models.checkpoint import (
     LATEST,
     META_FILE,
@@ -31,6 +37,7 @@ TRAIN_STATE = "train_state.json"
 MANIFEST = "manifest.json"
 RNG_DIR = "rng"
 STEP_PREFIX = "step_"
+RUN = "run"  #: train_state.json: what the run that wrote the checkpoint trains (:func:`run_identity`)
 
 
 class CheckpointError(ValueError):
@@ -193,32 +200,37 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, chunks: Any, op
     root = Path(root)
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
+    # a full disk: one line naming the checkpoint and the cause; the .tmp goes, `latest` and the last good one stay
+    with guarded_write(final, "checkpoint", partial=tmp if is_global_rank0() else None):
+        if is_global_rank0():
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)  # empty: dist_checkpointing warns about "corrupted" content otherwise
+        barrier()
+        metadata = _optimizer_metadata(optimizer)
+        dist_checkpointing.save(_training_sharded_state_dict(chunks, optimizer, False, metadata), str(tmp),
+                                content_metadata=metadata,
+                                preprocess_common_before_consistancy_check=_common_state_to_compare)
+        if is_global_rank0():
+            (tmp / RNG_DIR).mkdir()
+        barrier()
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        torch.save(_rng_state(), tmp / RNG_DIR / f"rank_{rank:05d}.pt")
+        barrier()
+        if is_global_rank0():
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            (tmp / TRAIN_STATE).write_text(json.dumps({**train_state, "world_size": world}, indent=2,
+                                                      sort_keys=True))
+            _write_manifest(tmp)
     if is_global_rank0():
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)  # empty: dist_checkpointing warns about "corrupted" content otherwise
-    barrier()
-    metadata = _optimizer_metadata(optimizer)
-    dist_checkpointing.save(_training_sharded_state_dict(chunks, optimizer, False, metadata), str(tmp),
-                            content_metadata=metadata,
-                            preprocess_common_before_consistancy_check=_common_state_to_compare)
-    if is_global_rank0():
-        (tmp / RNG_DIR).mkdir()
-    barrier()
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    torch.save(_rng_state(), tmp / RNG_DIR / f"rank_{rank:05d}.pt")
-    barrier()
-    if is_global_rank0():
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        (tmp / TRAIN_STATE).write_text(json.dumps({**train_state, "world_size": world}, indent=2, sort_keys=True))
-        _write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         pointer = root / (LATEST + ".tmp")
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / LATEST)
+        with guarded_write(root / LATEST, "checkpoint pointer", partial=pointer):
+            pointer.write_text(final.name + "\n")
+            os.replace(pointer, root / LATEST)
         for old in sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp")
                           )[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -238,6 +250,108 @@ def find_resume_checkpoint(root: str | os.PathLike, warn: Any = print) -> Path |
             return d
         warn(f"warning: skipping checkpoint {d}: {problem}; trying the previous one")
     return None
+
+
+def delete_checkpoints(root: str | os.PathLike) -> int:
+    """Remove every checkpoint under ``root`` (complete or not) and ``latest``; returns how many went."""
+    root = Path(root)
+    steps = [p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir()] if root.is_dir() else []
+    for p in steps:
+        shutil.rmtree(p)
+    (root / LATEST).unlink(missing_ok=True)
+    return len(steps)
+
+
+def loss_identity(loss: LossConfig) -> dict[str, Any]:
+    """The loss and each setting of it that changes the objective: its name, its hyper-parameters (the
+    loss's own defaults where unset) and, for a loss that reads rewards, ``reward_normalization``. Not the
+    reward statistics: they come from the data (a resumed run keeps the checkpoint's)."""
+    spec = get_loss(loss.name)
+    identity = {"name": loss.name, **spec.defaults, **loss.hparams()}
+    if spec.needs_rewards:
+        identity["reward_normalization"] = loss.reward_normalization
+    return identity
+
+
+def run_identity(task: str, loss: LossConfig, model: tuple[str, str]) -> dict[str, Any]:
+    """What a training checkpoint records of the run that wrote it (:data:`RUN`): ``train.task``,
+    :func:`loss_identity` and the initial model's ``(id, source)``. Global batch, data seed and data
+    fingerprint are the data stream's own state (``GroupBatcher.state_dict``). JSON values, as read back."""
+    return json.loads(json.dumps({"task": task, "loss": loss_identity(loss),
+                                  "model": {"id": model[0], "source": model[1]}}))
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is None else str(value)
+
+
+def run_changes(saved: dict[str, Any], identity: dict[str, Any], data: dict[str, Any]) -> list[tuple[str, str]]:
+    """How this run (``identity``, its batcher's state ``data``) differs from the one that wrote the train
+    state ``saved``, the most telling first: task, loss, loss settings, initial model, global batch, data
+    seed, data. Each ``(what, "what: X in the checkpoint, Y now")``. A checkpoint written before runs were
+    recorded (no :data:`RUN`) is compared on its data stream only."""
+    changes: list[tuple[str, str]] = []
+
+    def changed(what: str, then: Any, now: Any) -> None:
+        changes.append((what, f"{what}: {_shown(then)} in the checkpoint, {_shown(now)} now"))
+
+    run = saved.get(RUN)
+    if run is not None:
+        if run["task"] != identity["task"]:
+            changed("train.task", run["task"], identity["task"])
+        then, now = run["loss"], identity["loss"]
+        if then["name"] != now["name"]:
+            changed("loss.name", then["name"], now["name"])
+        else:  # the same loss: the settings that changed (another loss's settings are not comparable)
+            for key in sorted((then.keys() | now.keys()) - {"name"}):
+                if then.get(key) != now.get(key):
+                    changed(f"loss.{key}", then.get(key), now.get(key))
+        then, now = run["model"], identity["model"]
+        if then["id"] != now["id"]:
+            if then["source"] != now["source"]:
+                changed("initial model", then["source"], now["source"])
+            else:
+                changes.append(("initial model", f"initial model: {now['source']} holds other weights than when "
+                                                 f"the checkpoint was written (content {then['id'][:12]} then, "
+                                                 f"{now['id'][:12]} now)"))
+    stream = saved.get("data", {})
+    for key, what in (("global_batch_groups", "train.global_batch_groups"), ("seed", "data.seed")):
+        if key in stream and stream[key] != data[key]:
+            changed(what, stream[key], data[key])
+    if "fingerprint" in stream and stream["fingerprint"] != data["fingerprint"]:
+        changes.append(("training data", f"training data: other tokenized groups (data fingerprint "
+                                         f"{stream['fingerprint']} in the checkpoint, {data['fingerprint']} now)"))
+    return changes
+
+
+def check_run(path: Path, identity: dict[str, Any], data: dict[str, Any], *, chosen: bool, allow: bool,
+              note: Any = print) -> None:
+    """Refuse to resume ``path`` if another run wrote it (:func:`run_changes`): one line naming the first
+    change (checkpoint's value and this run's; the others by name) and the ways out. ``chosen``: the
+    checkpoint was named by ``checkpoint.resume`` (else found in ``train.output_dir``). ``allow``
+    (``checkpoint.allow_changed_run``): go on, printing every change."""
+    saved = json.loads((path / TRAIN_STATE).read_text())
+    if RUN not in saved:
+        note(f"note: {path} records no task, loss or initial model (written before runs were recorded): "
+             "resuming without checking them")
+    changes = run_changes(saved, identity, data)
+    if not changes:
+        return
+    if allow:
+        note(f"note: continuing {path} on purpose (checkpoint.allow_changed_run): "
+             + "; ".join(text for _, text in changes))
+        return
+    also = f" (also changed: {', '.join(what for what, _ in changes[1:])})" if len(changes) > 1 else ""
+    if chosen:
+        where = f"checkpoint.resume {path} is a checkpoint of another run"
+        ways = (f"start a new run from its weights with model.init_checkpoint={path}, or set "
+                "checkpoint.allow_changed_run=true to continue from it on purpose")
+    else:
+        where = f"train.output_dir {path.parent.parent} holds a checkpoint of another run ({path.name})"
+        ways = ("give this run a new train.output_dir, or set checkpoint.resume=fresh to start afresh there "
+                "(deleting its checkpoints and metrics) or checkpoint.allow_changed_run=true to continue from "
+                "that checkpoint on purpose")
+    raise ConfigError(f"{where}: {changes[0][1]}{also}; {ways}")
 
 
 def load_training_checkpoint(path: str | os.PathLike, chunks: Any, optimizer: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
 from rao_megatron.data.packing import is_packed
+from rao_megatron.models.hf_config import ModelArch
 from rao_megatron.models.provider import build_gpt_model, enable_hidden_state_output, uses_thd
 from rao_megatron.models.reward import build_reward_model
 from rao_megatron.parallel.device import compute_device, move_modules, to_device
@@ -62,7 +63,7 @@ def sync_params(chunks: Sequence[torch.nn.Module]) -> None:
             chunk.start_param_sync(force_sync=True)
 
 
-def build_model_chunks(hf_config: Any, *, task: str = "policy", params_dtype: torch.dtype = torch.float32,
+def build_model_chunks(arch: ModelArch, *, task: str = "policy", params_dtype: torch.dtype = torch.float32,
                        wrap_ddp: bool = True, use_te: bool | None = None, sequence_parallel: bool = False,
                        distributed_optimizer: bool | None = None) -> list[torch.nn.Module]:
     """This rank's model chunks (one per virtual pipeline stage) for ``task`` in policy / sft / rm / reference.
@@ -77,10 +78,10 @@ def build_model_chunks(hf_config: Any, *, task: str = "policy", params_dtype: to
     chunks: list[torch.nn.Module] = []
     for v in stages:
         if task == "rm":
-            model = build_reward_model(hf_config, vp_stage=v, use_te=use_te, params_dtype=params_dtype,
+            model = build_reward_model(arch, vp_stage=v, use_te=use_te, params_dtype=params_dtype,
                                        sequence_parallel=sequence_parallel)
         else:
-            model = build_gpt_model(hf_config, vp_stage=v, use_te=use_te, params_dtype=params_dtype,
+            model = build_gpt_model(arch, vp_stage=v, use_te=use_te, params_dtype=params_dtype,
                                     sequence_parallel=sequence_parallel)
             enable_hidden_state_output(model, vocab_parallel_consumer=False)
         chunks.append(model)

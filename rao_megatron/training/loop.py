@@ -13,13 +13,14 @@ from megatron.core import parallel_state as ps
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from rao_megatron.config import Config, ConfigError, dump_config
+from rao_megatron.config import Config, dump_config
 from rao_megatron.data.packing import layout_summary
+from rao_megatron.data.tokenizer import pad_id
 from rao_megatron.losses import get_loss
 from rao_megatron.parallel import startup
 from rao_megatron.parallel.compat import fix_fully_reshardable_multi_bucket_save
 from rao_megatron.parallel.device import compute_device, to_device
-from rao_megatron.training import model_init, preflight, run_data
+from rao_megatron.training import model_init, preflight, reference, run_data
 from rao_megatron.training.engine import (
     attach_reference_logps,
     build_model_chunks,
@@ -27,7 +28,7 @@ from rao_megatron.training.engine import (
     sync_params,
     use_distributed_optimizer,
 )
-from rao_megatron.training.forward_step import LogprobSettings, PolicyStep, RewardModelStep
+from rao_megatron.training.forward_step import PolicyStep, RewardModelStep
 from rao_megatron.training.metrics import MetricsWriter, plot_metrics
 from rao_megatron.training.reductions import (
     count_tokens,
@@ -48,7 +49,14 @@ from rao_megatron.training.reliability import (
 
 
 def build_optimizer(cfg: Config, chunks: list[torch.nn.Module]) -> tuple[Any, OptimizerParamScheduler]:
-    """Adam (the distributed optimizer per ``parallel.distributed_optimizer``) with warm-up + cosine decay."""
+    """Adam (the distributed optimizer per ``parallel.distributed_optimizer``) with warm-up + cosine decay.
+
+    Update k of a ``train.warmup_steps`` = W warm-up runs at k/W of ``train.lr`` (the first at lr/W, the
+    W-th at lr), then the cosine decay towards ``train.min_lr``. The scheduler sets the lr of the next update
+    after each one (Megatron's order), so update k reads schedule step k-1; Megatron's warm-up there is
+    ``init_lr + (lr - init_lr) * s / warmup``, which with ``init_lr = lr/W`` over W-1 steps is lr*(s+1)/W.
+    (Its usual ``init_lr = 0`` over W steps makes the first update a no-op at lr 0.)
+    """
     t = cfg.train
     bf16 = cfg.model.dtype == "bf16"
     opt_cfg = OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
@@ -61,9 +69,10 @@ def build_optimizer(cfg: Config, chunks: list[torch.nn.Module]) -> tuple[Any, Op
     # of multi-bucket buffers without this
     fix_fully_reshardable_multi_bucket_save()
     optimizer = get_megatron_optimizer(opt_cfg, chunks)
+    w = t.warmup_steps
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if t.warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
-        lr_warmup_steps=t.warmup_steps, lr_decay_steps=max(t.steps, t.warmup_steps + 1),
+        optimizer, init_lr=t.lr / w if w else t.lr, max_lr=t.lr, min_lr=t.min_lr,
+        lr_warmup_steps=max(w - 1, 0), lr_decay_steps=max(t.steps, w + 1),
         lr_decay_style="cosine", start_wd=t.weight_decay, end_wd=t.weight_decay,
         wd_incr_steps=t.steps, wd_incr_style="constant")
     return optimizer, scheduler
@@ -74,25 +83,26 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        startup.start(cfg)
+        startup.start(cfg.parallel, seed=cfg.train.seed)
+        startup.check_packing_dtype(cfg.data.packing, cfg.model.dtype)
         self.output_dir = Path(cfg.train.output_dir)
         preflight.check_output_dir(cfg)  # start-up checks come before anything is built or written
         self.spec = get_loss(cfg.loss.name)  # the bound loss needs the data's reward statistics: below
         self.tokenizer = run_data.load_run_tokenizer(cfg)
-        self.hf_config = model_init.resolve_hf_config(cfg, self.tokenizer)
-        preflight.check_model_fits(cfg, self.tokenizer, self.hf_config)
+        self.arch = model_init.resolve_arch(cfg, self.tokenizer)  # the model's architecture, parsed once
+        preflight.check_model_fits(cfg, self.tokenizer, self.arch)
         self.groups = run_data.load_groups(cfg, self.tokenizer, self.spec)
         preflight.warn_about_data(self.groups)
         preflight.reward_calibration(cfg, self.groups)
         self.loss = cfg.loss.build()  # the loss with its checked hyper-parameters, passed down as an object
         self._build_batchers()
-        self.logprobs = LogprobSettings(impl=cfg.model.logprob_impl, precision=cfg.model.logprob_precision,
-                                        chunk_size=cfg.model.logprob_chunk_size)
+        self.resume_path = self._resume_checkpoint()  # another run's checkpoint is refused before the model is built
+        self.logprobs = run_data.logprob_settings(cfg)
         task = "rm" if cfg.train.task == "rm" else "policy"
-        self.chunks = model_init.build_initial_model(cfg, self.hf_config, task)
+        self.chunks = model_init.build_initial_model(cfg, self.arch, task)
         self.ref_chunks = None
         if self.spec.needs_reference and self.train_batcher.reference is None:
-            self.ref_chunks = build_model_chunks(self.hf_config, task="reference",
+            self.ref_chunks = build_model_chunks(self.arch, task="reference",
                                                  params_dtype=model_init.params_dtype(cfg),
                                                  sequence_parallel=cfg.parallel.sequence_parallel)
             for ref, pol in zip(self.ref_chunks, self.chunks):
@@ -103,34 +113,66 @@ class Trainer:
         self.bad_in_row = 0
         self.resumed_from = self._resume()
         if self.resumed_from is None and self.train_batcher.reference is not None:
-            startup.log0(preflight.step0_reference_check(self.chunks, self.train_batcher,
-                                                         vocab_size=self.hf_config.vocab_size,
+            startup.log0(reference.step0_reference_check(self.chunks, self.train_batcher,
+                                                         vocab_size=self.arch.vocab_size,
                                                          settings=self.logprobs))
 
     @property
     def checkpoint_root(self) -> Path:
         return self.output_dir / "checkpoints"
 
-    def _resume(self) -> Path | None:
-        """Restore the newest complete checkpoint (``checkpoint.resume``): auto, none, or a directory."""
-        from rao_megatron.models.checkpoint import resolve_checkpoint
-        from rao_megatron.training.checkpoint import (
-            CheckpointError,
-            find_resume_checkpoint,
-            load_training_checkpoint,
-        )
+    @property
+    def fresh_start(self) -> bool:
+        """``checkpoint.resume`` fresh (or its old spelling none): the run starts afresh in ``train.output_dir``."""
+        return self.cfg.checkpoint.resume in ("fresh", "none")
 
-        mode = self.cfg.checkpoint.resume
-        if mode == "none":
+    def _initial_model(self) -> tuple[str, str]:
+        """``(id, source)`` of the initial model as a checkpoint records it: an init checkpoint's content
+        (read on rank 0, once), or a random init's preset or HF config and seed. (Not the random init's
+        HF config dict: what ``transformers`` writes into it changes between its releases.)"""
+        if self.cfg.model.init_checkpoint:
+            return preflight.on_rank0(lambda: reference.model_identity(self.cfg, self.arch))
+        _, source = reference.model_identity(self.cfg, self.arch)
+        return source, source
+
+    def _resume_checkpoint(self) -> Path | None:
+        """The checkpoint to resume (``checkpoint.resume``: auto, fresh / none, or a directory), checked
+        against this run: another run's is refused unless ``checkpoint.allow_changed_run``. Reads its
+        ``train_state.json`` only; records this run's identity for its own checkpoints."""
+        from rao_megatron.models.checkpoint import resolve_checkpoint
+        from rao_megatron.training import checkpoint as ckpt
+
+        cfg = self.cfg
+        self.identity = ckpt.run_identity(cfg.train.task, cfg.loss, self._initial_model())
+        mode = cfg.checkpoint.resume
+        if self.fresh_start:
+            init = cfg.model.init_checkpoint and resolve_checkpoint(cfg.model.init_checkpoint).resolve()
+            if init and self.checkpoint_root.resolve() in init.parents:
+                raise ckpt.CheckpointError(
+                    f"checkpoint.resume={mode} would delete model.init_checkpoint {init} with the other "
+                    f"checkpoints in {self.checkpoint_root}: copy it elsewhere or use a new train.output_dir")
             return None
         if mode == "auto":
-            path = find_resume_checkpoint(self.checkpoint_root, warn=startup.log0)
+            path = ckpt.find_resume_checkpoint(self.checkpoint_root, warn=startup.log0)
             if path is None:
                 return None
         else:
             path = resolve_checkpoint(mode)
             if not path.is_dir():
-                raise CheckpointError(f"config key 'checkpoint.resume': checkpoint directory not found: {mode}")
+                raise ckpt.CheckpointError(f"config key 'checkpoint.resume': checkpoint directory not found: {mode}")
+            if (problem := ckpt.verify_checkpoint(path)) is not None:
+                raise ckpt.CheckpointError(f"checkpoint {path} cannot be resumed: {problem}")
+        ckpt.check_run(path, self.identity, self.train_batcher.state_dict(), chosen=mode != "auto",
+                       allow=cfg.checkpoint.allow_changed_run, note=startup.log0)
+        return path
+
+    def _resume(self) -> Path | None:
+        """Restore the checkpoint :meth:`_resume_checkpoint` chose: model, optimizer, scheduler, data position."""
+        from rao_megatron.training.checkpoint import load_training_checkpoint
+
+        path = self.resume_path
+        if path is None:
+            return None
         state = load_training_checkpoint(path, self.chunks, self.optimizer)
         saved = state.get("config", {}).get("loss", {}).get("reward_stats")
         if saved is not None and saved != self.cfg.loss.reward_stats:
@@ -139,7 +181,10 @@ class Trainer:
             self.cfg.loss.reward_stats = saved
             self.loss = self.cfg.loss.build()
         self.scheduler.load_state_dict(state["scheduler"])
-        self.train_batcher.load_state_dict(state["data"])
+        data = state["data"]
+        if self.cfg.checkpoint.allow_changed_run:  # on purpose: at the checkpoint's position, in this run's stream
+            data = {**data, **{k: v for k, v in self.train_batcher.state_dict().items() if k not in ("epoch", "index")}}
+        self.train_batcher.load_state_dict(data)
         self.step, self.skipped_steps = int(state["step"]), int(state.get("skipped_steps", 0))
         startup.log0(f"resumed from {path} at step {self.step}")
         return path
@@ -148,11 +193,11 @@ class Trainer:
         """A training checkpoint of the current step (model, optimizer, scheduler, data position, RNG)."""
         from rao_megatron.training.checkpoint import save_training_checkpoint
 
-        meta = {"hf_config": self.hf_config.to_dict(), "task": self.cfg.train.task, "step": self.step,
+        meta = {"hf_config": self.arch.hf_dict, "task": self.cfg.train.task, "step": self.step,
                 "dtype": self.cfg.model.dtype,
                 "tokenizer": run_data.run_tokenizer_path(self.cfg)}
         state = {"step": self.step, "skipped_steps": self.skipped_steps, "scheduler": self.scheduler.state_dict(),
-                 "data": self.train_batcher.state_dict(), "config": self.cfg.to_dict()}
+                 "data": self.train_batcher.state_dict(), "config": self.cfg.to_dict(), "run": self.identity}
         sync_params(self.chunks)  # CUDA: the last update's parameter all-gather waits for a forward pass
         path = save_training_checkpoint(self.checkpoint_root, self.step, self.chunks, self.optimizer, state, meta,
                                         keep_last=self.cfg.checkpoint.keep_last)
@@ -161,43 +206,26 @@ class Trainer:
 
     def _reference_caches(self) -> tuple[Any, Any]:
         """The precomputed reference caches (train, held-out) this run uses, or (None, None); checked
-        against the run and for every sequence of it (:func:`preflight.open_reference_caches`)."""
+        against the run and for every sequence of it (:func:`reference.open_reference_caches`)."""
         cfg = self.cfg
         if not self.spec.needs_reference or cfg.train.reference == "on_the_fly":
             return None, None
-        return preflight.open_reference_caches(cfg, self.tokenizer, self.hf_config, self.groups)
+        return reference.open_reference_caches(cfg, self.tokenizer, self.arch, self.groups)
 
     def _build_batchers(self) -> None:
-        from rao_megatron.data import GroupBatcher
-        from rao_megatron.data.packing import GroupTooLargeError
-
-        cfg, g = self.cfg, self.groups
-        ref_train, ref_heldout = self._reference_caches()
-        k = max(len(x.responses) for x in g.train + g.heldout)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        common = dict(seq_length=cfg.data.max_length, pad_id=pad, groups_per_micro_batch=cfg.data.groups_per_micro_batch,
-                      dp_rank=dp_rank, dp_size=dp, responses_per_group=k, seed=cfg.data.seed,
-                      **run_data.packing_settings(cfg))
-        try:
-            self.train_batcher = GroupBatcher(g.train, global_batch_groups=cfg.train.global_batch_groups,
-                                              reference=ref_train, **common)
-            self.eval_batcher = (GroupBatcher(g.heldout, global_batch_groups=dp * cfg.data.groups_per_micro_batch,
-                                              reference=ref_heldout, **common) if g.heldout else None)
-        except GroupTooLargeError as e:
-            raise ConfigError(f"{cfg.data.eval_path or cfg.data.train_path}: {e}") from None
-        except ValueError as e:
-            raise ConfigError(f"config keys 'train.global_batch_groups' / 'data.groups_per_micro_batch': {e}") from None
+        self.train_batcher, self.eval_batcher = run_data.build_batchers(
+            self.cfg, self.groups, pad_id=pad_id(self.tokenizer), dp_rank=ps.get_data_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(), references=self._reference_caches())
 
     def _loss_step(self, normalizer: float) -> Any:
         if self.cfg.train.task == "rm":
             return RewardModelStep(loss=self.loss, normalizer=normalizer)
         return PolicyStep(loss=self.loss, normalizer=normalizer,
-                          vocab_size=self.hf_config.vocab_size, logprobs=self.logprobs)
+                          vocab_size=self.arch.vocab_size, logprobs=self.logprobs)
 
     def _prepare(self, microbatches: list[dict[str, torch.Tensor]]) -> None:
         if self.ref_chunks is not None:
-            attach_reference_logps(self.ref_chunks, microbatches, vocab_size=self.hf_config.vocab_size,
+            attach_reference_logps(self.ref_chunks, microbatches, vocab_size=self.arch.vocab_size,
                                    settings=self.logprobs)
 
     def train_step(self) -> dict[str, Any]:
@@ -228,6 +256,7 @@ class Trainer:
             loss = float("nan")
         finite = math.isfinite(loss) and grads_finite(self.chunks)
         record: dict[str, Any] = {"step": self.step}
+        lr = self.optimizer.param_groups[0]["lr"]  # the update's own: the scheduler sets the next one after it
         if finite:
             update_ok, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
@@ -244,8 +273,8 @@ class Trainer:
                                      f"(last at step {self.step}); lower train.lr, check the data, or raise "
                                      "train.max_bad_steps")
         elapsed = time.perf_counter() - start
-        record.update(lr=self.optimizer.param_groups[0]["lr"], tokens_per_s=tokens / elapsed,
-                      step_time_s=elapsed, skipped_steps=self.skipped_steps, packing_efficiency=tokens / slots)
+        record.update(lr=lr, tokens_per_s=tokens / elapsed, step_time_s=elapsed, skipped_steps=self.skipped_steps,
+                      packing_efficiency=tokens / slots)
         if cuda:
             record["gpu_max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if finite:
@@ -285,6 +314,8 @@ class Trainer:
         if rank0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+            if self.fresh_start:
+                self._clear_earlier_run()
             dump_config(cfg, self.output_dir / "config.yaml")
             startup.log0(self.groups.report.summary())
             if self.groups.heldout_report is not None:
@@ -302,7 +333,7 @@ class Trainer:
         bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not rank0, desc=f"{cfg.loss.name} training",
                    dynamic_ncols=True)
         record: dict[str, Any] = {}
-        warned_log_z = False
+        watch = LossWatch(self.loss)
         with PreemptionHandler() as preemption:
             try:
                 while self.step < cfg.train.steps:
@@ -311,10 +342,8 @@ class Trainer:
                     if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last:
                         record.update(self.evaluate())
                     writer.write(record)
-                    if not warned_log_z and (
-                            line := preflight.log_z_drift_line(self.loss, self.step, record.get("log_z"))):
+                    if line := watch(self.step, record):
                         _warn(line)
-                        warned_log_z = True  # once per run
                     bar.update(1)
                     bar.set_postfix(_postfix(record))
                     if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0 and not last:
@@ -341,12 +370,40 @@ class Trainer:
                 startup.log0(f"\n{table}\n\nreport: {path}")
         return record
 
+    def _clear_earlier_run(self) -> None:
+        """``checkpoint.resume=fresh``: an earlier run's checkpoints and TensorBoard logs go (its
+        metrics.jsonl is replaced), so neither its curves nor its checkpoints mix with this run's."""
+        import shutil
+
+        from rao_megatron.training.checkpoint import delete_checkpoints
+
+        shutil.rmtree(self.output_dir / "tensorboard", ignore_errors=True)
+        if deleted := delete_checkpoints(self.checkpoint_root):
+            startup.log0(f"note: checkpoint.resume={self.cfg.checkpoint.resume}: deleted {deleted} checkpoints of "
+                         f"an earlier run in {self.checkpoint_root}")
+
     def _reference_mode(self) -> str:
         if not self.spec.needs_reference:
             return f"not used by loss '{self.spec.name}'"
         if self.ref_chunks is not None:
             return "on the fly (frozen copy of the initial policy)"
         return f"cached ({self.train_batcher.reference.path})"
+
+
+class LossWatch:
+    """The loss's watch over each step's metrics record (``BoundLoss.watch``; RAO: log Z drifting from log_z0):
+    its first warning of the run, then None (once per run)."""
+
+    def __init__(self, loss: Any) -> None:
+        self.loss = loss
+        self.warned = False
+
+    def __call__(self, step: int, record: dict[str, Any]) -> str | None:
+        if self.warned:
+            return None
+        line = self.loss.watch(step, record)
+        self.warned = line is not None
+        return line
 
 
 def _warn(line: str) -> None:

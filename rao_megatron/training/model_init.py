@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rao_megatron.config import Config, ConfigError
 from rao_megatron.parallel.startup import log0
+
+if TYPE_CHECKING:
+    from rao_megatron.models.hf_config import ModelArch
 
 PRESET_FAMILIES = {"tiny-llama": "llama", "tiny-qwen2": "qwen2", "tiny-qwen3": "qwen3", "tiny-qwen3-moe": "qwen3_moe"}
 
@@ -19,6 +22,13 @@ def model_dir(cfg: Config) -> str | None:
         return None
     p = Path(cfg.model.hf_config)
     return str(p.parent if p.name == "config.json" else p)
+
+
+def resolve_arch(cfg: Config, tokenizer: Any) -> ModelArch:
+    """The architecture of this run's model, parsed once from :func:`resolve_hf_config`."""
+    from rao_megatron.models.hf_config import ModelArch
+
+    return ModelArch.from_hf(resolve_hf_config(cfg, tokenizer))
 
 
 def resolve_hf_config(cfg: Config, tokenizer: Any) -> Any:
@@ -42,32 +52,31 @@ def resolve_hf_config(cfg: Config, tokenizer: Any) -> Any:
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
-def check_model_layout(cfg: Config, hf_config: Any, task: str = "policy") -> None:
+def check_model_layout(cfg: Config, arch: ModelArch, task: str = "policy") -> None:
     """The parallel layout against the model, before anything is built: experts divisible by
     ``parallel.ep``, the expert width by ``parallel.etp``, MoE training with TP > 1 only with sequence
     parallelism (Megatron's MoE layer refuses it otherwise, at the first training step; forward-only
     passes, ``task`` reference, run)."""
-    from rao_megatron.models.hf_config import check_expert_layout, hf_config_to_dict, moe_spec
+    from rao_megatron.models.hf_config import ModelArch, check_expert_layout
 
     p = cfg.parallel
-    hf = hf_config_to_dict(hf_config)
+    arch = ModelArch.from_hf(arch)  # transitional: tests pass transformers configs
     try:
-        check_expert_layout(hf, tp=p.tp, ep=p.ep, etp=p.etp)
-        moe = moe_spec(hf)
+        check_expert_layout(arch, tp=p.tp, ep=p.ep, etp=p.etp)
     except ValueError as e:
         raise ConfigError(f"config key '{'parallel.ep' if p.ep > 1 else 'parallel.etp'}': {e}") from None
-    if moe is not None and p.tp > 1 and not p.sequence_parallel and task != "reference":
+    if arch.moe is not None and p.tp > 1 and not p.sequence_parallel and task != "reference":
         raise ConfigError("config key 'parallel.tp': Megatron trains MoE layers at tp > 1 only with "
                           "parallel.sequence_parallel=true (Transformer Engine, CUDA); on CPU use tp=1 with "
                           "parallel.ep / parallel.etp / parallel.pp")
 
 
-def moe_aux_loss_coeff(cfg: Config, hf_config: Any) -> float | None:
+def moe_aux_loss_coeff(cfg: Config, arch: ModelArch) -> float | None:
     """The router load-balancing coefficient of this run (None for a dense model): ``model.moe_aux_loss_coeff``
     or the HF config's ``router_aux_loss_coef``."""
-    from rao_megatron.models.hf_config import hf_config_to_dict, moe_spec
+    from rao_megatron.models.hf_config import ModelArch
 
-    moe = moe_spec(hf_config_to_dict(hf_config))
+    moe = ModelArch.from_hf(arch).moe  # transitional: tests pass transformers configs
     if moe is None:
         return None
     return moe.router_aux_loss_coef if cfg.model.moe_aux_loss_coeff is None else cfg.model.moe_aux_loss_coeff
@@ -78,7 +87,7 @@ def params_dtype(cfg: Config) -> torch.dtype:
 
 
 @torch.no_grad()
-def init_random_weights(chunks: Any, hf_config: Any, seed: int) -> None:
+def init_random_weights(chunks: Any, arch: ModelArch, seed: int) -> None:
     """Random init that does not depend on the TP/PP layout: an HF model seeded on CPU, mapped in.
 
     Megatron's own init draws a different stream per TP rank, so a tiny run at TP1 and TP2 would start
@@ -91,8 +100,8 @@ def init_random_weights(chunks: Any, hf_config: Any, seed: int) -> None:
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-        load_hf_state_dict_into_megatron(chunks, model.state_dict(), hf_config)
+        model = AutoModelForCausalLM.from_config(arch.to_transformers(), dtype=torch.float32)
+        load_hf_state_dict_into_megatron(chunks, model.state_dict(), arch)
     finally:
         torch.random.set_rng_state(state)
 
@@ -118,22 +127,22 @@ def init_skip_prefixes(init_checkpoint: str, task: str) -> tuple[str, ...]:
     return ()
 
 
-def build_initial_model(cfg: Config, hf_config: Any, task: str) -> list[torch.nn.Module]:
+def build_initial_model(cfg: Config, arch: ModelArch, task: str) -> list[torch.nn.Module]:
     """This rank's model chunks for ``task``, initialised from ``model.init_checkpoint`` or at random."""
     from rao_megatron.models.checkpoint import load_model_checkpoint
     from rao_megatron.models.provider import set_moe_aux_loss_coeff
     from rao_megatron.training.engine import build_model_chunks
 
-    check_model_layout(cfg, hf_config, task)
-    chunks = build_model_chunks(hf_config, task=task, params_dtype=params_dtype(cfg),
+    check_model_layout(cfg, arch, task)
+    chunks = build_model_chunks(arch, task=task, params_dtype=params_dtype(cfg),
                                 sequence_parallel=cfg.parallel.sequence_parallel,
                                 distributed_optimizer=cfg.parallel.distributed_optimizer)
     if cfg.model.init_checkpoint:
         load_model_checkpoint(chunks, cfg.model.init_checkpoint,
                               skip_prefixes=init_skip_prefixes(cfg.model.init_checkpoint, task))
     else:
-        init_random_weights(chunks, hf_config, cfg.train.seed)
-    coeff = moe_aux_loss_coeff(cfg, hf_config)
+        init_random_weights(chunks, arch, cfg.train.seed)
+    coeff = moe_aux_loss_coeff(cfg, arch)
     if coeff is not None:
         set_moe_aux_loss_coeff(chunks, coeff)
     return chunks

@@ -22,6 +22,7 @@ from megatron.core import parallel_state as ps
 from rao_megatron.data.collate import PAD_GROUP
 from rao_megatron.parallel.compat import moe_metric_entry
 from rao_megatron.parallel.device import compute_device
+from rao_megatron.parallel.state import is_last_stage
 from rao_megatron.training.metrics import mean_metrics
 
 T = TypeVar("T")
@@ -104,10 +105,6 @@ def from_last_stage(obj: T) -> T:
     dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
                                group=ps.get_pipeline_model_parallel_group())
     return box[0]
-
-
-def is_last_stage() -> bool:
-    return ps.is_pipeline_last_stage(ignore_virtual=True)
 
 
 def last_stage_sum(values: Sequence[float] | None, width: int) -> list[float]:

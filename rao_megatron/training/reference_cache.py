@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from rao_megatron.config import guarded_write
+
 FORMAT = "rao_megatron.reference_logps/2"
 SUFFIX = ".ref_logps.safetensors"
 #: Step-0 guard: the largest mean |Δ| per token (nats) of a cache against the policy it starts from.
@@ -147,10 +149,11 @@ def write_cache(path: str | os.PathLike, seq_keys: Sequence[int], prompt_logps: 
                "response_logps": torch.tensor(list(response_logps), dtype=torch.float32)[order].contiguous()}
     meta = {"format": FORMAT, **{f"fp_{k}": v for k, v in fingerprints.items()}, **extra}
     tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with guarded_write(path, "reference cache", partial=tmp):  # a full disk: one line; path is kept
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -1,34 +1,40 @@
-"""What a run reads: its tokenizer, its tokenized training / held-out groups, and where its reference cache is.
-
-Also what binds a reference cache to the run (:func:`reference_fingerprints`): the reference model's
-content, the tokenizer, the length policy, dtype / log-prob precision, and the tokenized sequences of
-each data file (rewards play no part).
+"""What a run reads and how it is fed: its tokenizer, its tokenized training / held-out groups (tokenized once
+into a shared store), and the batchers and log-prob settings built from the config for them (the trainer
+and ``precompute_reference`` alike). Where its reference cache is and what binds it: :mod:`.reference`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from rao_megatron.config import Config, ConfigError
+from rao_megatron.data import GroupBatcher, read_examples, sequence_key, split_heldout, tokenize_examples
+from rao_megatron.data.packing import GroupTooLargeError
+from rao_megatron.data.token_store import read_store, store_key, write_store
+from rao_megatron.data.tokenize import check_special_tokens
+from rao_megatron.data.tokenizer import load_tokenizer, template_roles
+from rao_megatron.models.checkpoint import checkpoint_tokenizer
+from rao_megatron.parallel.startup import is_rank0, log0
+from rao_megatron.training.forward_step import LogprobSettings
 from rao_megatron.training.model_init import model_dir
+from rao_megatron.training.reference_cache import file_fingerprint, tokenizer_fingerprint
 
 
 def run_tokenizer_path(cfg: Config) -> str | None:
     """``model.tokenizer``, else the HF model directory, else the initial checkpoint's; None: the tiny tokenizer."""
     path = cfg.model.tokenizer or model_dir(cfg)
     if path is None and cfg.model.init_checkpoint:
-        from rao_megatron.models.checkpoint import checkpoint_tokenizer
-
         path = checkpoint_tokenizer(cfg.model.init_checkpoint)
     return str(Path(path).resolve()) if path is not None else None
 
 
 def load_run_tokenizer(cfg: Config) -> Any:
     """The run's tokenizer (see :func:`run_tokenizer_path`)."""
-    from rao_megatron.data.tokenizer import load_tokenizer
-
     return load_tokenizer(run_tokenizer_path(cfg))
 
 
@@ -54,9 +60,6 @@ class RunGroups:
 
 def _tokenize(path: str, cfg: Config, tokenizer: Any, spec: Any, t0: int | None) -> tuple[list[Any], Any, dict]:
     """Read, validate and tokenize one data file in this process: ``(groups, report, row labels)``."""
-    from rao_megatron.data import read_examples, tokenize_examples
-    from rao_megatron.data.tokenizer import template_roles
-
     examples = read_examples(path, reward_field=cfg.data.ultrafeedback_rating, roles=template_roles(tokenizer))
     labels = {ex.row: ex.where for ex in examples}
     groups, report = tokenize_examples(
@@ -69,9 +72,6 @@ def _tokenize(path: str, cfg: Config, tokenizer: Any, spec: Any, t0: int | None)
 def token_store_path(cfg: Config, path: str, tokenizer: Any, spec: Any, t0: int | None) -> Path:
     """Where the tokenize-once store of ``path`` lives: under ``data.token_cache`` (default: beside the data
     file, ``<data>.tokens/``), named by everything the tokens depend on."""
-    from rao_megatron.data.token_store import store_key
-    from rao_megatron.training.reference_cache import file_fingerprint, tokenizer_fingerprint
-
     parts = {"data": file_fingerprint(path), "tokenizer": tokenizer_fingerprint(tokenizer),
              "max_length": cfg.data.max_length, "overlength": cfg.data.overlength,
              "max_responses": cfg.data.max_responses, "pairwise": spec.pairwise,
@@ -86,11 +86,6 @@ def _tokenized(path: str, cfg: Config, tokenizer: Any, spec: Any, t0: int | None
     get its verdict -- a data error is raised on every rank alike), then every rank memory-maps it. Where
     the store cannot be written (read-only data directory, no ``data.token_cache``) each rank tokenizes
     for itself, as before."""
-    import torch.distributed as dist
-
-    from rao_megatron.data.token_store import read_store, write_store
-    from rao_megatron.parallel.startup import is_rank0, log0
-
     if not cfg.data.token_store:
         groups, report, where[path] = _tokenize(path, cfg, tokenizer, spec, t0)
         return groups, report
@@ -121,8 +116,6 @@ def _tokenized(path: str, cfg: Config, tokenizer: Any, spec: Any, t0: int | None
 
 
 def _content(group: Any) -> tuple[int, ...]:
-    from rao_megatron.data import sequence_key
-
     return tuple(sequence_key(group.prompt_ids, y) for y in group.responses)
 
 
@@ -159,12 +152,11 @@ def data_warnings(cfg: Config, train: list[Any], heldout: list[Any],
 
 def load_groups(cfg: Config, tokenizer: Any, spec: Any) -> RunGroups:
     """Read, validate and tokenize the training data (and held-out data); report what was dropped."""
-    from rao_megatron.data import split_heldout
-
     if not cfg.data.train_path:
         raise ConfigError("config key 'data.train_path' is not set: give a JSONL/Parquet file or a dataset")
     where: dict[str, dict[int, str]] = {}
     groups, report = _tokenized(cfg.data.train_path, cfg, tokenizer, spec, None, where)
+    check_special_tokens(report, cfg.data.special_tokens_in_text)
     if not groups:
         raise ConfigError(f"no usable groups in {cfg.data.train_path}: "
                           + "; ".join(line.strip() for line in report.summary().splitlines()))
@@ -174,62 +166,13 @@ def load_groups(cfg: Config, tokenizer: Any, spec: Any) -> RunGroups:
     t0 = report.t0
     if cfg.data.eval_path:
         heldout, heldout_report = _tokenized(cfg.data.eval_path, cfg, tokenizer, spec, t0, where)
+        check_special_tokens(heldout_report, cfg.data.special_tokens_in_text)
         run = RunGroups(groups, heldout, report, heldout_report, t0, where)
     else:
         train, heldout = split_heldout(groups, cfg.data.eval_fraction, cfg.data.seed)
         run = RunGroups(train, heldout, report, None, t0, where)
     run.warnings = data_warnings(cfg, run.train, run.heldout, where)
     return run
-
-
-def model_identity(cfg: Config, hf_config: Any) -> tuple[str, str]:
-    """``(content id, source)`` of the reference model (the initial policy): the resolved checkpoint's
-    content (:func:`~rao_megatron.training.reference_cache.checkpoint_content_id`), not its path; for a
-    random init, the architecture and the seed. Reads up to 1 MiB per checkpoint file: call it once."""
-    from rao_megatron.training.reference_cache import checkpoint_content_id, config_content_id
-
-    if cfg.model.init_checkpoint:
-        from rao_megatron.models.checkpoint import resolve_checkpoint
-
-        path = resolve_checkpoint(cfg.model.init_checkpoint).resolve()
-        return checkpoint_content_id(path), str(path)
-    return (config_content_id(hf_config.to_dict(), cfg.train.seed),
-            f"random init of {cfg.model.hf_config or cfg.model.preset}, seed {cfg.train.seed}")
-
-
-def file_sequences(groups: list[Any], where: dict[int, str]) -> list[tuple[int, str]]:
-    """``(sequence key, row label)`` of every tokenized sequence of one data file's groups."""
-    from rao_megatron.data import sequence_key
-
-    return [(sequence_key(g.prompt_ids, y), where.get(g.row, f"row {g.row}")) for g in groups for y in g.responses]
-
-
-def reference_fingerprints(cfg: Config, tokenizer: Any, model: tuple[str, str],
-                           groups: list[Any]) -> tuple[dict[str, str], dict[str, str]]:
-    """``(strict fingerprints, recorded info)`` a reference cache of ``groups`` (one data file) is bound to:
-    the model's content (``model`` from :func:`model_identity`), tokenizer, length policy, dtype and
-    log-prob precision, and the tokenized sequences (not the rewards); info: log-prob implementation and
-    the model's source."""
-    from rao_megatron.data import sequence_key
-    from rao_megatron.training.reference_cache import sequences_fingerprint, tokenizer_fingerprint
-
-    fp = {"data": sequences_fingerprint(sequence_key(g.prompt_ids, y) for g in groups for y in g.responses),
-          "tokenizer": tokenizer_fingerprint(tokenizer), "max_length": str(cfg.data.max_length),
-          "overlength": cfg.data.overlength, "model": model[0], "dtype": cfg.model.dtype,
-          "logprob_precision": cfg.model.logprob_precision}
-    info = {"info_logprob_impl": cfg.model.logprob_impl, "info_model_source": model[1]}
-    return fp, info
-
-
-def reference_cache_path(cfg: Config, data_path: str, *, heldout: bool = False) -> Path:
-    """``data.reference_cache`` (the training file's cache; the held-out file's goes beside it as
-    ``<name>.heldout.safetensors``), else the default path beside each data file."""
-    from rao_megatron.training.reference_cache import default_cache_path
-
-    if cfg.data.reference_cache:
-        p = Path(cfg.data.reference_cache)
-        return p.with_name(f"{p.stem}.heldout{p.suffix}") if heldout else p
-    return default_cache_path(data_path)
 
 
 def packing_settings(cfg: Config) -> dict[str, Any]:
@@ -241,3 +184,50 @@ def packing_settings(cfg: Config) -> dict[str, Any]:
     """
     rows = cfg.data.micro_batch_tokens // cfg.data.max_length if cfg.data.micro_batch_tokens else None
     return {"packing": cfg.data.packing, "packed_rows": rows, "equal_micro_batches": cfg.parallel.ep > 1}
+
+
+def group_batcher(cfg: Config, groups: Sequence[Any], *, source: str, pad_id: int, dp_rank: int, dp_size: int,
+                  global_batch_groups: int | None = None, responses_per_group: int | None = None,
+                  reference: Any = None) -> GroupBatcher:
+    """A batcher of ``groups`` (from the data file ``source``, which an error names) laid out as the config
+    says: ``data.max_length``, ``data.groups_per_micro_batch``, ``data.seed`` and :func:`packing_settings`.
+
+    ``global_batch_groups``: the training stream's groups per step; None: a pass in data order (held-out
+    evaluation, ``precompute_reference``), ``dp_size × data.groups_per_micro_batch`` groups a step.
+    ``responses_per_group`` None: the most of any group in ``groups``. A batcher the config cannot build is
+    a :class:`ConfigError` naming the keys (or the data file and row of a group too large to pack).
+    """
+    gpm = cfg.data.groups_per_micro_batch
+    step = dp_size * gpm if global_batch_groups is None else global_batch_groups
+    try:
+        return GroupBatcher(groups, seq_length=cfg.data.max_length, pad_id=pad_id, groups_per_micro_batch=gpm,
+                            global_batch_groups=step, dp_rank=dp_rank, dp_size=dp_size,
+                            responses_per_group=responses_per_group, seed=cfg.data.seed, reference=reference,
+                            **packing_settings(cfg))
+    except GroupTooLargeError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"config keys 'train.global_batch_groups' / 'data.groups_per_micro_batch': {e}") from None
+
+
+def build_batchers(cfg: Config, groups: RunGroups, *, pad_id: int, dp_rank: int, dp_size: int,
+                   references: tuple[Any, Any] = (None, None)) -> tuple[GroupBatcher, GroupBatcher | None]:
+    """The trainer's ``(training stream, held-out pass or None)`` on this DP rank, with the reference caches
+    ``(training, held-out)`` (None: on the fly or not needed). Both lay out as many rows per group as the
+    largest group of either has; the held-out pass is :func:`group_batcher`'s (the one ``precompute_reference``
+    runs over each file)."""
+    k = max(len(x.responses) for x in groups.train + groups.heldout)
+    common: dict[str, Any] = dict(pad_id=pad_id, dp_rank=dp_rank, dp_size=dp_size, responses_per_group=k)
+    heldout_source = cfg.data.eval_path or cfg.data.train_path
+    train = group_batcher(cfg, groups.train, source=cfg.data.train_path,
+                          global_batch_groups=cfg.train.global_batch_groups, reference=references[0], **common)
+    heldout = (group_batcher(cfg, groups.heldout, source=heldout_source, reference=references[1], **common)
+               if groups.heldout else None)
+    return train, heldout
+
+
+def logprob_settings(cfg: Config) -> LogprobSettings:
+    """How per-token log-probs are computed (``model.logprob_impl`` / ``logprob_precision`` /
+    ``logprob_chunk_size``): for training, the step-0 check and ``precompute_reference`` alike."""
+    return LogprobSettings(impl=cfg.model.logprob_impl, precision=cfg.model.logprob_precision,
+                           chunk_size=cfg.model.logprob_chunk_size)

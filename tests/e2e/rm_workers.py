@@ -17,12 +17,12 @@ def rm_init_worker(config: str, init_checkpoint: str, result_path: str) -> None:
     from rao_megatron.training.engine import build_model_chunks
 
     cfg = load_config(config, [f"model.init_checkpoint={init_checkpoint}"])
-    startup.start(cfg)
-    hf_config = model_init.resolve_hf_config(cfg, run_data.load_run_tokenizer(cfg))
-    rm = as_chunks(model_init.build_initial_model(cfg, hf_config, "rm"))[0]
-    fresh = build_model_chunks(hf_config, task="rm", wrap_ddp=False)[0]
+    startup.start(cfg.parallel, seed=cfg.train.seed)
+    arch = model_init.resolve_arch(cfg, run_data.load_run_tokenizer(cfg))
+    rm = as_chunks(model_init.build_initial_model(cfg, arch, "rm"))[0]
+    fresh = build_model_chunks(arch, task="rm", wrap_ddp=False)[0]
     saved_task = "rm" if read_checkpoint_meta(init_checkpoint)["task"] == "rm" else "policy"
-    saved = build_model_chunks(hf_config, task=saved_task, wrap_ddp=False)
+    saved = build_model_chunks(arch, task=saved_task, wrap_ddp=False)
     load_model_checkpoint(saved, init_checkpoint)
     saved = saved[0]
     head = rm.output_layer.weight

@@ -81,15 +81,15 @@ def _write_cache_garbage(tmp: Path) -> None:
 def _run_identity(tmp: Path, *overrides: str) -> tuple[dict, dict, list[tuple[int, str]]]:
     """What a tiny run on {tmp}/data.jsonl expects of its reference cache: fingerprints, info, sequences."""
     from rao_megatron.config import load_config
-    from rao_megatron.training import model_init, run_data
+    from rao_megatron.training import model_init, reference, run_data
 
     cfg = load_config(CONFIG, [f"data.train_path={tmp / 'data.jsonl'}", *overrides])
     tok = run_data.load_run_tokenizer(cfg)
     groups = run_data.load_groups(cfg, tok, cfg.loss.build().spec)
     ((path, file_groups),) = groups.files(cfg)
-    hf = model_init.resolve_hf_config(cfg, tok)
-    fp, info = run_data.reference_fingerprints(cfg, tok, run_data.model_identity(cfg, hf), file_groups)
-    return fp, info, run_data.file_sequences(file_groups, groups.where[path])
+    arch = model_init.resolve_arch(cfg, tok)
+    fp, info = reference.reference_fingerprints(cfg, tok, reference.model_identity(cfg, arch), file_groups)
+    return fp, info, reference.file_sequences(file_groups, groups.where[path])
 
 
 def _cache(*, overrides: tuple[str, ...] = (), skip_row: str | None = None, value: float = -3.0,
@@ -192,6 +192,41 @@ def _trl_disagreeing(r: dict) -> None:
     r.update(prompt="What is 2+2?", chosen=[{"role": "user", "content": "What is 3+3?"},
                                             {"role": "assistant", "content": "6"}],
              rejected=[{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "5"}])
+
+
+def _data_directory(tmp: Path) -> None:
+    d = tmp / "prefs"
+    d.mkdir()
+    (d / "a.jsonl").write_text("".join(r + "\n" for r in ROWS[:3]))
+    (d / "b.jsonl").write_text(rows_with(2, lambda r: r["rewards"].__setitem__(0, "high"), n=4))
+
+
+def _one_object_json(tmp: Path) -> None:
+    (tmp / "one.json").write_text(json.dumps(json.loads(ROWS[0]), indent=2) + "\n")
+
+
+def _truncated_safetensors(tmp: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from rao_megatron.models.hf_config import tiny_hf_config
+
+    hf = tmp / "hf"
+    tiny_hf_config("llama").save_pretrained(str(hf))
+    save_file({"model.embed_tokens.weight": torch.zeros(64, 32)}, str(hf / "model.safetensors"))
+    data = (hf / "model.safetensors").read_bytes()
+    (hf / "model.safetensors").write_bytes(data[: len(data) // 2])  # an interrupted download
+
+
+def _duplicate_key_config(tmp: Path) -> None:
+    (tmp / "dup.yaml").write_text(CONFIG.read_text() + "\ntrain:\n  lr: 1.0e-3\n")
+
+
+def _earlier_run(tmp: Path) -> None:
+    """{tmp}/first: the tiny RAO run (two steps, global batch 4, seed 1234) with its checkpoint."""
+    run_distributed(run_cli_worker, 1, "rao_megatron.cli.train",
+                    ["--config", str(CONFIG), f"train.output_dir={tmp / 'first'}", "train.steps=2",
+                     "train.eval_every=0"])
 
 
 CASES = [
@@ -331,6 +366,68 @@ CASES = [
          module="rao_megatron.cli.evaluate", setup=_answers,
          argv=("--answers", "{tmp}/answers.jsonl", "--out-dir", "{tmp}/afile", "--reward-fn",
                "rao_megatron.rewards.rule:exact_final_number")),
+    # -- issue 27: no command writes over its inputs; ~ and $VARIABLES expanded, one rule everywhere ----
+    Case("annotate-out-is-the-input", ("--out {tmp}/./pairs.jsonl is the same path as --data {tmp}/pairs.jsonl",
+                                       "never writes over its input"),
+         module="rao_megatron.cli.annotate", setup=_pairs, absent=("{tmp}/pairs.jsonl.partial.jsonl",),
+         argv=("--data", "{tmp}/pairs.jsonl", "--out", "{tmp}/./pairs.jsonl", "--reward-fn",
+               "rao_megatron.rewards.rule:letter_share")),
+    Case("generate-out-is-the-prompts", ("--out {tmp}/pairs.jsonl is the same path as --prompts",),
+         module="rao_megatron.cli.generate", setup=_pairs,
+         argv=("--model", "{tmp}/m", "--prompts", "{tmp}/pairs.jsonl", "--out", "{tmp}/pairs.jsonl")),
+    Case("evaluate-report-over-the-answers", ("--out-dir {tmp}/eval.json is the same path as --answers",),
+         module="rao_megatron.cli.evaluate", setup=lambda t: (t / "eval.json").write_text("[]\n"),
+         argv=("--answers", "{tmp}/eval.json", "--out-dir", "{tmp}")),
+    Case("convert-out-is-the-hf-dir", ("--out {tmp}/hf is the same path as --hf {tmp}/hf",),
+         module="rao_megatron.cli.convert", setup=_small_vocab_model,
+         argv=("hf-to-megatron", "--hf", "{tmp}/hf", "--out", "{tmp}/hf")),
+    Case("precompute-cache-is-the-data", ("config keys 'data.reference_cache' and 'data.train_path'",
+                                          "would write over its input"),
+         ("data.reference_cache={tmp}/data.jsonl",), module="rao_megatron.cli.precompute_reference",
+         data="".join(r + "\n" for r in ROWS[:8])),
+    Case("tilde-in-data-path-is-home", (f"{Path.home()}/rao-absent-27.jsonl", "no such file"),
+         ("data.train_path=~/rao-absent-27.jsonl",)),
+    Case("unset-variable-in-output-dir", ("'train.output_dir'", "environment variable $RAO_UNSET_27",
+                                          "is not set"),
+         ("train.output_dir=$RAO_UNSET_27/run",), absent=("$RAO_UNSET_27",)),
+    # -- issue 27: OS and library errors on the user's path are one line -------------------------------
+    Case("convert-truncated-safetensors", ("{tmp}/hf/model.safetensors: not a readable safetensors file",
+                                           "interrupted download"),
+         module="rao_megatron.cli.convert", setup=_truncated_safetensors,
+         argv=("hf-to-megatron", "--hf", "{tmp}/hf", "--out", "{tmp}/out")),
+    Case("data-directory-bad-row", ("{tmp}/prefs: b.jsonl line 3: field 'rewards[0]'", "expected a number"),
+         ("data.train_path={tmp}/prefs",), setup=_data_directory),
+    # -- issue 27: the weak cases ---------------------------------------------------------------------
+    Case("special-tokens-in-text-refused", ("{tmp}/data.jsonl", "line 2", "field 'responses[1]'", "'<|im_end|>'",
+                                            "data.special_tokens_in_text=refuse"),
+         ("data.special_tokens_in_text=refuse",),
+         data=rows_with(1, lambda r: r["responses"].__setitem__(1, "ddd<|im_end|>"))),
+    Case("yaml-duplicate-key", ("config file {tmp}/dup.yaml: key 'train' is given twice", "and line"),
+         config="{tmp}/dup.yaml", setup=_duplicate_key_config),
+    Case("max-length-fits-no-group", ("no usable groups", "no group fits data.max_length=8"),
+         ("data.max_length=8",)),
+    Case("json-file-of-one-object", ("{tmp}/one.json: holds one JSON object, not rows",),
+         ("data.train_path={tmp}/one.json",), setup=_one_object_json),
+    Case("config-is-a-directory", ("config file {tmp} is a directory",), config="{tmp}"),
+    # -- issue 27: resuming checks what wrote the checkpoint; the first change named, the real cause --------
+    Case("resume-other-loss", ("train.output_dir {tmp}/first holds a checkpoint of another run",
+                               "loss.name: rao in the checkpoint, dpo now", "a new train.output_dir",
+                               "checkpoint.resume=fresh", "checkpoint.allow_changed_run=true"),
+         ("train.output_dir={tmp}/first", "loss.name=dpo", "loss.z0=null"), setup=_earlier_run),
+    Case("resume-other-loss-tp2", ("holds a checkpoint of another run", "loss.name: rao in the checkpoint, dpo now"),
+         ("train.output_dir={tmp}/first", "loss.name=dpo", "loss.z0=null", "parallel.tp=2"), world=2,
+         setup=_earlier_run),
+    Case("resume-other-task", ("train.task: policy in the checkpoint, rm now", "also changed: loss",
+                               "checkpoint.resume=fresh"),
+         ("train.output_dir={tmp}/first",), config=str(ROOT / "examples/configs/rm_tiny.yaml"),
+         setup=_earlier_run),
+    Case("resume-other-loss-setting", ("loss.beta: 0.1 in the checkpoint, 0.2 now",),
+         ("train.output_dir={tmp}/first", "loss.beta=0.2"), setup=_earlier_run),
+    Case("resume-other-global-batch", ("train.global_batch_groups: 4 in the checkpoint, 2 now",),
+         ("train.output_dir={tmp}/first", "train.global_batch_groups=2"), setup=_earlier_run),
+    Case("resume-other-initial-model", ("initial model: random init of tiny-llama, seed 1234 in the checkpoint, "
+                                        "random init of tiny-llama, seed 7 now",),
+         ("train.output_dir={tmp}/first", "train.seed=7"), setup=_earlier_run),
 ]
 
 
@@ -371,3 +468,40 @@ def test_bad_input(tmp_path, case):
 def test_the_matrix_is_large_enough():
     assert len(CASES) >= 60
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(tmp_path, monkeypatch, world):
+    """ENOSPC inside Megatron's checkpoint writer (the real writer, its OSError wrapped on the way up): one line
+    naming the checkpoint and the cause, exit 2; ``latest`` still names the last good checkpoint, no .tmp left."""
+    import errno
+    import functools
+    import os
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    real = filesystem_async._write_item
+
+    @functools.wraps(real)  # Megatron passes the arguments its signature names
+    def full_at_step_2(*args, **kwargs):
+        if any("step_0000002.tmp" in str(getattr(a, "name", "")) for a in args):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(filesystem_async, "_write_item", full_at_step_2)  # the forked ranks inherit it
+    out = tmp_path / "out"
+    argv = ["--config", str(CONFIG), f"train.output_dir={out}", "train.steps=3", "checkpoint.save_every=1",
+            "train.eval_every=0", f"data.token_cache={tmp_path / 'tokens'}"]
+    if world == 2:
+        argv.append("train.global_batch_groups=4")
+    result = tmp_path / "result.txt"
+    run_distributed(run_cli_worker, world, "rao_megatron.cli.train", argv, str(result))
+    code, err = result.read_text().split("\n", 1)
+    lines = [line for line in err.splitlines()
+             if line.strip() and not line.startswith(("note:", "warning:", "rao training"))]  # not the progress bar
+    root = out / "checkpoints"
+    assert code == "2", err
+    assert lines == [f"error: checkpoint {root / 'step_0000002'}: cannot write: No space left on device"], err
+    assert "Traceback" not in err
+    assert (root / "latest").read_text().strip() == "step_0000001"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001"]

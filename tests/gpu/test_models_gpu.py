@@ -25,9 +25,11 @@ def _is_te(cls: type) -> bool:
 def build_and_report(out: str) -> None:
     """Child process: build each task's chunks in bf16 through the engine, run a forward, write what was seen."""
     from rao_megatron.models import output_weight, tiny_hf_config, unwrap_model
+    from rao_megatron.parallel.startup import init_distributed
     from rao_megatron.parallel.state import initialize_model_parallel
     from rao_megatron.training.engine import build_model_chunks
 
+    init_distributed(timeout_s=600)
     initialize_model_parallel(tp=1, pp=1)
     hf = tiny_hf_config("llama")
     tokens = torch.randint(3, hf.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0)).cuda()

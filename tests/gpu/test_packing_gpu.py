@@ -25,10 +25,12 @@ def compare(out: str) -> None:
     sys.path.insert(0, str(REPO))
     from rao_megatron.models.hf_state import load_hf_state_dict_into_megatron
     from rao_megatron.models.provider import uses_thd
+    from rao_megatron.parallel.startup import init_distributed
     from rao_megatron.parallel.state import initialize_model_parallel
     from rao_megatron.training.engine import build_model_chunks, sequence_logps
     from tests.distributed.engine_cases import microbatches, synthetic_groups, tiny_model
 
+    init_distributed(timeout_s=600)
     initialize_model_parallel(tp=1, pp=1)
     cfg, sd = tiny_model(tied=True)
     # Weights x3 (every matrix): at the tiny model's init scale attention is almost uniform and every

@@ -1,4 +1,5 @@
-"""Reward calibration (losses/calibration.py, LossConfig.build, the start-up lines) against hand computations."""
+"""Reward calibration (losses/calibration.py, RAO's hooks in losses/rao.py through LossConfig.build, the start-up
+lines and the watch over each step) against hand computations."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from rao_megatron.losses.calibration import (
     normalization_affine,
     target_range,
 )
-from rao_megatron.training.preflight import calibration_lines, log_z_drift_line, reward_calibration
+from rao_megatron.training.preflight import calibration_lines, reward_calibration
 
 #: three groups: rewards differ in the first two, the third is all tied (e.g. every answer wrong)
 REWARDS = [[2.0, 6.0], [3.0, 4.0, 5.0], [2.0, 2.0]]
@@ -141,15 +142,19 @@ def test_startup_lines_match_a_hand_computation():
 
 
 def test_log_z_drift_warns_past_two_nats_and_only_with_prefix_consistency():
+    def drift(loss, step, log_z):  # what the trainer asks the bound loss each step: its watch over the record
+        return loss.watch(step, {"step": step, "loss": 1.0} if log_z is None else {"step": step, "log_z": log_z})
+
     rao = load_config(None, ["loss.name=rao", "loss.beta=0.1", "loss.log_z0=1.5"]).loss.build()
-    assert log_z_drift_line(rao, 3, 1.5 + 1.99) is None and log_z_drift_line(rao, 3, 1.5 - 1.99) is None
-    line = log_z_drift_line(rao, 7, 1.5 - 2.25)
+    assert drift(rao, 3, 1.5 + 1.99) is None and drift(rao, 3, 1.5 - 1.99) is None
+    line = drift(rao, 7, 1.5 - 2.25)
     assert line.startswith("warning: step 7: RAO's log Z has moved -2.25 nats from log_z0 1.5 ")
     assert "loss.prefix_consistency=false" in line
-    assert log_z_drift_line(rao, 7, 1.5 + 2.25).startswith("warning: step 7: RAO's log Z has moved +2.25 nats")
-    assert log_z_drift_line(rao, 7, None) is None  # a step without metrics (skipped update)
+    assert drift(rao, 7, 1.5 + 2.25).startswith("warning: step 7: RAO's log Z has moved +2.25 nats")
+    assert drift(rao, 7, None) is None  # a step without metrics (skipped update)
+    assert rao.watch(7, {"log_z": None}) is None
     z0 = load_config(None, ["loss.name=rao", "loss.z0=50"]).loss.build()  # log_z0 = ln 50 = 3.912
-    assert log_z_drift_line(z0, 1, 3.912 + 2.5) is not None and log_z_drift_line(z0, 1, 3.912 + 1.5) is None
+    assert drift(z0, 1, 3.912 + 2.5) is not None and drift(z0, 1, 3.912 + 1.5) is None
     fixed = load_config(None, ["loss.name=rao", "loss.log_z0=1.5", "loss.prefix_consistency=false"]).loss.build()
-    assert log_z_drift_line(fixed, 7, -10.0) is None  # held at log_z0: nothing drifts
-    assert log_z_drift_line(load_config(None, ["loss.name=dpo"]).loss.build(), 7, -10.0) is None
+    assert drift(fixed, 7, -10.0) is None  # held at log_z0: nothing drifts
+    assert drift(load_config(None, ["loss.name=dpo"]).loss.build(), 7, -10.0) is None

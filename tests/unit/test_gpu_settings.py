@@ -22,7 +22,7 @@ import torch
 
 from rao_megatron.config import ConfigError, load_config
 from rao_megatron.models import hf_config, tiny_hf_config, transformer_config_from_hf
-from rao_megatron.parallel import startup
+from rao_megatron.parallel import device, startup
 from rao_megatron.parallel.device import force_compute_device
 from rao_megatron.parallel.launch import run_distributed
 from rao_megatron.training import engine
@@ -46,10 +46,16 @@ def compute_device(device: str):
 
 
 def test_transformer_engine_on_cuda_needs_both(monkeypatch):
-    for device, te, expected in (("cuda", True, True), ("cuda", False, False), ("cpu", True, False)):
-        monkeypatch.setattr(hf_config, "_transformer_engine_installed", lambda te=te: te)
-        with compute_device(device):
-            assert hf_config.transformer_engine_on_cuda() is expected, (device, te)
+    """The one rule behind the TE layer spec, the fused kernels and THD attention for packed batches."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    for where, te, expected in (("cuda", True, True), ("cuda", False, False), ("cpu", True, False)):
+        spec = object() if te else None
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a, spec=spec: spec if name == "transformer_engine" else real(name, *a))
+        with compute_device(where):
+            assert device.transformer_engine_on_cuda() is expected, (where, te)
 
 
 def test_every_fusion_is_off_on_the_cpu():
@@ -62,7 +68,7 @@ def _simulate_te_on_cuda(monkeypatch, apex: bool) -> None:
     checks it (a stand-in function: ``__post_init__`` only asks that it exists)."""
     from megatron.core.models.common.embeddings import rope_utils
 
-    monkeypatch.setattr(hf_config, "_transformer_engine_installed", lambda: True)
+    monkeypatch.setattr(device, "transformer_engine_installed", lambda: True)
     monkeypatch.setattr(hf_config, "_apex_wgrad_fusion_installed", lambda: apex)
     monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", lambda *a, **k: None)
     monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb_thd", lambda *a, **k: None)
@@ -92,6 +98,34 @@ def test_fused_false_keeps_the_kernels_off_on_cuda(monkeypatch):
         override = transformer_config_from_hf(tiny_hf_config("llama"), bias_dropout_fusion=False)
     assert not any(getattr(off, name) for name in FUSIONS)
     assert override.apply_rope_fusion and not override.bias_dropout_fusion
+
+
+class _Built(Exception):
+    pass
+
+
+@pytest.mark.parametrize("use_te", [False, True])
+def test_a_model_gets_the_fused_kernels_with_the_te_spec_only(monkeypatch, use_te):
+    """``build_gpt_model(use_te=False)`` on a CUDA machine with TE builds the local spec: no TE fusions for it."""
+    from megatron.core import parallel_state as ps
+
+    from rao_megatron.models import provider
+
+    for name in ("get_tensor_model_parallel_world_size", "get_pipeline_model_parallel_world_size",
+                 "get_expert_model_parallel_world_size", "get_expert_tensor_parallel_world_size"):
+        monkeypatch.setattr(ps, name, lambda *a, **k: 1)
+    monkeypatch.setattr(ps, "get_virtual_pipeline_model_parallel_world_size", lambda *a, **k: None)
+    seen: dict[str, Any] = {}
+
+    def config_from_hf(cfg: Any, **kwargs: Any) -> None:
+        seen.update(kwargs)
+        raise _Built
+
+    monkeypatch.setattr(provider, "transformer_config_from_hf", config_from_hf)
+    monkeypatch.setattr(device, "transformer_engine_installed", lambda: True)
+    with compute_device("cuda"), pytest.raises(_Built):
+        provider.build_gpt_model(tiny_hf_config("llama"), use_te=use_te)
+    assert seen["fused"] is use_te
 
 
 # ---------------------------------------------------------------- B: DDP
@@ -198,7 +232,7 @@ def _train_worker(tmp: str, overlap: bool, bucket_size: int | None, out: str, re
     records = [trainer.train_step() for _ in range(2)]
     stale = _flat_params(trainer.chunks)
     path = trainer.save_checkpoint()
-    saved = engine.build_model_chunks(trainer.hf_config, task="reference")
+    saved = engine.build_model_chunks(trainer.arch, task="reference")
     load_model_checkpoint(saved, path)
     if dist.get_rank() == 0:
         torch.save({"losses": [r["loss"] for r in records], "stale": stale, "synced": _flat_params(trainer.chunks),
@@ -284,40 +318,26 @@ def test_interleaved_schedule_with_aligned_param_gathers_trains_like_the_plain_o
 # ---------------------------------------------------------------- C: packed batches need bf16 on CUDA
 
 
-def _start_without_processes(monkeypatch, thd: bool) -> None:
-    from rao_megatron.parallel import state
-
-    monkeypatch.setattr(startup, "init_distributed", lambda *a, **k: None)
-    monkeypatch.setattr(startup, "check_layout", lambda cfg: None)
-    monkeypatch.setattr(state, "initialize_model_parallel", lambda **k: None)
-    monkeypatch.setattr(startup, "thd_attention", lambda: thd)
-
-
-def test_fp32_packing_is_refused_at_start_up_on_cuda(monkeypatch):
-    _start_without_processes(monkeypatch, thd=True)
+def test_fp32_packing_is_refused_on_cuda():
+    config = load_config(TINY)  # fp32, packing on (the defaults)
     with pytest.raises(ConfigError) as e:
-        startup.start(load_config(TINY))  # fp32, packing on (the defaults)
+        startup.check_packing_dtype(config.data.packing, config.model.dtype, thd=True)
     assert "data.packing=true" in str(e.value) and "model.dtype=bf16" in str(e.value)
     assert "\n" not in str(e.value)
-    startup.start(load_config(TINY, ["model.dtype=bf16"]))
-    startup.start(load_config(TINY, ["data.packing=false"]))
+    startup.check_packing_dtype(True, "bf16", thd=True)
+    startup.check_packing_dtype(False, "fp32", thd=True)
 
 
-def test_fp32_packing_runs_on_the_cpu(monkeypatch):
-    _start_without_processes(monkeypatch, thd=False)
-    startup.start(load_config(TINY))
+def test_fp32_packing_runs_on_the_cpu():
+    startup.check_packing_dtype(True, "fp32", thd=False)
 
 
-def test_thd_attention_means_cuda_and_transformer_engine(monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    for device, te, expected in (("cuda", True, True), ("cuda", False, False), ("cpu", True, False)):
-        spec = object() if te else None
-        monkeypatch.setattr(importlib.util, "find_spec",
-                            lambda name, *a, spec=spec: spec if name == "transformer_engine" else real(name, *a))
-        with compute_device(device):
-            assert startup.thd_attention() is expected, (device, te)
+def test_packing_dtype_asks_the_device_rule(monkeypatch):
+    monkeypatch.setattr(startup, "transformer_engine_on_cuda", lambda: True)
+    with pytest.raises(ConfigError):
+        startup.check_packing_dtype(True, "fp32")
+    monkeypatch.setattr(startup, "transformer_engine_on_cuda", lambda: False)
+    startup.check_packing_dtype(True, "fp32")
 
 
 @pytest.mark.parametrize("dtype,thd,packs", [("fp32", True, False), ("bf16", True, True), ("fp32", False, True)])

@@ -110,6 +110,57 @@ def test_tools_and_benchmarks_import_known_layers() -> None:
     assert not problems, "\n".join(problems)
 
 
+def module_cycles(package: Path = PACKAGE) -> list[list[str]]:
+    """Groups of the package's modules that import each other, directly or around a loop (any import, top
+    level or inside a function; ``from pkg import module`` counts as importing the module). Packages'
+    ``__init__`` files are left out: importing a submodule runs them anyway."""
+    paths = {".".join((package.name, *p.relative_to(package).with_suffix("").parts)): p
+             for p in sorted(package.rglob("*.py")) if p.name != "__init__.py"}
+    edges: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        edges[name] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(name.split(".")[: -node.level] + ([node.module] if node.module else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base for a in node.names]
+            else:
+                continue
+            edges[name] |= {t for t in targets if t in paths and t != name}
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in edges[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    reachable = {name: reach(name) for name in paths}
+    groups = {frozenset(n for n in paths if n in reachable[m] and m in reachable[n]) for m in paths}
+    return sorted(sorted(g) for g in groups if len(g) > 1)
+
+
+def test_no_import_cycles() -> None:
+    """A lower module never imports the one above it, not even inside a function (parallel.state is Megatron's
+    groups, parallel.startup the process start-up that uses them)."""
+    cycles = module_cycles()
+    assert not cycles, "modules that import each other: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_an_import_cycle_is_caught(tmp_path) -> None:
+    import shutil
+
+    copy = tmp_path / "rao_megatron"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__", "*.json"))
+    target = copy / "parallel" / "state.py"
+    target.write_text(target.read_text() + "\n\ndef _start():\n    from rao_megatron.parallel import startup\n")
+    assert ["rao_megatron.parallel.startup", "rao_megatron.parallel.state"] in module_cycles(copy)
+
+
 def test_package_root_holds_folders_and_config_only() -> None:
     stray = sorted(p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "config.py"))
     assert not stray, f"modules at the package root: {stray}; commands go to cli/, library code to its folder"

@@ -214,7 +214,7 @@ def test_round_trip_is_bit_exact(case: str) -> None:
 
 @single_rank
 def test_world_size_not_divisible_is_reported() -> None:
-    with pytest.raises(ValueError, match=r"world size 1 .* tensor_parallel=2 x pipeline_parallel=1"):
+    with pytest.raises(ValueError, match=r"world size 1 is not divisible by parallel.tp × parallel.pp = 2 × 1"):
         initialize_model_parallel(tp=2, pp=1)
 
 

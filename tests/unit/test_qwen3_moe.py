@@ -29,7 +29,7 @@ from rao_megatron.models.hf_config import (
     transformer_config_from_hf,
 )
 from rao_megatron.models.hf_mappings import ModelDims, hf_checkpoint_layout, mappings_for
-from rao_megatron.parallel.state import check_expert_world
+from rao_megatron.parallel.state import check_world
 
 # ---------------------------------------------------------------- HF config -> TransformerConfig
 
@@ -95,9 +95,9 @@ def test_world_sizes_for_expert_layouts() -> None:
     assert conversion_world_size(2, 1, ep=2, etp=1) == 2
     assert conversion_world_size(1, 2, ep=2, etp=2) == 8
     assert conversion_world_size(2, 2) == 4
-    check_expert_world(4, tp=1, pp=2, ep=2)
-    with pytest.raises(ValueError, match="expert_tensor_parallel=1 x expert_parallel=4 x pipeline_parallel=1"):
-        check_expert_world(2, tp=1, pp=1, ep=4)
+    check_world(4, tp=1, pp=2, ep=2)
+    with pytest.raises(ValueError, match="parallel.etp × parallel.ep × parallel.pp = 1 × 4 × 1"):
+        check_world(2, tp=1, pp=1, ep=4)
 
 
 # ---------------------------------------------------------------- mapping tables vs real checkpoint files

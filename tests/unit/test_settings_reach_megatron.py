@@ -44,7 +44,9 @@ def _trainer_settings(tmp: str) -> None:
     for key in ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "clip_grad"):
         assert getattr(opt, key) == getattr(t, key), key
     sched = trainer.scheduler
-    assert (sched.lr_warmup_steps, sched.lr_decay_steps) == (t.warmup_steps, t.steps)
+    # warm-up: the first update at lr / warmup_steps, reached through Megatron's init_lr (loop.build_optimizer)
+    assert (sched.lr_warmup_steps + 1, sched.lr_decay_steps) == (t.warmup_steps, t.steps)
+    assert trainer.optimizer.param_groups[0]["lr"] == t.lr / t.warmup_steps
     assert trainer.logprobs.impl == trainer.cfg.model.logprob_impl
     assert trainer.logprobs.chunk_size == trainer.cfg.model.logprob_chunk_size
 

@@ -12,8 +12,10 @@ from typing import Any
 
 def init_single_rank() -> None:
     """One NCCL rank and Megatron's TP1/PP1 groups (Context.worker sets RANK, MASTER_PORT, ...)."""
+    from rao_megatron.parallel.startup import init_distributed
     from rao_megatron.parallel.state import initialize_model_parallel
 
+    init_distributed(timeout_s=600)
     initialize_model_parallel(tp=1, pp=1)
 
 

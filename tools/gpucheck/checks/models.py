@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..harness import FAIL, PASS, Check, Context, Results, Row
 from ..judge import finite
 from ..workers import init_single_rank, te_layer_types, token_logprobs
+
+if TYPE_CHECKING:
+    from rao_megatron.models import ModelArch
 
 
 def judge_placement(name: str, info: dict[str, Any], seconds: float = 0.0) -> Row:
@@ -105,7 +108,7 @@ def _placement(chunks: list[Any]) -> dict[str, Any]:
     return info
 
 
-def _build_and_probe(hf_config: Any, task: str, built: dict[str, Any]) -> dict[str, Any]:
+def _build_and_probe(arch: ModelArch, task: str, built: dict[str, Any]) -> dict[str, Any]:
     """Build ``task``'s chunks in bf16 through the engine, report placement, run a forward (and backward)."""
     import torch
 
@@ -113,7 +116,7 @@ def _build_and_probe(hf_config: Any, task: str, built: dict[str, Any]) -> dict[s
     from rao_megatron.training.engine import build_model_chunks
 
     configured_sp = False  # TP1: Megatron refuses sequence parallelism without TP (multi_gpu tests TP2 + SP)
-    chunks = build_model_chunks(hf_config, task=task, params_dtype=torch.bfloat16, sequence_parallel=configured_sp,
+    chunks = build_model_chunks(arch, task=task, params_dtype=torch.bfloat16, sequence_parallel=configured_sp,
                                 distributed_optimizer=True if task != "reference" else None)
     built[task] = chunks
     model = unwrap_model(chunks[0])
@@ -122,7 +125,7 @@ def _build_and_probe(hf_config: Any, task: str, built: dict[str, Any]) -> dict[s
                 sequence_parallel_expected=configured_sp,
                 distributed_optimizer=getattr(getattr(chunks[0], "ddp_config", None), "use_distributed_optimizer", None))
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(3, hf_config.vocab_size, (2, 32), generator=gen).cuda()
+    tokens = torch.randint(3, arch.vocab_size, (2, 32), generator=gen).cuda()
     positions = torch.arange(32, device="cuda").expand(2, 32).contiguous()
     with torch.set_grad_enabled(task == "policy"):
         out = chunks[0](tokens, positions, None)
@@ -132,7 +135,7 @@ def _build_and_probe(hf_config: Any, task: str, built: dict[str, Any]) -> dict[s
             return info
         labels = torch.roll(tokens, -1, dims=1)
         labels[:, -1] = -100
-        lp = token_logprobs(model, out, labels, hf_config.vocab_size)
+        lp = token_logprobs(model, out, labels, arch.vocab_size)
         info.update(finite=bool(torch.isfinite(lp).all()), mean_token_logprob=float(lp.detach()[:, :-1].mean()))
         if task == "policy":
             lp.sum().backward()
@@ -147,7 +150,7 @@ def _build_and_probe(hf_config: Any, task: str, built: dict[str, Any]) -> dict[s
     return info
 
 
-def _score_with_reward_model(rm_chunks: Any, hf_config: Any, work: Path) -> dict[str, Any]:
+def _score_with_reward_model(rm_chunks: Any, arch: ModelArch, work: Path) -> dict[str, Any]:
     """Save the bf16 reward model, load it through ModelScorer and annotate one group of 2 responses."""
     from rao_megatron.models.checkpoint import save_model_checkpoint
     from rao_megatron.rewards.annotate import annotate
@@ -156,7 +159,7 @@ def _score_with_reward_model(rm_chunks: Any, hf_config: Any, work: Path) -> dict
     if rm_chunks is None:
         raise RuntimeError("the reward model was not built")
     ckpt = work / "rm_checkpoint"
-    meta = {"hf_config": hf_config.to_dict(), "task": "rm", "dtype": "bf16", "tokenizer": None}
+    meta = {"hf_config": arch.hf_dict, "task": "rm", "dtype": "bf16", "tokenizer": None}
     save_model_checkpoint(rm_chunks, ckpt, meta)
     scorer = ModelScorer(ckpt, batch_size=2, max_length=64)
     data, out = work / "to_score.jsonl", work / "scored.jsonl"
@@ -170,17 +173,17 @@ def _score_with_reward_model(rm_chunks: Any, hf_config: Any, work: Path) -> dict
 
 def worker_models(a: dict[str, Any]) -> None:
     from rao_megatron.data import load_tokenizer
-    from rao_megatron.models import tiny_hf_config
+    from rao_megatron.models import ModelArch, tiny_hf_config
 
     res = Results(a["result"])
     init_single_rank()
     tok = load_tokenizer(None)  # the tiny tokenizer, as the tiny training runs use it
-    hf_config = tiny_hf_config("llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    arch = ModelArch.from_hf(tiny_hf_config("llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     built: dict[str, Any] = {}
     for task in ("policy", "reference", "rm"):
-        res.section(task, lambda task=task: _build_and_probe(hf_config, task, built))
-    res.section("scorer", lambda: _score_with_reward_model(built.get("rm"), hf_config, Path(a["dir"])))
+        res.section(task, lambda task=task: _build_and_probe(arch, task, built))
+    res.section("scorer", lambda: _score_with_reward_model(built.get("rm"), arch, Path(a["dir"])))
 
 
 WORKERS = {"models": worker_models}

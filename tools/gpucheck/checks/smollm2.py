@@ -80,14 +80,14 @@ SMOLLM2_TEXTS = (
 def _smollm2_batch(tok: Any, work: Path) -> dict[str, Any]:
     """The texts tokenized as training tokenizes data (chat template, response + end-of-turn), in one micro-batch."""
     from rao_megatron.data import collate_sequences, read_examples, tokenize_examples
+    from rao_megatron.data.tokenizer import pad_id
 
     data = work / "smollm2_texts.jsonl"
     data.write_text("".join(json.dumps({"prompt": q, "responses": [a]}) + "\n" for q, a in SMOLLM2_TEXTS))
     groups, _ = tokenize_examples(read_examples(data), tok, max_length=512)
     prompts, responses = [g.prompt_ids for g in groups], [g.responses[0] for g in groups]
     longest = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return collate_sequences(prompts, responses, seq_length=-(-longest // 16) * 16, pad_id=pad,
+    return collate_sequences(prompts, responses, seq_length=-(-longest // 16) * 16, pad_id=pad_id(tok),
                              group_ids=list(range(len(prompts))))
 
 
