@@ -10,7 +10,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import (
-    gather_from_tensor_model_parallel_region,
     vocab_parallel_cross_entropy,
 )
 from transformers import AutoModelForCausalLM, LlamaForSequenceClassification
@@ -28,6 +27,8 @@ from rao_megatron.models import (
 )
 from rao_megatron.parallel.launch import run_distributed
 from rao_megatron.parallel.state import destroy_model_parallel, initialize_model_parallel
+
+from .engine_cases import schedule_forward
 
 pytestmark = pytest.mark.distributed
 
@@ -62,31 +63,6 @@ def _build_chunks(cfg: Any, builder: Any = build_gpt_model) -> list[torch.nn.Mod
     return [builder(cfg, vp_stage=v) for v in ([None] if vpp is None else range(vpp))]
 
 
-def _schedule_forward(chunks: list[torch.nn.Module], ids: torch.Tensor) -> torch.Tensor | None:
-    """Forward-only pipeline run, one sequence per micro-batch; TP-gathered outputs [B, S, *] on the last stage."""
-    micro = [ids[i: i + 1] for i in range(ids.shape[0])]
-    pos = torch.arange(ids.shape[1]).unsqueeze(0)
-
-    def step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
-        out = model(next(data_iterator), pos, None)
-
-        def collect(o: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            if o.shape[-1] > 1:  # vocab-parallel logits
-                o = gather_from_tensor_model_parallel_region(o)
-            return o.sum() * 0, {"out": o.detach()}
-
-        return out, collect
-
-    iters: Any = [iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro)
-    for c in chunks:
-        c.eval()
-    with torch.no_grad():
-        res = get_forward_backward_func()(
-            forward_step_func=step, data_iterator=iters, model=chunks, num_microbatches=len(micro),
-            seq_length=ids.shape[1], micro_batch_size=1, forward_only=True)
-    return torch.cat([r["out"] for r in res]) if ps.is_pipeline_last_stage() else None
-
-
 # ---------------------------------------------------------------- logits + round trip per layout
 
 
@@ -98,7 +74,7 @@ def _logits_worker(tp: int, pp: int, vpp: int | None) -> None:
         chunks = _build_chunks(cfg)
         load_hf_state_dict_into_megatron(chunks, hf_sd, cfg)
         ids = _tokens(cfg.vocab_size)
-        logits = _schedule_forward(chunks, ids)
+        logits = schedule_forward(chunks, ids)
         if logits is not None:
             with torch.no_grad():
                 ref = hf(ids).logits
@@ -139,10 +115,10 @@ def _reward_worker(tp: int, out_path: str) -> None:
     causal_sd = {k: v for k, v in hf.state_dict().items() if not k.startswith("score.")}
     model = build_reward_model(cfg)
     assert load_hf_state_dict_into_megatron(model, causal_sd, cfg) == ["output_layer.weight"]
-    scores_init = reward_scores(_schedule_forward([model], ids), lengths=lengths)
+    scores_init = reward_scores(schedule_forward([model], ids), lengths=lengths)
     # 2) head from the HF sequence classifier
     load_hf_state_dict_into_megatron(model, hf.state_dict(), cfg)
-    scores = reward_scores(_schedule_forward([model], ids), lengths=lengths)
+    scores = reward_scores(schedule_forward([model], ids), lengths=lengths)
     with torch.no_grad():
         torch.testing.assert_close(scores, hf(ids).logits.squeeze(-1), rtol=0, atol=1e-5)
     if dist.get_rank() == 0:
