@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import errno
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import types
 import typing
 from collections.abc import Iterator
@@ -118,7 +121,7 @@ class LossConfig:
         ``reward_stats`` when they are known: rewards mapped by ``reward_normalization``, and the loss's own
         ``calibrate`` hook deriving what it derives from them (RAO: ``log_z0``, when neither ``log_z0`` nor ``z0``
         is set; ``losses.calibration``)."""
-        from rao_megatron.losses import get_loss
+        from rao_megatron.losses import get_loss  # heavy: torch; config.py alone loads none
         from rao_megatron.losses.calibration import RewardStats, normalization_affine
 
         spec = get_loss(self.name)
@@ -399,7 +402,7 @@ def validate(cfg: Config, where: str = "", cli_keys: frozenset[str] = frozenset(
     it comes from the YAML file (a config written for another loss, run with ``loss.name=...``), it is
     dropped with a note, so one file serves every loss.
     """
-    from rao_megatron.losses import get_loss
+    from rao_megatron.losses import get_loss  # heavy: torch
 
     try:
         spec = get_loss(cfg.loss.name)
@@ -419,7 +422,7 @@ def validate(cfg: Config, where: str = "", cli_keys: frozenset[str] = frozenset(
         hint = "give one of the two, not both" if len(clash) == 2 else "give one of them"
         raise ConfigError(f"config keys {keys}{where}: {hint}")
     if cfg.loss.reward_stats is not None:
-        from rao_megatron.losses.calibration import RewardStats
+        from rao_megatron.losses.calibration import RewardStats  # heavy: torch
 
         try:
             RewardStats.from_dict(cfg.loss.reward_stats)
@@ -575,8 +578,6 @@ def _error_chain(e: BaseException) -> list[BaseException]:
 
 
 def _free_bytes(path: str | os.PathLike) -> int | None:
-    import shutil
-
     p = Path(path)
     while not p.exists() and p != p.parent:
         p = p.parent
@@ -595,8 +596,6 @@ def write_failure(e: BaseException, path: str | os.PathLike) -> str | None:
     every rank's failure). Where the errno is lost (``torch.save`` to a path), a nearly full file system is
     the cause, else the library's own line is given.
     """
-    import errno as errno_
-
     chain = _error_chain(e)
     for x in chain:
         if isinstance(x, OSError) and x.errno is not None and not isinstance(x, ConnectionError):
@@ -613,15 +612,13 @@ def write_failure(e: BaseException, path: str | os.PathLike) -> str | None:
         return None  # not a failed write (a bug in a writer, an interrupt): raised as it is
     free = _free_bytes(path)
     if free is not None and free < LOW_SPACE_BYTES:
-        return f"{os.strerror(errno_.ENOSPC)} ({free >> 20} MiB free)"
+        return f"{os.strerror(errno.ENOSPC)} ({free >> 20} MiB free)"
     if torch_write is None:
         return "another rank's write failed (the first rank's error names the cause)"
     return f"the write failed ({torch_write}); is the file system full, over quota or failing?"
 
 
 def _remove(path: Path) -> None:
-    import shutil
-
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -682,8 +679,6 @@ def check_writable(path: str | os.PathLike, what: str, *, directory: bool = True
     nearest existing ancestor must take new entries: probed by creating and removing a temporary file
     there, so permission bits, read-only mounts and root-squashed shares all count.
     """
-    import tempfile
-
     p = Path(path)
     if directory and p.exists() and not p.is_dir():
         raise ConfigError(f"{what}: {p} is a file, not a directory{hint}")

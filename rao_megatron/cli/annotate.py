@@ -19,7 +19,11 @@ import argparse
 import sys
 
 from rao_megatron.cli.common import path_option, refuse_overwrite, run_cli
+from rao_megatron.config import check_writable
 from rao_megatron.data.formats import FORMATS
+from rao_megatron.rewards.annotate import annotate, state_paths
+from rao_megatron.rewards.rule import load_reward_fn
+from rao_megatron.rewards.scorers import RuleScorer, start_model_scorer
 
 
 def parser() -> argparse.ArgumentParser:
@@ -50,22 +54,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rao_megatron.config import check_writable
-    from rao_megatron.rewards.annotate import annotate, state_paths
-
     # the output and its side files (partial, rejected, progress) never replace the input
     refuse_overwrite({"--out": list(state_paths(args.out).values())}, {"--data": args.data})
     check_writable(args.out, "--out", directory=False)  # before a reward model is loaded or a row scored
 
     if args.reward_model:
-        from rao_megatron.rewards.scorers import start_model_scorer
-
         scorer = start_model_scorer(args.reward_model, tp=args.tp, pp=args.pp, batch_size=args.batch_size,
                                     max_length=args.max_length, tokenizer=args.tokenizer)
     else:
-        from rao_megatron.rewards.rule import load_reward_fn
-        from rao_megatron.rewards.scorers import RuleScorer
-
         if args.tp != 1 or args.pp != 1:
             raise ValueError("--tp / --pp apply to --reward-model only")
         scorer = RuleScorer(load_reward_fn(args.reward_fn), args.reward_fn)

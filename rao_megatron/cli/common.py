@@ -11,6 +11,8 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from rao_megatron.config import ConfigError, expand_path, same_path
+
 # Megatron-Core announces each CPU fallback (no Transformer Engine / apex) at import; on a CPU box that
 # is the expected set-up, and the dozen lines bury the tool's own output.
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex|apex).*(not installed|Falling back)")
@@ -34,12 +36,13 @@ _PRINTED_KEY = "rao_megatron/user_error_printed"
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    from rao_megatron.config import ConfigError
-    from rao_megatron.training.reference_cache import ReferenceCacheError
+    from rao_megatron.training.reference_cache import (
+        ReferenceCacheError,  # heavy: torch; every command imports this module before parsing
+    )
 
     types: list[type[BaseException]] = [ConfigError, ReferenceCacheError, FileNotFoundError, ValueError, KeyError]
     try:
-        from rao_megatron.data.errors import DataError
+        from rao_megatron.data.errors import DataError  # heavy: torch, transformers (the data package)
 
         types.insert(0, DataError)
     except ImportError:  # pragma: no cover - the data package is always present in a full install
@@ -49,7 +52,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 def _error_store() -> Any:
     """A key-value store every rank of this job reaches: the process group's, else torchrun's agent store."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # heavy: torch; every command imports this module before parsing
 
     try:
         if dist.is_initialized():
@@ -147,8 +150,6 @@ def refuse_overwrite(outputs: dict[str, Any], inputs: dict[str, Any]) -> None:
 
     ``outputs`` / ``inputs``: option name -> a path or a list of paths (None: not given).
     """
-    from rao_megatron.config import ConfigError, same_path
-
     def paths(value: Any) -> list[str]:
         if value is None:
             return []
@@ -165,8 +166,6 @@ def refuse_overwrite(outputs: dict[str, Any], inputs: dict[str, Any]) -> None:
 
 def prepare_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Expand ``~`` / ``$VARIABLES`` in every path option of ``args`` and refuse outputs over inputs."""
-    from rao_megatron.config import ConfigError, expand_path
-
     roles: dict[str, dict[str, Any]] = {"input": {}, "output": {}}
     done: set[str] = set()
     for action in _path_actions(parser):  # sub-commands may share a dest (--out): each value once

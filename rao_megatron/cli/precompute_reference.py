@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from rao_megatron.cli.common import path_option, run_cli
+from rao_megatron.config import load_config
 
 
 def parser() -> argparse.ArgumentParser:
@@ -25,8 +26,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rao_megatron.config import load_config
-    from rao_megatron.parallel import startup
+    from rao_megatron.parallel import startup  # heavy: megatron; --help and config errors load none
     from rao_megatron.training import model_init, preflight, reference, run_data
 
     cfg = load_config(args.config, args.overrides)

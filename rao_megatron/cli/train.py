@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from rao_megatron.cli.common import EXIT_NON_FINITE, EXIT_PREEMPTED, path_option, run_cli
+from rao_megatron.config import describe, load_config
 
 
 def parser() -> argparse.ArgumentParser:
@@ -21,13 +22,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rao_megatron.config import describe, load_config
-
     if args.help_config:
         print(describe())
         return 0
     cfg = load_config(args.config, args.overrides)
-    from rao_megatron.training.loop import Trainer
+    from rao_megatron.training.loop import Trainer  # heavy: megatron; --help and config errors load none
     from rao_megatron.training.reliability import NonFiniteError, Preempted
 
     try:

@@ -17,13 +17,16 @@ from typing import Any
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rao_megatron.conversion.convert import build_chunks, run_ranks
 from rao_megatron.conversion.hf_io import TOKENIZER_FILES, ConversionError, read_hf_config
 from rao_megatron.conversion.validate import check_layout, config_for_task, conversion_world_size
 from rao_megatron.data.tokenizer import pad_id
+from rao_megatron.models.checkpoint import load_model_checkpoint, read_checkpoint_meta, resolve_checkpoint
 from rao_megatron.models.hf_config import ModelArch
 from rao_megatron.parallel.state import destroy_model_parallel, initialize_model_parallel, is_last_stage
+from rao_megatron.training.engine import forward_backward
 
 DEFAULT_PROMPTS = ("What is the capital of France?", "Write a haiku about autumn leaves.",
                    "Explain in one sentence why the sky is blue.")
@@ -68,8 +71,6 @@ def compare_outputs(megatron: torch.Tensor, hf: torch.Tensor, lengths: torch.Ten
 
 def load_prompt_tokenizer(*dirs: str | os.PathLike | None) -> Any:
     """The tokenizer of the first directory that has one, or None."""
-    from transformers import AutoTokenizer
-
     for d in dirs:
         if d is not None and any((Path(d) / n).is_file() for n in TOKENIZER_FILES):
             return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
@@ -109,9 +110,6 @@ def _output_step(task: str, data_iterator: Any, model: torch.nn.Module) -> tuple
 
 def _megatron_outputs_worker(checkpoint: str, arch: ModelArch, task: str, ids: torch.Tensor, tp: int,
                              pp: int, out_file: str, ep: int = 1, etp: int | None = None) -> None:
-    from rao_megatron.models.checkpoint import load_model_checkpoint
-    from rao_megatron.training.engine import forward_backward
-
     initialize_model_parallel(tp=tp, pp=pp, ep=ep, etp=etp)
     chunks = build_chunks(arch, task, torch.float32)
     load_model_checkpoint(chunks, checkpoint, strict=True)
@@ -127,8 +125,6 @@ def _megatron_outputs_worker(checkpoint: str, arch: ModelArch, task: str, ids: t
 def megatron_outputs(checkpoint: str | os.PathLike, ids: torch.Tensor, *, tp: int = 1, pp: int = 1, ep: int = 1,
                      etp: int | None = None) -> torch.Tensor:
     """fp32 logits ``[B, S, V]`` (padding columns dropped), or RM values ``[B, S, 1]``, at layout TP x PP (x EP)."""
-    from rao_megatron.models.checkpoint import read_checkpoint_meta, resolve_checkpoint
-
     checkpoint = resolve_checkpoint(checkpoint)
     meta = read_checkpoint_meta(checkpoint)
     task = "rm" if meta.get("task") == "rm" else "policy"
@@ -144,8 +140,6 @@ def megatron_outputs(checkpoint: str | os.PathLike, ids: torch.Tensor, *, tp: in
 @torch.no_grad()
 def hf_outputs(hf_dir: str | os.PathLike, ids: torch.Tensor) -> torch.Tensor:
     """fp32 logits ``[B, S, V]`` of an HF causal LM, or per-position scores ``[B, S, 1]`` of a classifier."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
     archs = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True).architectures or []
     rm = any(a.endswith("ForSequenceClassification") for a in archs)
     cls = AutoModelForSequenceClassification if rm else AutoModelForCausalLM
@@ -165,8 +159,6 @@ def compare_checkpoints(hf_dir: str | os.PathLike, checkpoint: str | os.PathLike
     Token ids: ``ids`` if given, else ``prompts`` (default ``DEFAULT_PROMPTS``) through the tokenizer of
     the HF directory or the checkpoint; without any tokenizer, 4 x 32 seeded random ids.
     """
-    from rao_megatron.models.checkpoint import resolve_checkpoint
-
     lengths = None
     source = "given token ids"
     if ids is None:

@@ -47,6 +47,12 @@ from rao_megatron.conversion.validate import (
     conversion_world_size,
     task_of,
 )
+from rao_megatron.models.checkpoint import (
+    load_model_checkpoint,
+    read_checkpoint_meta,
+    resolve_checkpoint,
+    save_model_checkpoint,
+)
 from rao_megatron.models.hf_config import ModelArch, transformer_config_from_hf
 from rao_megatron.models.hf_mappings import mappings_for
 from rao_megatron.models.hf_state import iter_mapped_params, load_hf_state_dict_into_megatron, rank_dims
@@ -144,8 +150,6 @@ class _HfToMegatronJob:
 
 
 def _hf_to_megatron_worker(job: _HfToMegatronJob) -> None:
-    from rao_megatron.models.checkpoint import save_model_checkpoint
-
     initialize_model_parallel(tp=job.tp, pp=job.pp, ep=job.ep, etp=job.etp)
     chunks = build_chunks(job.arch, job.task, DTYPES[job.dtype])
     reads = sum(len(m.hf) for _, _, m, _, _ in iter_mapped_params(chunks, mappings_for(job.arch, job.task == "rm")))
@@ -233,8 +237,6 @@ class _MegatronToHfJob:
 
 
 def _megatron_to_hf_worker(job: _MegatronToHfJob) -> None:
-    from rao_megatron.models.checkpoint import load_model_checkpoint
-
     initialize_model_parallel(tp=1, pp=1)
     chunks = build_chunks(job.arch, job.task, DTYPES[job.stored_dtype])
     load_model_checkpoint(chunks, job.checkpoint, strict=True)
@@ -260,8 +262,6 @@ def megatron_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, dty
     The task (policy -> ``*ForCausalLM``, rm -> ``*ForSequenceClassification``) comes from the
     checkpoint's metadata; ``dtype`` auto keeps the stored dtype.
     """
-    from rao_megatron.models.checkpoint import read_checkpoint_meta, resolve_checkpoint
-
     checkpoint = resolve_checkpoint(checkpoint).resolve()  # also a training run's checkpoints root / latest
     meta = read_checkpoint_meta(checkpoint)
     if "hf_config" not in meta:

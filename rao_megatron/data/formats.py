@@ -429,7 +429,7 @@ def _directory_files(p: Path, split: str) -> list[Path] | None:
     """The files of a local data directory that ``datasets.load_dataset`` would read for ``split`` (its
     split-name rules: ``train-*.jsonl``, ``test/`` ...), when they are JSONL / JSON / Parquet; None when
     they are of another kind (CSV, ...), which `datasets` reads."""
-    from datasets.data_files import DataFilesDict, get_data_patterns
+    from datasets.data_files import DataFilesDict, get_data_patterns  # heavy: datasets, only for directories
 
     try:
         by_split = DataFilesDict.from_patterns(get_data_patterns(str(p)), base_path=str(p))
@@ -495,7 +495,7 @@ def iter_raw_rows(path: str, *, split: str = "train") -> Iterator[tuple[int, boo
                 raise DataError(path, row_label(line_no, one_based_line=True), None, error)
             yield line_no, True, raw
     elif p.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # heavy: pyarrow, only for a Parquet file
 
         try:
             batches = pq.ParquetFile(p).iter_batches(batch_size=1024)
@@ -508,7 +508,7 @@ def iter_raw_rows(path: str, *, split: str = "train") -> Iterator[tuple[int, boo
                 yield index, False, raw
                 index += 1
     else:
-        import datasets
+        import datasets  # heavy: datasets, only for what the JSONL / Parquet readers do not read
 
         if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()
                            or (p / "dataset_dict.json").exists()):

@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 #: the committed tiny tokenizer; regenerate with ``python -m rao_megatron.data.tokenizer``
@@ -46,8 +47,6 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike[str]) -> Path:
     Token id ``b`` is byte ``b``, so tests can read ids directly. The files are written by hand (not
     ``save_pretrained``) so they load with any transformers version and are byte-identical per build.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
     b2u = _bytes_to_unicode()
     vocab = {b2u[b]: b for b in range(256)}
     for a, b in _TINY_MERGES:

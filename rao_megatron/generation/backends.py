@@ -7,9 +7,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessorList
+from transformers.generation import TemperatureLogitsWarper, TopPLogitsWarper
+
 from rao_megatron.data.prompts import Prompt, prompt_token_ids
 from rao_megatron.data.tokenize import end_of_turn_ids
-from rao_megatron.data.tokenizer import pad_id
+from rao_megatron.data.tokenizer import load_tokenizer, pad_id
 
 from .sampling import SamplingConfig, prompt_seed
 
@@ -32,7 +36,6 @@ def resolve_backend(backend: str, *, have_model: bool = False) -> str:
         if backend == "vllm" and have_model:
             raise ValueError("a loaded HF model can only be used with backend='hf'")
         return backend
-    import torch
 
     if not have_model and torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None:
         return "vllm"
@@ -48,13 +51,9 @@ class _SeededSampler:
     """
 
     def __init__(self, seeds: Sequence[int]) -> None:
-        import torch
-
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
-
         probs = torch.softmax(scores.float(), dim=-1)
         noise = torch.stack([torch.empty(scores.shape[-1]).exponential_(generator=g) for g in self.generators])
         picked = (probs / noise.to(probs.device)).argmax(dim=-1, keepdim=True)
@@ -69,10 +68,6 @@ class HFBackend:
 
     def __init__(self, model_dir: str | os.PathLike | None, *, model: Any = None, tokenizer: Any = None,
                  dtype: str = "auto", threads: int | None = None) -> None:
-        import torch
-
-        from rao_megatron.data.tokenizer import load_tokenizer
-
         if threads:
             torch.set_num_threads(threads)
         if model is None and model_dir is None:
@@ -81,8 +76,6 @@ class HFBackend:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir or model.name_or_path)
         if model is None:
-            from transformers import AutoModelForCausalLM
-
             device = "cuda" if torch.cuda.is_available() else "cpu"
             if dtype == "auto":
                 dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
@@ -93,10 +86,6 @@ class HFBackend:
 
     def generate(self, prompts: Sequence[Prompt], cfg: SamplingConfig) -> list[list[str]]:
         """``cfg.n`` responses for each prompt."""
-        import torch
-        from transformers import GenerationConfig, LogitsProcessorList
-        from transformers.generation import TemperatureLogitsWarper, TopPLogitsWarper
-
         copies = 1 if cfg.greedy else cfg.n
         ids = [x for x in prompt_token_ids(self.tokenizer, prompts) for _ in range(copies)]
         longest = max(map(len, ids))
@@ -133,9 +122,7 @@ class VLLMBackend:
 
     def __init__(self, model_dir: str | os.PathLike, *, seed: int = 0, dtype: str = "auto",
                  tokenizer: Any = None, **engine_kwargs: Any) -> None:
-        from vllm import LLM
-
-        from rao_megatron.data.tokenizer import load_tokenizer
+        from vllm import LLM  # optional: vllm, only for this backend
 
         if dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -145,7 +132,7 @@ class VLLMBackend:
 
     def generate(self, prompts: Sequence[Prompt], cfg: SamplingConfig) -> list[list[str]]:
         """``cfg.n`` responses for each prompt (one seeded request per prompt)."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # optional: vllm, only for this backend
 
         copies = 1 if cfg.greedy else cfg.n
         params = [SamplingParams(n=copies, temperature=cfg.temperature, top_p=1.0 if cfg.greedy else cfg.top_p,

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from rao_megatron.data.errors import DataError, row_label
 from rao_megatron.data.prompts import Prompt, check_unique_prompts, id_key, parse_prompt_row
 
@@ -24,8 +26,6 @@ def iter_generated(engine: HFBackend | VLLMBackend, prompts: Sequence[Prompt], c
                    model_name: str, batch_size: int = 16, progress: bool = True,
                    done: int = 0) -> Iterator[list[dict[str, Any]]]:
     """Output rows, one list per batch of ``batch_size`` prompts (``done``: prompts skipped, for the bar)."""
-    from tqdm import tqdm
-
     cfg.check()
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")

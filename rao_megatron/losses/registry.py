@@ -21,14 +21,12 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor
 
+from .calibration import RewardStats
 from .stats import SequenceStats
-
-if TYPE_CHECKING:
-    from .calibration import RewardStats
 
 #: fn(stats, **hparams) -> (per_group [G] loss contributions, weights [G], metrics: detached 0-d tensors)
 LossTermsFn = Callable[..., tuple[Tensor, Tensor, dict[str, Tensor]]]

@@ -38,7 +38,7 @@ def prepare_synchronous_save() -> None:
       5-10 s per first save on a small machine. Our saves are synchronous (the writer runs in this
       process), so the results never cross a process boundary and a plain queue is enough.
     """
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.core.dist_checkpointing.strategies import filesystem_async  # patched only when a save runs
 
     try:
         import psutil  # noqa: F401

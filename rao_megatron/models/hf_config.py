@@ -286,7 +286,7 @@ class ModelArch:
         ``hf_dict``."""
         if self.hf_object is not None:
             return self.hf_object
-        from transformers import AutoConfig
+        from transformers import AutoConfig  # heavy: transformers; ModelArch itself uses none
 
         return AutoConfig.for_model(**self._hf_dict)
 
@@ -457,7 +457,7 @@ def tiny_hf_config(family: str = "llama", **overrides: Any) -> Any:
     heads x head_dim (128) differs from hidden_size (64), as in Qwen3-0.6B; qwen3_moe: the same attention, untied,
     4 experts of width 32, top-2 with renormalised top-k weights (``norm_topk_prob``, as Qwen3-30B-A3B).
     """
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config  # heavy: transformers; ModelArch itself uses none
 
     common: dict[str, Any] = dict(
         vocab_size=250, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

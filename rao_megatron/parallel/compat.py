@@ -44,12 +44,17 @@ a second code path beside the one that works on every supported release (``docs/
 from __future__ import annotations
 
 import functools
+import inspect
 import io
 import os
 import re
 from typing import Any
 
 import megatron.core
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 _APPLIED = False
 
@@ -76,7 +81,7 @@ def moe_router_gemm_without_te() -> None:
     then computes its logits with a torch matmul, as 0.17+ does by itself); a no-op elsewhere."""
     if mcore_at_least(0, 17):
         return
-    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe import moe_utils  # megatron: only when this shim runs
 
     moe_utils.__dict__.setdefault("te_general_gemm", None)
 
@@ -88,12 +93,12 @@ def moe_metric_entry(name: str) -> tuple[Any, Any]:
     """(per-layer values, reduce group) of one of Megatron's MoE metrics, e.g. ``"load_balancing_loss"``;
     (None, None) when no MoE layer has recorded it."""
     if mcore_at_least(0, 18):
-        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker  # megatron >= 0.18 only
 
         entry = get_moe_metrics_tracker().metrics.get(name)
         return (entry.values, entry.reduce_group) if entry is not None else (None, None)
     # 0.16 / 0.17: a plain dict of {"values": tensor, "reduce_group": group, ...}
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker  # megatron < 0.18
 
     old = get_moe_layer_wise_logging_tracker().get(name)
     return (old["values"], old.get("reduce_group")) if old else (None, None)
@@ -106,9 +111,7 @@ def moe_metric_entry(name: str) -> tuple[Any, Any]:
 def gpt_forward_takes_padding_mask() -> bool:
     """Whether the installed ``GPTModel.forward`` takes ``padding_mask`` (True at padding tokens), which MoE
     routers use to leave padding out of the load-balancing loss. Without it padding tokens count there."""
-    import inspect
-
-    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt import GPTModel  # megatron: only when this shim runs
 
     return "padding_mask" in inspect.signature(GPTModel.forward).parameters
 
@@ -121,15 +124,13 @@ _LEGACY_COMMON_FILE = "common.pt"
 
 
 def _common_state_unique_key() -> str:
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.mapping import ShardedObject  # megatron: only when this shim runs
 
     return ShardedObject(_COMMON_STATE_KEY, None, (1,), (0,)).unique_key
 
 
 def has_torch_dist_common_state(checkpoint_dir: str | os.PathLike) -> bool:
     """Whether a torch_dist checkpoint holds its common state inside its files (megatron-core >= 0.19)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     try:
         metadata = FileSystemReader(str(checkpoint_dir)).read_metadata()
     except (FileNotFoundError, OSError):
@@ -144,11 +145,6 @@ def read_torch_dist_common_state(checkpoint_dir: str | os.PathLike) -> dict[str,
     ``torch.load(weights_only=True)``, as older releases open ``common.pt`` (torch's ``.metadata`` file of
     every torch_dist checkpoint is a plain pickle all the same: load only checkpoints you trust).
     """
-    import torch
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint import load as dcp_load
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-
     class _RawBytesPlanner(DefaultLoadPlanner):
         """Copies the stored bytes into the caller's buffer (the default planner unpickles them freely)."""
 
@@ -167,6 +163,7 @@ def read_torch_dist_common_state(checkpoint_dir: str | os.PathLike) -> dict[str,
 def _patch_common_state_loading() -> None:
     """megatron-core < 0.19: ``TorchCommonLoadStrategy.load_common`` reads ``common.pt`` only; where a
     checkpoint has none but holds 0.19's ``common_state`` object, read that instead."""
+    # megatron: only when this shim runs
     from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 
     original = TorchCommonLoadStrategy.load_common
@@ -203,9 +200,7 @@ def fix_fully_reshardable_multi_bucket_save() -> bool:
     releases whose save still slices the unpadded state (the zero-padding workaround in its source);
     idempotent. Returns whether the installed release needs it.
     """
-    import inspect
-
-    import torch
+    # megatron: only when this shim runs
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     original = DistributedOptimizer.sharded_param_state_fully_reshardable

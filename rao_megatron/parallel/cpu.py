@@ -194,7 +194,7 @@ class _CpuTorch(types.ModuleType):
 
 def _patch_rng_tracker() -> None:
     """Make every ``CudaRNGStatesTracker`` (also ones created later) keep CPU generator states."""
-    from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.tensor_parallel import random as mrandom  # megatron: only when the CPU patches apply
 
     def add(self: Any, name: str, seed: int) -> None:
         self._is_initialized = True
@@ -226,6 +226,7 @@ def _patch_rng_tracker() -> None:
 
 def _patch_tied_embedding_setup() -> None:
     """``setup_embeddings_and_output_layer`` moves the tied weight with ``.cuda()`` when PP>1."""
+    # megatron: only when the CPU patches apply
     from megatron.core.models.common.language_module.language_module import LanguageModule
 
     original = LanguageModule.setup_embeddings_and_output_layer
@@ -267,7 +268,7 @@ def _l2_norm(chunk_size: int, noop_flag: Any, tensor_lists: list[list[torch.Tens
 
 
 def _patch_grad_clipping() -> None:
-    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import clip_grads  # megatron: only when the CPU patches apply
     from megatron.core.utils import local_multi_tensor_l2_norm
 
     if clip_grads.l2_norm_impl is local_multi_tensor_l2_norm:
@@ -301,7 +302,7 @@ def _cuda_type_names() -> Iterator[None]:
 
 def _patch_optimizer_type_checks() -> None:
     """Run the optimizers' constructors (where the dtype checks live) under ``_cuda_type_names``."""
-    from megatron.core.optimizer import optimizer
+    from megatron.core.optimizer import optimizer  # megatron: only when the CPU patches apply
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     classes = [optimizer.Float16OptimizerWithFloat16Params, DistributedOptimizer]
@@ -320,7 +321,7 @@ def _patch_optimizer_type_checks() -> None:
 
 def _patch_distributed_optimizer_torch_adam_step() -> None:
     """Item 7 of the module docstring: the ``step`` of torch's Adam inside the distributed optimizer."""
-    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.optimizer import distrib_optimizer  # megatron: only when the CPU patches apply
 
     if distrib_optimizer.HAVE_APEX_OR_TE:
         return  # FusedAdam keeps ``step`` in its param groups; those branches are not taken

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from rao_megatron.parallel.cpu import cpu_patches_applied
+
 _forced: torch.device | None = None
 
 
@@ -22,7 +24,6 @@ def compute_device() -> torch.device:
     """The device models, batches and collective buffers of this process live on."""
     if _forced is not None:
         return _forced
-    from rao_megatron.parallel.cpu import cpu_patches_applied
 
     if torch.cuda.is_available() and not cpu_patches_applied():
         return torch.device("cuda", torch.cuda.current_device())

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch.distributed as dist
+from tqdm import tqdm
 
 from rao_megatron.config import guarded_write
 from rao_megatron.data.formats import FORMATS, detect_format
@@ -170,7 +171,7 @@ def _finish(paths: dict[str, Path], summary: AnnotateSummary) -> None:
         paths["partial"].unlink(missing_ok=True)
         out.unlink(missing_ok=True)
     elif out.suffix == ".parquet":
-        import pyarrow as pa
+        import pyarrow as pa  # heavy: pyarrow, only for a Parquet output
         import pyarrow.parquet as pq
 
         with paths["partial"].open(encoding="utf-8") as f:
@@ -233,8 +234,6 @@ def annotate(data: str, out: str | os.PathLike, scorer: Scorer, *, format: str |
     resumable partial output (time-boxed jobs, tests). The format is ``format`` or detected from the
     first row that shows one.
     """
-    from tqdm import tqdm
-
     if format is not None and format not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     if chunk_rows < 1 or (stop_after is not None and stop_after < 0):

@@ -24,6 +24,7 @@ from typing import Any
 from rao_megatron.data.errors import DataError, row_label
 from rao_megatron.data.formats import Example, iter_raw_rows
 from rao_megatron.data.prompts import check_unique_prompts, parse_prompt_row
+from rao_megatron.data.tokenizer import load_tokenizer
 
 from .rows import ParsedRow
 from .rule import load_reward_fn, wants_row
@@ -149,8 +150,6 @@ def _check_same_prompts(ans: Answers, base: Answers) -> None:
 
 def _length_tokenizer(ans: Answers, explicit: str | None, fallback: Any,
                       cache: dict[str, Any]) -> tuple[Any, str | None]:
-    from rao_megatron.data.tokenizer import load_tokenizer
-
     candidates = [explicit] if explicit else []
     sampling = ans.rows[0].get("sampling")
     if not explicit and isinstance(sampling, dict) and isinstance(sampling.get("model"), str):

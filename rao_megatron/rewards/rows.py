@@ -79,7 +79,7 @@ def count_input_rows(path: str) -> int | None:
         with p.open("rb") as f:
             return sum(1 for line in f if line.strip())
     if p.suffix == ".parquet" and p.is_file():
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # heavy: pyarrow, only for a Parquet file
 
         return pq.ParquetFile(p).metadata.num_rows
     return None

@@ -15,8 +15,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from transformers import AutoConfig
 
+from rao_megatron.data import collate_sequences, tokenize_examples
 from rao_megatron.data.formats import Example
+from rao_megatron.data.packing import collate_packed, empty_packed, packed_order, plan_micro_batches
+from rao_megatron.data.tokenizer import load_tokenizer, pad_id
 
 from .annotate import RowScores
 from .rows import ParsedRow, Rejection, check_finite, response_field
@@ -104,9 +108,6 @@ class ModelScorer:
 
     def __init__(self, checkpoint: str | os.PathLike, *, batch_size: int = 16, max_length: int = 2048,
                  tokenizer: str | None = None, packing: bool = True) -> None:
-        from transformers import AutoConfig
-
-        from rao_megatron.data.tokenizer import load_tokenizer, pad_id
         from rao_megatron.models.checkpoint import (
             checkpoint_tokenizer,
             load_model_checkpoint,
@@ -114,7 +115,7 @@ class ModelScorer:
             resolve_checkpoint,
         )
         from rao_megatron.models.hf_config import ModelArch
-        from rao_megatron.training.engine import build_model_chunks
+        from rao_megatron.training.engine import build_model_chunks  # heavy: megatron, model scorer only
 
         path = find_model_checkpoint(checkpoint)
         meta = read_checkpoint_meta(path)
@@ -136,8 +137,6 @@ class ModelScorer:
         self.writes = not dist.is_initialized() or dist.get_rank() == 0
 
     def _tokenize(self, row: ParsedRow) -> tuple[list[int], list[list[int]], int] | Rejection:
-        from rao_megatron.data import tokenize_examples
-
         assert row.example is not None
         ex = dataclasses.replace(row.example, reference_answer=None)  # the reference is scored like the rest
         groups, report = tokenize_examples([ex], self.tokenizer, max_length=self.max_length, overlength="truncate")
@@ -148,7 +147,7 @@ class ModelScorer:
 
     def score(self, rows: list[ParsedRow]) -> list[RowScores]:
         """Scores of every response of every row (all ranks call this with the same rows)."""
-        from megatron.core import parallel_state as ps
+        from megatron.core import parallel_state as ps  # heavy: megatron, model scorer only
 
         from rao_megatron.parallel.state import is_last_stage
 
@@ -183,8 +182,7 @@ class ModelScorer:
     @torch.no_grad()
     def _forward(self, seqs: list[tuple[int, list[int], list[int]]]) -> list[float]:
         """Scores of this rank's sequences (meaningful on the last pipeline stage only)."""
-        from rao_megatron.data import collate_sequences
-        from rao_megatron.training.engine import forward_backward
+        from rao_megatron.training.engine import forward_backward  # heavy: megatron, model scorer only
         from rao_megatron.training.forward_step import ScoreStep
 
         if self.packing:
@@ -209,8 +207,7 @@ class ModelScorer:
 
     def _forward_packed(self, seqs: list[tuple[int, list[int], list[int]]]) -> list[float]:
         """Packed: each sequence its own group, first-fit decreasing into ``batch_size`` rows of ``max_length``."""
-        from rao_megatron.data.packing import collate_packed, empty_packed, packed_order, plan_micro_batches
-        from rao_megatron.training.engine import forward_backward
+        from rao_megatron.training.engine import forward_backward  # heavy: megatron, model scorer only
         from rao_megatron.training.forward_step import ScoreStep
 
         plans = plan_micro_batches([[len(x) + len(y)] for _, x, y in seqs], rows=self.batch_size,
@@ -234,14 +231,14 @@ def packs(model: torch.nn.Module, dtype: torch.dtype) -> bool:
     Transformer Engine THD sequences (CUDA), whose attention takes THD in bf16/fp16 only. Such a reward model
     (fp32 checkpoints: converted ones, or trained on the CPU) scores padded rows instead, in the dtype it
     was trained in: the same scores as packed, only slower -- casting it to bf16 would change them."""
-    from rao_megatron.models.provider import uses_thd
+    from rao_megatron.models.provider import uses_thd  # heavy: megatron, model scorer only
 
     return not (dtype == torch.float32 and uses_thd(model))
 
 
 def find_model_checkpoint(path: str | os.PathLike) -> Path:
     """A model checkpoint from itself, a checkpoints root (``latest``), or a training run's output directory."""
-    from rao_megatron.models.checkpoint import META_FILE, resolve_checkpoint
+    from rao_megatron.models.checkpoint import META_FILE, resolve_checkpoint  # heavy: megatron
 
     p = Path(path)
     for candidate in (p, p / "checkpoints"):
@@ -256,7 +253,7 @@ def start_model_scorer(reward_model: str | os.PathLike, *, tp: int = 1, pp: int 
                        max_length: int = 2048, tokenizer: str | None = None) -> ModelScorer:
     """A :class:`ModelScorer` on a fresh model-parallel layout: joins (or starts) the process group, splits
     it TP × PP (× DP with the rest), then loads the checkpoint; every rank calls this."""
-    from rao_megatron.parallel.startup import init_distributed
+    from rao_megatron.parallel.startup import init_distributed  # heavy: megatron, model scorer only
     from rao_megatron.parallel.state import check_world, initialize_model_parallel
 
     init_distributed()

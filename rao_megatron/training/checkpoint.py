@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from rao_megatron.config import ConfigError, LossConfig, guarded_write
 from rao_megatron.losses import get_loss
@@ -49,11 +53,6 @@ def step_dir(root: str | os.PathLike, step: int) -> Path:
 
 
 def _rng_state() -> dict[str, Any]:
-    import random
-
-    import numpy as np
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
     np_state = np.random.get_state()
     state: dict[str, Any] = {
         "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
@@ -67,11 +66,6 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
     random.setstate((state["python_version"], tuple(state["python"]), None))
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype("uint32"), state["numpy_pos"], 0, 0.0))
     torch.set_rng_state(state["torch"])
@@ -82,8 +76,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _distributed_optimizers(optimizer: Any) -> list[Any]:
     """The DistributedOptimizer instances in ``optimizer`` (itself or the parts of a ChainedOptimizer)."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     parts = getattr(optimizer, "chained_optimizers", [optimizer])
     return [p for p in parts if isinstance(p, DistributedOptimizer)]
 

@@ -20,6 +20,7 @@ from rao_megatron.models.hf_config import ModelArch
 from rao_megatron.models.provider import build_gpt_model, enable_hidden_state_output, uses_thd
 from rao_megatron.models.reward import build_reward_model
 from rao_megatron.parallel.device import compute_device, move_modules, to_device
+from rao_megatron.training.forward_step import LogprobSettings, LogprobStep
 
 
 def use_distributed_optimizer(setting: bool | None = None) -> bool:
@@ -183,8 +184,6 @@ def empty_first(microbatches: Sequence[dict[str, Tensor]]) -> list[int]:
 def sequence_logps(chunks: Sequence[torch.nn.Module] | torch.nn.Module, microbatches: Sequence[dict[str, Tensor]],
                    *, vocab_size: int, settings: Any = None) -> list[tuple[Tensor, Tensor]]:
     """Forward only: ``(P(x) [B], R(y) [B])`` per micro-batch, on the last pipeline stage (else ``[]``)."""
-    from rao_megatron.training.forward_step import LogprobSettings, LogprobStep
-
     step = LogprobStep(vocab_size=vocab_size, logprobs=settings or LogprobSettings())
     outputs = forward_backward(chunks, step, microbatches, forward_only=True)
     return [(o["prompt_logps"], o["response_logps"]) for o in outputs]

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from megatron.core import parallel_state as ps
+from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
 from rao_megatron.data.collate import PAD_GROUP
@@ -146,8 +147,6 @@ def _forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
     if not is_packed(batch):
         return model(batch["tokens"], batch["position_ids"], None, **_moe_padding_kwargs(model, batch, False))
     if uses_thd(model):
-        from megatron.core.packed_seq_params import PackedSeqParams
-
         rows, seq_length = batch["tokens"].shape
         cu, longest = batch["cu_seqlens"], int(batch["max_seqlen"])
         params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -12,14 +13,17 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from tqdm import tqdm
 
 from rao_megatron.config import Config, dump_config
 from rao_megatron.data.packing import layout_summary
 from rao_megatron.data.tokenizer import pad_id
 from rao_megatron.losses import get_loss
+from rao_megatron.models.checkpoint import resolve_checkpoint
 from rao_megatron.parallel import startup
 from rao_megatron.parallel.compat import fix_fully_reshardable_multi_bucket_save
 from rao_megatron.parallel.device import compute_device, to_device
+from rao_megatron.training import checkpoint as ckpt
 from rao_megatron.training import model_init, preflight, reference, run_data
 from rao_megatron.training.engine import (
     attach_reference_logps,
@@ -46,6 +50,7 @@ from rao_megatron.training.reliability import (
     fault_steps,
     grads_finite,
 )
+from rao_megatron.training.rm_report import write_rm_report
 
 
 def build_optimizer(cfg: Config, chunks: list[torch.nn.Module]) -> tuple[Any, OptimizerParamScheduler]:
@@ -139,9 +144,6 @@ class Trainer:
         """The checkpoint to resume (``checkpoint.resume``: auto, fresh / none, or a directory), checked
         against this run: another run's is refused unless ``checkpoint.allow_changed_run``. Reads its
         ``train_state.json`` only; records this run's identity for its own checkpoints."""
-        from rao_megatron.models.checkpoint import resolve_checkpoint
-        from rao_megatron.training import checkpoint as ckpt
-
         cfg = self.cfg
         self.identity = ckpt.run_identity(cfg.train.task, cfg.loss, self._initial_model())
         mode = cfg.checkpoint.resume
@@ -168,12 +170,10 @@ class Trainer:
 
     def _resume(self) -> Path | None:
         """Restore the checkpoint :meth:`_resume_checkpoint` chose: model, optimizer, scheduler, data position."""
-        from rao_megatron.training.checkpoint import load_training_checkpoint
-
         path = self.resume_path
         if path is None:
             return None
-        state = load_training_checkpoint(path, self.chunks, self.optimizer)
+        state = ckpt.load_training_checkpoint(path, self.chunks, self.optimizer)
         saved = state.get("config", {}).get("loss", {}).get("reward_stats")
         if saved is not None and saved != self.cfg.loss.reward_stats:
             # the reward calibration is part of the objective: a resumed run keeps the one it started with
@@ -191,15 +191,13 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """A training checkpoint of the current step (model, optimizer, scheduler, data position, RNG)."""
-        from rao_megatron.training.checkpoint import save_training_checkpoint
-
         meta = {"hf_config": self.arch.hf_dict, "task": self.cfg.train.task, "step": self.step,
                 "dtype": self.cfg.model.dtype,
                 "tokenizer": run_data.run_tokenizer_path(self.cfg)}
         state = {"step": self.step, "skipped_steps": self.skipped_steps, "scheduler": self.scheduler.state_dict(),
                  "data": self.train_batcher.state_dict(), "config": self.cfg.to_dict(), "run": self.identity}
         sync_params(self.chunks)  # CUDA: the last update's parameter all-gather waits for a forward pass
-        path = save_training_checkpoint(self.checkpoint_root, self.step, self.chunks, self.optimizer, state, meta,
+        path = ckpt.save_training_checkpoint(self.checkpoint_root, self.step, self.chunks, self.optimizer, state, meta,
                                         keep_last=self.cfg.checkpoint.keep_last)
         self._last_saved = self.step
         return path
@@ -307,8 +305,6 @@ class Trainer:
         SIGTERM / SIGUSR1 (SLURM preemption) make the run save a checkpoint at the next step boundary and
         raise :class:`Preempted` (the CLI exits with ``EXIT_PREEMPTED``, which the sbatch scripts requeue on).
         """
-        from tqdm import tqdm
-
         cfg = self.cfg
         rank0 = startup.is_rank0()
         if rank0:
@@ -364,8 +360,6 @@ class Trainer:
             plots = plot_metrics(writer.path, self.output_dir / "plots")
             startup.log0(f"metrics: {writer.path}\nplots: {', '.join(str(p) for p in plots)}")
             if cfg.train.task == "rm":
-                from rao_megatron.training.rm_report import write_rm_report
-
                 path, table = write_rm_report(self.output_dir)
                 startup.log0(f"\n{table}\n\nreport: {path}")
         return record
@@ -373,12 +367,8 @@ class Trainer:
     def _clear_earlier_run(self) -> None:
         """``checkpoint.resume=fresh``: an earlier run's checkpoints and TensorBoard logs go (its
         metrics.jsonl is replaced), so neither its curves nor its checkpoints mix with this run's."""
-        import shutil
-
-        from rao_megatron.training.checkpoint import delete_checkpoints
-
         shutil.rmtree(self.output_dir / "tensorboard", ignore_errors=True)
-        if deleted := delete_checkpoints(self.checkpoint_root):
+        if deleted := ckpt.delete_checkpoints(self.checkpoint_root):
             startup.log0(f"note: checkpoint.resume={self.cfg.checkpoint.resume}: deleted {deleted} checkpoints of "
                          f"an earlier run in {self.checkpoint_root}")
 
@@ -409,8 +399,6 @@ class LossWatch:
 def _warn(line: str) -> None:
     """A warning during the step loop, on rank 0: on a line of its own above the progress bar, not after it."""
     if startup.is_rank0():
-        from tqdm import tqdm
-
         tqdm.write(line, file=sys.stdout)
         sys.stdout.flush()
 

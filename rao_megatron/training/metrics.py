@@ -45,7 +45,7 @@ class MetricsWriter:
         if not resume and self.path.exists():
             self.path.unlink()
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # heavy: torch; metrics.py itself loads none
 
             self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
         except ImportError:  # tensorboard is a core dependency; tolerate its absence in odd envs
@@ -82,10 +82,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def plot_metrics(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
     """Draw the main curves of a run as PNGs (one figure per metric family); returns the files."""
-    import matplotlib
+    import matplotlib  # heavy: only for the plots; the backend is set before pyplot loads
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use above
 
     records = read_metrics(metrics_path)
     out_dir = Path(out_dir)

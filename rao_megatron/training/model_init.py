@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from rao_megatron.config import Config, ConfigError
+from rao_megatron.models.checkpoint import load_model_checkpoint, read_checkpoint_meta
+from rao_megatron.models.hf_config import ModelArch, check_expert_layout, tiny_hf_config
+from rao_megatron.models.hf_state import load_hf_state_dict_into_megatron
+from rao_megatron.models.provider import set_moe_aux_loss_coeff
 from rao_megatron.parallel.startup import log0
-
-if TYPE_CHECKING:
-    from rao_megatron.models.hf_config import ModelArch
+from rao_megatron.training.engine import build_model_chunks
 
 PRESET_FAMILIES = {"tiny-llama": "llama", "tiny-qwen2": "qwen2", "tiny-qwen3": "qwen3", "tiny-qwen3-moe": "qwen3_moe"}
 
@@ -26,20 +29,12 @@ def model_dir(cfg: Config) -> str | None:
 
 def resolve_arch(cfg: Config, tokenizer: Any) -> ModelArch:
     """The architecture of this run's model, parsed once from :func:`resolve_hf_config`."""
-    from rao_megatron.models.hf_config import ModelArch
-
     return ModelArch.from_hf(resolve_hf_config(cfg, tokenizer))
 
 
 def resolve_hf_config(cfg: Config, tokenizer: Any) -> Any:
     """The HF config the Megatron model is built from (checkpoint metadata, HF directory, or tiny preset)."""
-    from transformers import AutoConfig
-
-    from rao_megatron.models.hf_config import tiny_hf_config
-
     if cfg.model.init_checkpoint:
-        from rao_megatron.models.checkpoint import read_checkpoint_meta
-
         meta = read_checkpoint_meta(cfg.model.init_checkpoint)
         return AutoConfig.for_model(**meta["hf_config"])
     if cfg.model.hf_config:
@@ -57,8 +52,6 @@ def check_model_layout(cfg: Config, arch: ModelArch, task: str = "policy") -> No
     ``parallel.ep``, the expert width by ``parallel.etp``, MoE training with TP > 1 only with sequence
     parallelism (Megatron's MoE layer refuses it otherwise, at the first training step; forward-only
     passes, ``task`` reference, run)."""
-    from rao_megatron.models.hf_config import ModelArch, check_expert_layout
-
     p = cfg.parallel
     arch = ModelArch.from_hf(arch)  # transitional: tests pass transformers configs
     try:
@@ -74,8 +67,6 @@ def check_model_layout(cfg: Config, arch: ModelArch, task: str = "policy") -> No
 def moe_aux_loss_coeff(cfg: Config, arch: ModelArch) -> float | None:
     """The router load-balancing coefficient of this run (None for a dense model): ``model.moe_aux_loss_coeff``
     or the HF config's ``router_aux_loss_coef``."""
-    from rao_megatron.models.hf_config import ModelArch
-
     moe = ModelArch.from_hf(arch).moe  # transitional: tests pass transformers configs
     if moe is None:
         return None
@@ -93,10 +84,6 @@ def init_random_weights(chunks: Any, arch: ModelArch, seed: int) -> None:
     Megatron's own init draws a different stream per TP rank, so a tiny run at TP1 and TP2 would start
     from different weights; going through the HF layout makes every layout start identically.
     """
-    from transformers import AutoModelForCausalLM
-
-    from rao_megatron.models.hf_state import load_hf_state_dict_into_megatron
-
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -114,8 +101,6 @@ def init_skip_prefixes(init_checkpoint: str, task: str) -> tuple[str, ...]:
     copy vocab row 0 into the head, so the head keeps its fresh initialisation instead. A reward-model
     checkpoint (``task: rm``) loads whole, head included.
     """
-    from rao_megatron.models.checkpoint import read_checkpoint_meta
-
     source = read_checkpoint_meta(init_checkpoint).get("task", "policy")
     if task == "rm" and source != "rm":
         log0(f"reward model from the '{source}' checkpoint {init_checkpoint}: transformer weights loaded, "
@@ -129,10 +114,6 @@ def init_skip_prefixes(init_checkpoint: str, task: str) -> tuple[str, ...]:
 
 def build_initial_model(cfg: Config, arch: ModelArch, task: str) -> list[torch.nn.Module]:
     """This rank's model chunks for ``task``, initialised from ``model.init_checkpoint`` or at random."""
-    from rao_megatron.models.checkpoint import load_model_checkpoint
-    from rao_megatron.models.provider import set_moe_aux_loss_coeff
-    from rao_megatron.training.engine import build_model_chunks
-
     check_model_layout(cfg, arch, task)
     chunks = build_model_chunks(arch, task=task, params_dtype=params_dtype(cfg),
                                 sequence_parallel=cfg.parallel.sequence_parallel,

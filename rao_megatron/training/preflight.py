@@ -12,18 +12,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 
 from rao_megatron.config import Config, ConfigError, check_writable
+from rao_megatron.losses import BoundLoss
+from rao_megatron.losses.calibration import RewardStats
+from rao_megatron.models.hf_config import ModelArch
 from rao_megatron.parallel.startup import log0
 from rao_megatron.training import run_data
 from rao_megatron.training.reference_cache import ReferenceCacheError
-
-if TYPE_CHECKING:
-    from rao_megatron.losses import BoundLoss
-    from rao_megatron.models.hf_config import ModelArch
 
 T = TypeVar("T")
 _SIMPLE = (ConfigError, ReferenceCacheError)
@@ -118,8 +117,6 @@ def reward_calibration(cfg: Config, groups: run_data.RunGroups) -> None:
     """Fill ``loss.reward_stats`` from the training split (unless the config pins them): the statistics behind
     the reward normalisation and what the loss derives from them (its ``calibrate`` hook: RAO's ``log_z0``),
     computed once here and saved with the run."""
-    from rao_megatron.losses.calibration import RewardStats
-
     if cfg.loss.reward_stats is None and (rewards := train_rewards(groups)) is not None:
         cfg.loss.reward_stats = RewardStats.from_groups(rewards).to_dict()
 

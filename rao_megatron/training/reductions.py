@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from rao_megatron.data.collate import PAD_GROUP
+from rao_megatron.models.provider import as_chunks
 from rao_megatron.parallel.compat import moe_metric_entry
 from rao_megatron.parallel.device import compute_device
 from rao_megatron.parallel.state import is_last_stage
@@ -184,8 +185,6 @@ def moe_aux_metrics(chunks: Sequence[torch.nn.Module], num_microbatches: int) ->
     micro-batches and DP ranks, and ``moe/aux_loss``, the term added to the preference loss:
     ``coeff × Σ_layers`` of the per-micro-batch mean. Empty for dense models or with coefficient 0.
     """
-    from rao_megatron.models.provider import as_chunks
-
     config = as_chunks(list(chunks))[0].config
     coeff = getattr(config, "moe_aux_loss_coeff", 0.0) or 0.0
     if not getattr(config, "num_moe_experts", None) or coeff <= 0:

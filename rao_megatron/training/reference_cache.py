@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from rao_megatron.config import guarded_write
@@ -177,7 +178,6 @@ class ReferenceCache:
             raise ReferenceCacheError(f"reference cache {what}: {self.path}; create it with "
                                       "`python -m rao_megatron.cli.precompute_reference --config ...` "
                                       "or set train.reference=on_the_fly")
-        from safetensors import safe_open
 
         try:
             with safe_open(str(self.path), "pt") as f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from typing import Any
 
 import torch
@@ -60,8 +61,6 @@ class PreemptionHandler:
         self._flag = True
 
     def __enter__(self) -> PreemptionHandler:
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
                 sig = getattr(signal, name)

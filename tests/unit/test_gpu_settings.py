@@ -278,10 +278,11 @@ def _interleaved_worker(tmp: str, overlap: bool, out: str) -> None:
     """PP 2 x 2 virtual stages (the tiny Llama with 4 layers), distributed optimizer: two steps, then a checkpoint."""
     import torch.distributed as dist
 
+    from rao_megatron.training import model_init
     from rao_megatron.training.loop import Trainer
 
     real_tiny = hf_config.tiny_hf_config
-    hf_config.tiny_hf_config = lambda family, **kw: real_tiny(family, **{**kw, "num_hidden_layers": 4})
+    model_init.tiny_hf_config = lambda family, **kw: real_tiny(family, **{**kw, "num_hidden_layers": 4})
     if overlap:
         _cuda_ddp_settings()
     trainer = Trainer(load_config(TINY, [f"train.output_dir={tmp}", f"data.token_cache={tmp}/tokens",
@@ -344,7 +345,6 @@ def test_packing_dtype_asks_the_device_rule(monkeypatch):
 def test_reward_scorer_pads_an_fp32_model_that_would_run_thd(monkeypatch, tmp_path, dtype, thd, packs):
     """An fp32 reward model on CUDA with TE scores padded rows in fp32 (TE has no fp32 THD attention); bf16, or
     the CPU's local spec, keeps packing. The checkpoint, tokenizer and model are stand-ins."""
-    from rao_megatron.data import tokenizer
     from rao_megatron.models import checkpoint
     from rao_megatron.rewards import scorers
 
@@ -362,7 +362,7 @@ def test_reward_scorer_pads_an_fp32_model_that_would_run_thd(monkeypatch, tmp_pa
     monkeypatch.setattr(checkpoint, "checkpoint_tokenizer", lambda path: "tok")
     monkeypatch.setattr(checkpoint, "load_model_checkpoint", lambda chunks, path: None)
     monkeypatch.setattr(checkpoint, "resolve_checkpoint", Path)
-    monkeypatch.setattr(tokenizer, "load_tokenizer", lambda name: types.SimpleNamespace(pad_token_id=0))
+    monkeypatch.setattr(scorers, "load_tokenizer", lambda name: types.SimpleNamespace(pad_token_id=0))
     monkeypatch.setattr(engine, "build_model_chunks", build_model_chunks)
     scorer = scorers.ModelScorer(tmp_path)
     assert scorer.packing is packs
