@@ -96,6 +96,9 @@ class Trainer:
         self.tokenizer = run_data.load_run_tokenizer(cfg)
         self.arch = model_init.resolve_arch(cfg, self.tokenizer)  # the model's architecture, parsed once
         preflight.check_model_fits(cfg, self.tokenizer, self.arch)
+        # the initial model's content id (an init checkpoint's files hashed on rank 0): read once, for the
+        # reference caches and the run identity its checkpoints record
+        self.model_id = preflight.on_rank0(lambda: reference.model_identity(cfg, self.arch))
         self.groups = run_data.load_groups(cfg, self.tokenizer, self.spec)
         preflight.warn_about_data(self.groups)
         preflight.reward_calibration(cfg, self.groups)
@@ -136,9 +139,8 @@ class Trainer:
         (read on rank 0, once), or a random init's preset or HF config and seed. (Not the random init's
         HF config dict: what ``transformers`` writes into it changes between its releases.)"""
         if self.cfg.model.init_checkpoint:
-            return preflight.on_rank0(lambda: reference.model_identity(self.cfg, self.arch))
-        _, source = reference.model_identity(self.cfg, self.arch)
-        return source, source
+            return self.model_id
+        return self.model_id[1], self.model_id[1]
 
     def _resume_checkpoint(self) -> Path | None:
         """The checkpoint to resume (``checkpoint.resume``: auto, fresh / none, or a directory), checked
@@ -208,7 +210,7 @@ class Trainer:
         cfg = self.cfg
         if not self.spec.needs_reference or cfg.train.reference == "on_the_fly":
             return None, None
-        return reference.open_reference_caches(cfg, self.tokenizer, self.arch, self.groups)
+        return reference.open_reference_caches(cfg, self.tokenizer, self.model_id, self.groups)
 
     def _build_batchers(self) -> None:
         self.train_batcher, self.eval_batcher = run_data.build_batchers(

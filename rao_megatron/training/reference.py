@@ -28,7 +28,6 @@ from rao_megatron.parallel.startup import is_rank0, log0
 from rao_megatron.parallel.state import is_last_stage
 from rao_megatron.training import run_data
 from rao_megatron.training.engine import sequence_logps
-from rao_megatron.training.preflight import on_rank0
 from rao_megatron.training.reference_cache import (
     ReferenceCache,
     check_coverage,
@@ -83,15 +82,14 @@ def reference_cache_path(cfg: Config, data_path: str, *, heldout: bool = False) 
     return default_cache_path(data_path)
 
 
-def open_reference_caches(cfg: Config, tokenizer: Any, arch: ModelArch,
+def open_reference_caches(cfg: Config, tokenizer: Any, model: tuple[str, str],
                           groups: run_data.RunGroups) -> tuple[ReferenceCache | None, ReferenceCache | None]:
-    """The run's (training, held-out) caches, checked against the run and covering every one of its
-    sequences; ``(None, None)`` when the reference is computed on the fly."""
+    """The run's (training, held-out) caches, checked against the run (``model``: :func:`model_identity`)
+    and covering every one of its sequences; ``(None, None)`` when the reference is computed on the fly."""
     train_path = reference_cache_path(cfg, cfg.data.train_path)
     if cfg.train.reference == "auto" and not train_path.exists():
         log0(f"no reference cache at {train_path}: computing reference log-probs on the fly")
         return None, None
-    model = on_rank0(lambda: model_identity(cfg, arch))
     caches = []
     for data_path, file_groups in groups.files(cfg):
         heldout = data_path != cfg.data.train_path or len(caches) > 0
