@@ -183,8 +183,10 @@ class TrainConfig:
     log_every: int = _f(1, "Console log interval in steps.", ge=1)
     seed: int = _f(1234, "Model-init and dropout seed.")
     reference: str = _f("auto", "Reference log-probs: cached (required), on_the_fly (reference model in "
-                                "memory), or auto (cache if present, else on the fly).",
-                        choices=("auto", "cached", "on_the_fly"))
+                                "memory), adapters_off (peft.method=lora: the model itself with its adapters "
+                                "switched off, no copy and no cache), or auto (LoRA: adapters_off; else the cache "
+                                "if present, else on the fly).",
+                        choices=("auto", "cached", "on_the_fly", "adapters_off"))
     max_bad_steps: int = _f(3, "Abort after this many non-finite steps in a row.", ge=1)
 
 
@@ -204,10 +206,29 @@ class CheckpointConfig:
     save_at_end: bool = _f(True, "Save after the last step.")
 
 
+#: Megatron names of the linears LoRA can adapt, in every layer (HF: q/k/v_proj, o_proj, gate/up_proj, down_proj)
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass
+class PeftConfig:
+    method: str = _f("none", "Parameter-efficient fine-tuning: none trains every weight; lora trains low-rank "
+                             "adapters on the target linears only (the base frozen; its reference is the base: "
+                             "train.reference=adapters_off).", choices=("none", "lora"))
+    rank: int = _f(16, "LoRA rank r.", gt=0)
+    alpha: float = _f(32.0, "LoRA alpha: the adapter's output is scaled by alpha / rank.", gt=0)
+    dropout: float = _f(0.0, "Dropout on the adapter's input (training only).", ge=0, lt=1)
+    target_modules: list = _f(list(LORA_TARGETS), "Linears that get adapters, in Megatron names: linear_qkv "
+                                                  "(q/k/v), linear_proj (o), linear_fc1 (gate/up), linear_fc2 "
+                                                  "(down); a list or a comma-separated string.")
+    experts: bool = _f(True, "MoE models: the routed experts' linear_fc1 / linear_fc2 get adapters too.")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -267,6 +288,11 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
     elif hint is dict or origin is dict:
         if isinstance(value, dict):
             return value
+    elif hint is list or origin is list:
+        if isinstance(value, str):  # "a,b" on the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -451,6 +477,7 @@ def validate(cfg: Config, where: str = "", cli_keys: frozenset[str] = frozenset(
                           f"multiple of data.max_length={cfg.data.max_length} (a micro-batch is whole rows)")
     if cfg.parallel.sequence_parallel:
         _check_sequence_parallel_tokens(cfg, where)
+    _check_peft(cfg, where)
     if cfg.train.min_lr > cfg.train.lr:
         raise ConfigError(f"config key 'train.min_lr'{where} ({cfg.train.min_lr}) must be <= train.lr ({cfg.train.lr})")
     _check_outputs_apart(cfg, where)
@@ -458,6 +485,19 @@ def validate(cfg: Config, where: str = "", cli_keys: frozenset[str] = frozenset(
         # a converted checkpoint records its HF architecture (rao_model.json); otherwise one is needed
         raise ConfigError(f"config key 'model.hf_config'{where}: set it, model.preset or model.init_checkpoint")
     return cfg
+
+
+def _check_peft(cfg: Config, where: str = "") -> None:
+    """The LoRA settings: known target modules, at least one; adapters_off only with LoRA."""
+    targets = cfg.peft.target_modules
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        got = f"unknown {', '.join(repr(t) for t in unknown)}" if unknown else "none given"
+        raise ConfigError(f"config key 'peft.target_modules'{where}: {got}; choose among "
+                          f"{', '.join(LORA_TARGETS)}")
+    if cfg.train.reference == "adapters_off" and cfg.peft.method != "lora":
+        raise ConfigError(f"config key 'train.reference'{where}: adapters_off is the base model of a LoRA run; "
+                          "set peft.method=lora, or train.reference=auto / cached / on_the_fly")
 
 
 #: config keys a run (or ``precompute_reference``) writes, and those it only reads

@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +49,15 @@ def prepare_synchronous_save() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
-def model_sharded_state_dict(chunks: Any) -> dict[str, Any]:
-    """``{"model0": …, "model1": …}``: each bare chunk's sharded state dict.
+def model_sharded_state_dict(chunks: Any, select: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    """``{"model0": …, "model1": …}``: each bare chunk's sharded state dict (only the entries whose local
+    name ``select`` keeps, when given: a LoRA run's adapters).
 
     The dict keys only organise this rank's view; what is written and matched on load is each
     ShardedTensor's global key (global layer numbers), so any TP/PP/VPP layout reads any other's files.
     """
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(as_chunks(chunks))}
+    return {f"model{i}": {k: v for k, v in chunk.sharded_state_dict().items() if select is None or select(k)}
+            for i, chunk in enumerate(as_chunks(chunks))}
 
 
 def is_global_rank0() -> bool:
@@ -104,16 +107,18 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 @torch.no_grad()
 def load_model_checkpoint(chunks: Any, path: str | os.PathLike, *, strict: bool = True,
-                          skip_prefixes: tuple[str, ...] = ()) -> None:
+                          skip_prefixes: tuple[str, ...] = (), select: Callable[[str], bool] | None = None) -> None:
     """Load a model checkpoint into this rank's chunks (any TP/PP/VPP layout).
 
     Parameters whose names start with one of ``skip_prefixes`` are neither read nor required: they keep
     their current values (a reward model initialised from a policy keeps its fresh ``output_layer.``).
+    ``select``: read only the parameters whose names it keeps (a LoRA checkpoint's adapters).
+    The plain file format only: a LoRA checkpoint is read by ``training.model_init.load_weights``.
     """
     path = resolve_checkpoint(path)
     read_checkpoint_meta(path)
     apply_compat_shims()  # a checkpoint of any supported megatron-core release loads under this one
-    sharded = model_sharded_state_dict(chunks)
+    sharded = model_sharded_state_dict(chunks, select)
     if skip_prefixes:
         sharded = {name: {k: v for k, v in chunk.items() if not k.startswith(skip_prefixes)}
                    for name, chunk in sharded.items()}
@@ -121,7 +126,8 @@ def load_model_checkpoint(chunks: Any, path: str | os.PathLike, *, strict: bool 
     loaded = dist_checkpointing.load(sharded, str(path))
     for i, chunk in enumerate(as_chunks(chunks)):
         missing, _ = chunk.load_state_dict(loaded[f"model{i}"], strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state") and not k.startswith(skip_prefixes)]
+        missing = [k for k in missing if not k.endswith("_extra_state") and not k.startswith(skip_prefixes)
+                   and (select is None or select(k))]
         if strict and missing:
             raise KeyError(f"checkpoint {path} lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 

@@ -55,11 +55,14 @@ def rank_dims(arch: ModelArch) -> ModelDims:
 def iter_mapped_params(chunks: list[torch.nn.Module], mappings: list[ParamMapping], dims: ModelDims | None = None,
                        ) -> Iterator[tuple[str, torch.nn.Parameter, ParamMapping, int | None, int | None]]:
     """(name, param, mapping, global layer, global expert) for every parameter of this rank's chunks, in a
-    fixed order. ``dims`` (default: a single rank's) turns a local expert index into the global one."""
+    fixed order. ``dims`` (default: a single rank's) turns a local expert index into the global one. LoRA
+    adapters are not base parameters and are skipped (``models.lora`` maps them)."""
     table = [(m.megatron_pattern(), m) for m in mappings]
     for chunk in chunks:
         layer_numbers = _global_layer_numbers(chunk)
         for name, param in chunk.named_parameters():
+            if getattr(param, "is_lora", False):
+                continue
             found = _match(name, table)
             if found is None:
                 raise KeyError(f"no HF mapping for Megatron parameter {name!r}")

@@ -150,9 +150,19 @@ def _common_state_to_compare(common: dict[str, Any]) -> dict[str, Any]:
     return common
 
 
+def trained_keys(chunks: Any) -> Any:
+    """Which model entries a training checkpoint holds: all of them, or with a frozen base (LoRA) the trained
+    parameters only (adapters, a reward head); the base stays where it came from (``rao_model.json``)."""
+    frozen = any(not p.requires_grad for c in as_chunks(chunks) for p in c.parameters())
+    if not frozen:
+        return None
+    names = {n for c in as_chunks(chunks) for n, p in c.named_parameters() if p.requires_grad}
+    return names.__contains__
+
+
 def _training_sharded_state_dict(chunks: Any, optimizer: Any, is_loading: bool,
                                  metadata: dict[str, Any] | None) -> dict[str, Any]:
-    state = model_sharded_state_dict(chunks)
+    state = model_sharded_state_dict(chunks, trained_keys(chunks))
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
     return state
 
@@ -265,16 +275,31 @@ def loss_identity(loss: LossConfig) -> dict[str, Any]:
     return identity
 
 
-def run_identity(task: str, loss: LossConfig, model: tuple[str, str]) -> dict[str, Any]:
+def run_identity(task: str, loss: LossConfig, model: tuple[str, str],
+                 peft: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a training checkpoint records of the run that wrote it (:data:`RUN`): ``train.task``,
-    :func:`loss_identity` and the initial model's ``(id, source)``. Global batch, data seed and data
-    fingerprint are the data stream's own state (``GroupBatcher.state_dict``). JSON values, as read back."""
-    return json.loads(json.dumps({"task": task, "loss": loss_identity(loss),
-                                  "model": {"id": model[0], "source": model[1]}}))
+    :func:`loss_identity`, the initial model's ``(id, source)`` and, for a LoRA run, its adapters' settings
+    (``peft``). Global batch, data seed and data fingerprint are the data stream's own state
+    (``GroupBatcher.state_dict``). JSON values, as read back."""
+    identity = {"task": task, "loss": loss_identity(loss), "model": {"id": model[0], "source": model[1]}}
+    if peft is not None:
+        identity["peft"] = peft
+    return json.loads(json.dumps(identity))
 
 
 def _shown(value: Any) -> str:
     return "unset" if value is None else str(value)
+
+
+def _peft_shown(peft: dict[str, Any] | None) -> str:
+    if peft is None:
+        return "full weights (no LoRA)"
+    return "LoRA " + ", ".join(f"{k}={v}" for k, v in sorted(peft.items()))
+
+
+#: changes no ``checkpoint.allow_changed_run`` can take: LoRA adapters mean nothing on other base weights, and
+#: other adapter settings (rank, targets) or full weights are other tensors than the checkpoint holds
+ADAPTER_CHANGES = ("peft", "initial model")
 
 
 def run_changes(saved: dict[str, Any], identity: dict[str, Any], data: dict[str, Any]) -> list[tuple[str, str]]:
@@ -298,6 +323,8 @@ def run_changes(saved: dict[str, Any], identity: dict[str, Any], data: dict[str,
             for key in sorted((then.keys() | now.keys()) - {"name"}):
                 if then.get(key) != now.get(key):
                     changed(f"loss.{key}", then.get(key), now.get(key))
+        if run.get("peft") != identity.get("peft"):
+            changed("peft", _peft_shown(run.get("peft")), _peft_shown(identity.get("peft")))
         then, now = run["model"], identity["model"]
         if then["id"] != now["id"]:
             if then["source"] != now["source"]:
@@ -329,6 +356,12 @@ def check_run(path: Path, identity: dict[str, Any], data: dict[str, Any], *, cho
     changes = run_changes(saved, identity, data)
     if not changes:
         return
+    lora = saved.get(RUN, {}).get("peft") is not None or identity.get("peft") is not None
+    hard = [text for what, text in changes if lora and what in ADAPTER_CHANGES]
+    if hard:
+        raise ConfigError(f"checkpoint {path} cannot be resumed by this run: {hard[0]}; a LoRA checkpoint resumes "
+                          "only with its own base model and adapter settings (start a new train.output_dir, or "
+                          "set checkpoint.resume=fresh)")
     if allow:
         note(f"note: continuing {path} on purpose (checkpoint.allow_changed_run): "
              + "; ".join(text for _, text in changes))

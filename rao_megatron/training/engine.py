@@ -17,6 +17,7 @@ from torch import Tensor
 
 from rao_megatron.data.packing import is_packed
 from rao_megatron.models.hf_config import ModelArch
+from rao_megatron.models.lora import LoraSpec, apply_lora, freeze_base
 from rao_megatron.models.provider import build_gpt_model, enable_hidden_state_output, uses_thd
 from rao_megatron.models.reward import build_reward_model
 from rao_megatron.parallel.device import compute_device, move_modules, to_device
@@ -66,13 +67,16 @@ def sync_params(chunks: Sequence[torch.nn.Module]) -> None:
 
 def build_model_chunks(arch: ModelArch, *, task: str = "policy", params_dtype: torch.dtype = torch.float32,
                        wrap_ddp: bool = True, use_te: bool | None = None, sequence_parallel: bool = False,
-                       distributed_optimizer: bool | None = None) -> list[torch.nn.Module]:
+                       distributed_optimizer: bool | None = None, lora: LoraSpec | None = None,
+                       lora_seed: int = 0) -> list[torch.nn.Module]:
     """This rank's model chunks (one per virtual pipeline stage) for ``task`` in policy / sft / rm / reference.
 
     Policy-like models return final hidden states at the last stage (the log-prob kernel multiplies by
     the vocab shard itself and all-reduces its hidden-state gradient over TP); the reward model returns
     one value per token. Chunks are moved to the compute device once built. Training models are wrapped
     in Megatron DDP (buffers laid out for ``distributed_optimizer``); a reference model is not.
+    With ``lora`` every chunk gets LoRA adapters (:func:`~rao_megatron.models.lora.apply_lora`, seeded by
+    ``lora_seed``) and only they are trained (and a reward model's head): DDP and the optimizer see nothing else.
     """
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     stages = [None] if vpp is None else list(range(vpp))
@@ -85,6 +89,9 @@ def build_model_chunks(arch: ModelArch, *, task: str = "policy", params_dtype: t
             model = build_gpt_model(arch, vp_stage=v, use_te=use_te, params_dtype=params_dtype,
                                     sequence_parallel=sequence_parallel)
             enable_hidden_state_output(model, vocab_parallel_consumer=False)
+        if lora is not None:
+            apply_lora(model, lora, seed=lora_seed)
+            freeze_base(model, trainable=("output_layer.",) if task == "rm" else ())
         chunks.append(model)
     if params_dtype != torch.float32:
         # The local spec builds its norms as plain torch modules in fp32 whatever params_dtype says (the TE
@@ -97,8 +104,8 @@ def build_model_chunks(arch: ModelArch, *, task: str = "policy", params_dtype: t
     move_modules(chunks)
     if task == "reference" or not wrap_ddp:
         for m in chunks:
-            m.requires_grad_(task != "reference")
             if task == "reference":
+                m.requires_grad_(False)
                 m.eval()
         return chunks
     # the DDP buffers must be laid out for the optimizer that will own them (Megatron asserts they agree)

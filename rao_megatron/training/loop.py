@@ -20,6 +20,7 @@ from rao_megatron.data.packing import layout_summary
 from rao_megatron.data.tokenizer import pad_id
 from rao_megatron.losses import get_loss
 from rao_megatron.models.checkpoint import resolve_checkpoint
+from rao_megatron.models.lora import adapters_disabled
 from rao_megatron.parallel import startup
 from rao_megatron.parallel.compat import fix_fully_reshardable_multi_bucket_save
 from rao_megatron.parallel.device import compute_device, to_device
@@ -93,6 +94,7 @@ class Trainer:
         self.output_dir = Path(cfg.train.output_dir)
         preflight.check_output_dir(cfg)  # start-up checks come before anything is built or written
         self.spec = get_loss(cfg.loss.name)  # the bound loss needs the data's reward statistics: below
+        self.lora = model_init.lora_spec(cfg)  # LoRA adapters on a frozen base, or None (every weight trains)
         self.tokenizer = run_data.load_run_tokenizer(cfg)
         self.arch = model_init.resolve_arch(cfg, self.tokenizer)  # the model's architecture, parsed once
         preflight.check_model_fits(cfg, self.tokenizer, self.arch)
@@ -109,7 +111,7 @@ class Trainer:
         task = "rm" if cfg.train.task == "rm" else "policy"
         self.chunks = model_init.build_initial_model(cfg, self.arch, task)
         self.ref_chunks = None
-        if self.spec.needs_reference and self.train_batcher.reference is None:
+        if self.spec.needs_reference and self.train_batcher.reference is None and not self.adapters_off:
             self.ref_chunks = build_model_chunks(self.arch, task="reference",
                                                  params_dtype=model_init.params_dtype(cfg),
                                                  sequence_parallel=cfg.parallel.sequence_parallel)
@@ -124,6 +126,12 @@ class Trainer:
             startup.log0(reference.step0_reference_check(self.chunks, self.train_batcher,
                                                          vocab_size=self.arch.vocab_size,
                                                          settings=self.logprobs))
+
+    @property
+    def adapters_off(self) -> bool:
+        """The reference is this model with its LoRA adapters switched off (``train.reference`` adapters_off,
+        or auto under LoRA): no frozen copy, no cache."""
+        return self.lora is not None and self.cfg.train.reference in ("auto", "adapters_off")
 
     @property
     def checkpoint_root(self) -> Path:
@@ -147,7 +155,8 @@ class Trainer:
         against this run: another run's is refused unless ``checkpoint.allow_changed_run``. Reads its
         ``train_state.json`` only; records this run's identity for its own checkpoints."""
         cfg = self.cfg
-        self.identity = ckpt.run_identity(cfg.train.task, cfg.loss, self._initial_model())
+        self.identity = ckpt.run_identity(cfg.train.task, cfg.loss, self._initial_model(),
+                                          peft=self.lora.to_dict() if self.lora is not None else None)
         mode = cfg.checkpoint.resume
         if self.fresh_start:
             init = cfg.model.init_checkpoint and resolve_checkpoint(cfg.model.init_checkpoint).resolve()
@@ -195,7 +204,7 @@ class Trainer:
         """A training checkpoint of the current step (model, optimizer, scheduler, data position, RNG)."""
         meta = {"hf_config": self.arch.hf_dict, "task": self.cfg.train.task, "step": self.step,
                 "dtype": self.cfg.model.dtype,
-                "tokenizer": run_data.run_tokenizer_path(self.cfg)}
+                "tokenizer": run_data.run_tokenizer_path(self.cfg), **model_init.lora_meta(self.cfg, self.model_id)}
         state = {"step": self.step, "skipped_steps": self.skipped_steps, "scheduler": self.scheduler.state_dict(),
                  "data": self.train_batcher.state_dict(), "config": self.cfg.to_dict(), "run": self.identity}
         sync_params(self.chunks)  # CUDA: the last update's parameter all-gather waits for a forward pass
@@ -208,7 +217,7 @@ class Trainer:
         """The precomputed reference caches (train, held-out) this run uses, or (None, None); checked
         against the run and for every sequence of it (:func:`reference.open_reference_caches`)."""
         cfg = self.cfg
-        if not self.spec.needs_reference or cfg.train.reference == "on_the_fly":
+        if not self.spec.needs_reference or cfg.train.reference == "on_the_fly" or self.adapters_off:
             return None, None
         return reference.open_reference_caches(cfg, self.tokenizer, self.model_id, self.groups)
 
@@ -224,7 +233,11 @@ class Trainer:
                           vocab_size=self.arch.vocab_size, logprobs=self.logprobs)
 
     def _prepare(self, microbatches: list[dict[str, torch.Tensor]]) -> None:
-        if self.ref_chunks is not None:
+        if self.adapters_off and self.spec.needs_reference:
+            with adapters_disabled(self.chunks):
+                attach_reference_logps(self.chunks, microbatches, vocab_size=self.arch.vocab_size,
+                                       settings=self.logprobs)
+        elif self.ref_chunks is not None:
             attach_reference_logps(self.ref_chunks, microbatches, vocab_size=self.arch.vocab_size,
                                    settings=self.logprobs)
 
@@ -377,6 +390,8 @@ class Trainer:
     def _reference_mode(self) -> str:
         if not self.spec.needs_reference:
             return f"not used by loss '{self.spec.name}'"
+        if self.adapters_off:
+            return "the base model: this model with its LoRA adapters off"
         if self.ref_chunks is not None:
             return "on the fly (frozen copy of the initial policy)"
         return f"cached ({self.train_batcher.reference.path})"

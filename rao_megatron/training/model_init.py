@@ -9,12 +9,18 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from rao_megatron.config import Config, ConfigError
-from rao_megatron.models.checkpoint import load_model_checkpoint, read_checkpoint_meta
+from rao_megatron.models import lora
+from rao_megatron.models.checkpoint import load_model_checkpoint, read_checkpoint_meta, resolve_checkpoint
 from rao_megatron.models.hf_config import ModelArch, check_expert_layout, tiny_hf_config
 from rao_megatron.models.hf_state import load_hf_state_dict_into_megatron
-from rao_megatron.models.provider import set_moe_aux_loss_coeff
+from rao_megatron.models.provider import as_chunks, set_moe_aux_loss_coeff
 from rao_megatron.parallel.startup import log0
 from rao_megatron.training.engine import build_model_chunks
+from rao_megatron.training.reference_cache import checkpoint_content_id
+
+#: rao_model.json of a LoRA checkpoint: its adapters (``lora.LoraSpec`` + the seed they were drawn with) and
+#: the base model they adapt (``{"checkpoint": dir or None, "id": content id, "source": ..., "seed": ...}``)
+PEFT_KEY, BASE_KEY = "peft", "base"
 
 PRESET_FAMILIES = {"tiny-llama": "llama", "tiny-qwen2": "qwen2", "tiny-qwen3": "qwen3", "tiny-qwen3-moe": "qwen3_moe"}
 
@@ -112,15 +118,94 @@ def init_skip_prefixes(init_checkpoint: str, task: str) -> tuple[str, ...]:
     return ()
 
 
+def lora_spec(cfg: Config) -> lora.LoraSpec | None:
+    """The run's LoRA adapters (``peft``), or None when every weight trains."""
+    p = cfg.peft
+    if p.method != "lora":
+        return None
+    return lora.LoraSpec(rank=p.rank, alpha=p.alpha, dropout=p.dropout, targets=tuple(p.target_modules),
+                         experts=p.experts)
+
+
+def lora_meta(cfg: Config, model_id: tuple[str, str]) -> dict[str, Any]:
+    """What a LoRA run's checkpoints record in ``rao_model.json`` besides the model's own entries: the
+    adapters and the base model (the initial model: ``model_id`` from ``reference.model_identity``)."""
+    spec = lora_spec(cfg)
+    if spec is None:
+        return {}
+    init = cfg.model.init_checkpoint
+    return {PEFT_KEY: {"method": "lora", **spec.to_dict(), "seed": cfg.train.seed},
+            BASE_KEY: {"checkpoint": str(resolve_checkpoint(init).resolve()) if init else None,
+                       "id": model_id[0], "source": model_id[1], "seed": cfg.train.seed}}
+
+
+def adapter_selector(meta: dict[str, Any]) -> Any:
+    """Which entries of a LoRA checkpoint are its own (the base is elsewhere): the adapters, and a reward
+    model's head."""
+    head = ("output_layer.",) if meta.get("task") == "rm" else ()
+    return lambda key: lora.is_adapter_key(key) or (bool(head) and key.startswith(head))
+
+
+def _load_base(chunks: Any, path: Any, meta: dict[str, Any], arch: ModelArch, task: str,
+               skip_prefixes: tuple[str, ...]) -> None:
+    """The base model of the LoRA checkpoint ``path``, checked against the content it was trained on."""
+    base = meta[BASE_KEY]
+    if base.get("checkpoint") is None:
+        init_random_weights(chunks, arch, int(base["seed"]))
+        return
+    source = Path(base["checkpoint"])
+    if not source.is_dir():
+        raise FileNotFoundError(f"LoRA checkpoint {path}: its base model {source} is not there (the adapters "
+                                "need the weights they were trained on)")
+    if (now := checkpoint_content_id(source)) != base["id"]:
+        raise ValueError(f"LoRA checkpoint {path}: its base model {source} holds other weights than the adapters "
+                         f"were trained on (content {base['id'][:12]} then, {now[:12]} now)")
+    load_weights(chunks, source, arch, task, skip_prefixes=skip_prefixes)
+
+
+@torch.no_grad()
+def load_weights(chunks: Any, path: Any, arch: ModelArch, task: str = "policy", *,
+                 skip_prefixes: tuple[str, ...] = ()) -> None:
+    """Load a model or training checkpoint into this rank's chunks, at any layout. A LoRA checkpoint is its
+    base model (a checkpoint, itself possibly LoRA, or the random init it records) with its adapters merged
+    in; adapters the chunks have of their own (this run's) stay as they are."""
+    path = resolve_checkpoint(path)
+    meta = read_checkpoint_meta(path)
+    if PEFT_KEY not in meta:
+        load_model_checkpoint(chunks, path, skip_prefixes=skip_prefixes)
+        return
+    _load_base(chunks, path, meta, arch, task, skip_prefixes)
+    spec = lora.LoraSpec.from_dict(meta[PEFT_KEY])
+    keep = adapter_selector(meta)
+    with lora.stashed_adapters(chunks):
+        for chunk in as_chunks(chunks):
+            lora.apply_lora(chunk, spec)
+        load_model_checkpoint(chunks, path, select=lambda k: keep(k) and not k.startswith(skip_prefixes))
+        lora.merge_lora(chunks)
+
+
+def load_adapters(chunks: Any, path: Any) -> dict[str, Any]:
+    """Read a LoRA checkpoint's own entries (adapters, a reward head) into chunks that carry its adapters
+    (built with its ``peft`` spec); returns its metadata. The base weights are left as they are."""
+    path = resolve_checkpoint(path)
+    meta = read_checkpoint_meta(path)
+    if PEFT_KEY not in meta:
+        raise ValueError(f"{path} is not a LoRA checkpoint (its {path.name}/rao_model.json records no adapters)")
+    load_model_checkpoint(chunks, path, select=adapter_selector(meta))
+    return meta
+
+
 def build_initial_model(cfg: Config, arch: ModelArch, task: str) -> list[torch.nn.Module]:
-    """This rank's model chunks for ``task``, initialised from ``model.init_checkpoint`` or at random."""
+    """This rank's model chunks for ``task``, initialised from ``model.init_checkpoint`` or at random; with
+    ``peft.method=lora``, LoRA adapters on it (fresh: B = 0) and only they train."""
     check_model_layout(cfg, arch, task)
     chunks = build_model_chunks(arch, task=task, params_dtype=params_dtype(cfg),
                                 sequence_parallel=cfg.parallel.sequence_parallel,
-                                distributed_optimizer=cfg.parallel.distributed_optimizer)
+                                distributed_optimizer=cfg.parallel.distributed_optimizer,
+                                lora=lora_spec(cfg), lora_seed=cfg.train.seed)
     if cfg.model.init_checkpoint:
-        load_model_checkpoint(chunks, cfg.model.init_checkpoint,
-                              skip_prefixes=init_skip_prefixes(cfg.model.init_checkpoint, task))
+        load_weights(chunks, cfg.model.init_checkpoint, arch, task,
+                     skip_prefixes=init_skip_prefixes(cfg.model.init_checkpoint, task))
     else:
         init_random_weights(chunks, arch, cfg.train.seed)
     coeff = moe_aux_loss_coeff(cfg, arch)
