@@ -288,6 +288,8 @@ def apply_lora(model: torch.nn.Module, spec: LoraSpec, *, seed: int = 0) -> int:
                               explicit_comm=bool(getattr(linear, "explicit_expert_comm", False)),
                               gated=gated, dtype=weight.dtype, device=weight.device)
         _init_adapter(adapter, global_name, seed)
+        for p in (adapter.A, adapter.B):  # an expert's adapter is reduced like the expert (``allreduce=False``)
+            p.allreduce = getattr(weight, "allreduce", True)
         linear.__class__ = _lora_class(type(linear))
         linear.lora = adapter
         count += 1
@@ -406,10 +408,14 @@ def merge_lora(model_or_chunks: Any) -> int:
 
 
 @torch.no_grad()
-def full_adapter_tensors(model_or_chunks: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def full_adapter_tensors(model_or_chunks: Any, *, of: str = "data") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{global linear name: (A, B)}`` with the whole (TP1) tensors of this rank's adapters (collective
-    over each linear's TP group); B of a gated ``linear_fc1`` as ``[gate; up]`` rows."""
-    return {name: (_gather_full(a.A.detach(), a, "A"), _gather_full(a.B.detach(), a, "B"))
+    over each linear's TP group); B of a gated ``linear_fc1`` as ``[gate; up]`` rows. ``of="main_grad"``:
+    their gradients as Megatron's DDP accumulated them, instead of their values."""
+    def get(p: torch.Tensor) -> torch.Tensor:
+        return p.detach() if of == "data" else getattr(p, of).detach()
+
+    return {name: (_gather_full(get(a.A), a, "A"), _gather_full(get(a.B), a, "B"))
             for name, a in adapters(model_or_chunks)}
 
 

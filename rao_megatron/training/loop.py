@@ -20,7 +20,7 @@ from rao_megatron.data.packing import layout_summary
 from rao_megatron.data.tokenizer import pad_id
 from rao_megatron.losses import get_loss
 from rao_megatron.models.checkpoint import resolve_checkpoint
-from rao_megatron.models.lora import adapters_disabled
+from rao_megatron.models.lora import adapters_disabled, is_adapter_key
 from rao_megatron.parallel import startup
 from rao_megatron.parallel.compat import fix_fully_reshardable_multi_bucket_save
 from rao_megatron.parallel.device import compute_device, to_device
@@ -116,7 +116,8 @@ class Trainer:
                                                  params_dtype=model_init.params_dtype(cfg),
                                                  sequence_parallel=cfg.parallel.sequence_parallel)
             for ref, pol in zip(self.ref_chunks, self.chunks):
-                ref.load_state_dict(pol.module.state_dict())  # the reference is the initial policy
+                # the reference is the initial policy (under LoRA: its base, the adapters left out)
+                ref.load_state_dict({k: v for k, v in pol.module.state_dict().items() if not is_adapter_key(k)})
         self.optimizer, self.scheduler = build_optimizer(cfg, self.chunks)
         self.step = 0
         self.skipped_steps = 0

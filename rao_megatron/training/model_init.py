@@ -171,8 +171,8 @@ def load_weights(chunks: Any, path: Any, arch: ModelArch, task: str = "policy", 
     in; adapters the chunks have of their own (this run's) stay as they are."""
     path = resolve_checkpoint(path)
     meta = read_checkpoint_meta(path)
-    if PEFT_KEY not in meta:
-        load_model_checkpoint(chunks, path, skip_prefixes=skip_prefixes)
+    if PEFT_KEY not in meta:  # the whole model; the chunks' own adapters (this run's) are not in it
+        load_model_checkpoint(chunks, path, skip_prefixes=skip_prefixes, select=_not_adapter)
         return
     _load_base(chunks, path, meta, arch, task, skip_prefixes)
     spec = lora.LoraSpec.from_dict(meta[PEFT_KEY])
@@ -182,6 +182,10 @@ def load_weights(chunks: Any, path: Any, arch: ModelArch, task: str = "policy", 
             lora.apply_lora(chunk, spec)
         load_model_checkpoint(chunks, path, select=lambda k: keep(k) and not k.startswith(skip_prefixes))
         lora.merge_lora(chunks)
+
+
+def _not_adapter(key: str) -> bool:
+    return not lora.is_adapter_key(key)
 
 
 def load_adapters(chunks: Any, path: Any) -> dict[str, Any]:
