@@ -427,3 +427,18 @@ def set_full_adapter_tensors(model_or_chunks: Any, tensors: dict[str, tuple[torc
             full_a, full_b = tensors[name]
             a.A.copy_(_rank_slice(full_a.to(a.A.dtype), a, "A"))
             a.B.copy_(_rank_slice(full_b.to(a.B.dtype), a, "B"))
+
+
+def random_full_adapters(model_or_chunks: Any, *, std: float = 0.2) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Non-zero whole (TP1) adapter tensors for every adapter of a model, drawn from each adapter's global name:
+    the same at every layout and spec (for equivalence tests and the GPU check, where a fresh B = 0 would
+    give A no gradient and make every comparison pass trivially). Set them with :func:`set_full_adapter_tensors`."""
+    out = {}
+    for name, a in adapters(model_or_chunks):
+        in_full = a.A.shape[1] * (a.tp if a.row else 1)
+        out_full = a.B.shape[0] * (1 if a.row else a.tp)
+        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        out[name] = (torch.randn(a.A.shape[0], in_full, generator=gen) * std,
+                     torch.randn(out_full, a.B.shape[1], generator=gen) * std)
+    return out
+

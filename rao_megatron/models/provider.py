@@ -67,11 +67,12 @@ def _stage_flags(pre_process: bool | None, post_process: bool | None,
     return pre_process, post_process
 
 
-def prepare_moe(config: TransformerConfig, use_te: bool) -> None:
-    """Make a MoE config buildable with this spec: grouped GEMM only with TE, and Megatron without TE
+def prepare_moe(config: TransformerConfig, use_te: bool, grouped_experts: bool = True) -> None:
+    """Make a MoE config buildable with this spec: grouped GEMM only with TE (and ``grouped_experts``: LoRA
+    adapts experts one linear at a time, so it asks for one MLP per expert), and Megatron without TE
     (megatron-core 0.16 needs its router's TE GEMM name defined: ``compat.moe_router_gemm_without_te``)."""
-    if not use_te:
-        config.moe_grouped_gemm = False  # one local MLP per expert (SequentialMLP)
+    if not use_te or not grouped_experts:
+        config.moe_grouped_gemm = False  # one MLP per expert (SequentialMLP; TE linears with TE)
     moe_router_gemm_without_te()
 
 
@@ -102,13 +103,15 @@ def build_gpt_model(arch: ModelArch, *, config: TransformerConfig | None = None,
                     pre_process: bool | None = None, post_process: bool | None = None,
                     vp_stage: int | None = None, use_te: bool | None = None,
                     params_dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
-                    share_embeddings_and_output_weights: bool | None = None) -> GPTModel:
+                    share_embeddings_and_output_weights: bool | None = None,
+                    grouped_experts: bool = True) -> GPTModel:
     """This rank's ``GPTModel`` (chunk ``vp_stage``) for an architecture; TP/PP/VPP from ``parallel_state``.
 
     ``config`` overrides the TransformerConfig derived from ``arch`` and the current parallel layout. (A
     ``transformers`` config, dict or path is parsed first, :meth:`ModelArch.from_hf`: what tests pass.)
     ``sequence_parallel`` needs TP > 1 and the Transformer Engine spec (the local spec's torch norms
-    cannot split the sequence); it is refused otherwise rather than silently dropped.
+    cannot split the sequence); it is refused otherwise rather than silently dropped. ``grouped_experts``
+    False: one MLP per expert even with TE (what LoRA on experts needs).
     """
     arch = ModelArch.from_hf(arch)  # transitional: tests pass transformers configs
     tp = ps.get_tensor_model_parallel_world_size()
@@ -121,7 +124,7 @@ def build_gpt_model(arch: ModelArch, *, config: TransformerConfig | None = None,
             sequence_parallel=sequence_parallel, ep=ps.get_expert_model_parallel_world_size(),
             etp=ps.get_expert_tensor_parallel_world_size(), fused=use_te)
     if config.num_moe_experts:
-        prepare_moe(config, use_te)
+        prepare_moe(config, use_te, grouped_experts)
     if config.sequence_parallel and not use_te:
         raise ValueError("sequence parallelism needs the Transformer Engine layer spec (CUDA with "
                          "transformer_engine installed: pip install -e '.[gpu]'); set parallel.sequence_parallel=false")

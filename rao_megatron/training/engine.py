@@ -80,14 +80,15 @@ def build_model_chunks(arch: ModelArch, *, task: str = "policy", params_dtype: t
     """
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     stages = [None] if vpp is None else list(range(vpp))
+    grouped = lora is None or not lora.experts  # LoRA adapts experts one TE/local linear at a time
     chunks: list[torch.nn.Module] = []
     for v in stages:
         if task == "rm":
             model = build_reward_model(arch, vp_stage=v, use_te=use_te, params_dtype=params_dtype,
-                                       sequence_parallel=sequence_parallel)
+                                       sequence_parallel=sequence_parallel, grouped_experts=grouped)
         else:
             model = build_gpt_model(arch, vp_stage=v, use_te=use_te, params_dtype=params_dtype,
-                                    sequence_parallel=sequence_parallel)
+                                    sequence_parallel=sequence_parallel, grouped_experts=grouped)
             enable_hidden_state_output(model, vocab_parallel_consumer=False)
         if lora is not None:
             apply_lora(model, lora, seed=lora_seed)

@@ -5,7 +5,6 @@ A's gradient zero at every layout, and every check pass trivially)."""
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +19,6 @@ from .qwen3_cases import LOSSES, model_and_state, with_reference_answers
 pytestmark = pytest.mark.distributed
 
 RANK, ALPHA = 4, 8.0
-
-
-def random_adapters(chunks: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Whole (TP1) adapter tensors for every adapter of ``chunks``, drawn from its global name: the same at
-    every layout."""
-    from rao_megatron.models import lora
-
-    out = {}
-    for name, a in lora.adapters(chunks):
-        r = a.A.shape[0]
-        in_full = a.A.shape[1] * (a.tp if a.row else 1)
-        out_full = a.B.shape[0] * (1 if a.row else a.tp)
-        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-        out[name] = (torch.randn(r, in_full, generator=gen) * 0.2, torch.randn(out_full, r, generator=gen) * 0.2)
-    return out
 
 
 def run_lora_step(tp: int, pp: int, ep: int, etp: int | None, losses: list[str], hf_cfg: Any,
@@ -62,7 +46,7 @@ def run_lora_step(tp: int, pp: int, ep: int, etp: int | None, losses: list[str],
         task = "rm" if loss == "bt" else "policy"
         chunks = build_model_chunks(hf_cfg, task=task, lora=spec)
         load_hf_state_dict_into_megatron(chunks, hf_sd, hf_cfg)
-        lora.set_full_adapter_tensors(chunks, random_adapters(chunks))
+        lora.set_full_adapter_tensors(chunks, lora.random_full_adapters(chunks))
         value = train_step_loss(chunks, loss, LOSSES[loss], mine, hf_cfg.vocab_size)
         grads = {f"{n}.{w}": g for n, pair in lora.full_adapter_tensors(chunks, of="main_grad").items()
                  for w, g in zip("AB", pair)}

@@ -5,6 +5,7 @@ with adapters, and the refusals (another base, other adapter settings, bad peft 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -108,3 +109,15 @@ def test_lora_resume_refuses_another_base_or_other_adapters(tmp_path):
     assert meta["base"]["checkpoint"] == str(a.parent.joinpath(a.read_text().strip()).resolve())
     assert json.loads(json.dumps(meta["peft"]))["targets"] == ["linear_qkv", "linear_proj", "linear_fc1",
                                                                  "linear_fc2"]
+
+
+def test_bf16_lora_adapters_train_and_resume_with_fp32_master_weights(tmp_path):
+    # bf16 base and adapters; Megatron's mixed-precision optimizer keeps the adapters' fp32 master copies and
+    # Adam state, which the adapter-only checkpoint holds and a longer run resumes from
+    out = train(tmp_path, "bf16", *LORA, "model.dtype=bf16", "train.steps=2")
+    ckpt = out / "checkpoints" / "step_0000002"
+    optimizer = [k for k in stored_keys(ckpt) if k.startswith("optimizer.state.")]
+    assert {k.split(".")[2] for k in optimizer} == {"fp32_param", "exp_avg", "exp_avg_sq"}
+    assert all(".lora." in k for k in optimizer) and len(optimizer) == 3 * 8
+    more = losses(train(tmp_path, "bf16", *LORA, "model.dtype=bf16", "train.steps=3"))
+    assert len(more) == 3 and all(math.isfinite(x) for x in more)

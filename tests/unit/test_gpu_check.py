@@ -22,7 +22,7 @@ from tools.gpucheck.checks import kernels, models, moe, multi_gpu, preemption, p
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "gpu_check.py"
 PACKAGE = REPO / "tools" / "gpucheck"
-EXPECTED_CHECKS = ["pytest", "models", "smollm2", "layer_specs", "train", "preemption", "kernels", "vllm", "multi_gpu", "moe"]
+EXPECTED_CHECKS = ["pytest", "models", "smollm2", "layer_specs", "lora", "train", "preemption", "kernels", "vllm", "multi_gpu", "moe"]
 NO_GPU = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"}
 
 
@@ -133,7 +133,7 @@ def test_every_run_the_checks_start_has_a_valid_config(tmp_path):
     assert (fp32.model.dtype, fp32.data.packing, fp32.parallel.device) == ("fp32", True, "cuda")
     runs = [args for _, args in first_wave.values()]
     runs += [train.cached_run(tmp_path)[1], preemption.preemption_args(tmp_path / "p", 12)]
-    runs += [multi_gpu.parallel_args(tmp_path / n, *extra) for n, extra in multi_gpu.PARALLEL_LAYOUTS.items()]
+    runs += [multi_gpu.parallel_args(tmp_path / n, *ref, *extra) for n, (ref, extra) in multi_gpu.PARALLEL_LAYOUTS.items()]
     runs += [moe.moe_args(tmp_path / n, 3, *extra) for n, extra in {"one": (), **moe.MOE_LAYOUTS}.items()]
     data = tmp_path / "uneven.jsonl"
     moe.write_uneven_groups(data)
@@ -347,3 +347,17 @@ def test_judge_moe_forward():
     broken = {"bf16": {"error": "RuntimeError: boom"}}
     row = moe.judge_moe_forward(broken)
     assert row.verdict == "FAIL" and "boom" in row.reason and "fp32: not reached" in row.reason
+
+
+def test_judge_lora():
+    from tools.gpucheck.checks import lora
+
+    good = {"te_layers": ["LayerNormLinear"], "adapters_local": 8, "adapters_te": 8, "max_lp_diff": 3e-4,
+            "max_grad_rel_diff": 1e-3, "worst_grad": "decoder.layers.0.self_attention.linear_qkv.A"}
+    assert lora.judge_lora("qwen3", good).verdict == "PASS"
+    row = lora.judge_lora("qwen3", {**good, "te_layers": [], "max_grad_rel_diff": 0.5})
+    assert row.verdict == "FAIL" and "not the TE spec" in row.reason and "linear_qkv.A" in row.reason
+    row = lora.judge_lora("qwen3_moe", {**good, "adapters_te": 4})
+    assert row.verdict == "FAIL" and "4 on the TE spec, 8 local" in row.reason
+    assert lora.judge_lora("qwen3", {"error": "RuntimeError: boom"}).reason == "RuntimeError: boom"
+

@@ -24,13 +24,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .checks import kernels, layer_specs, models, moe, multi_gpu, preemption, pytest_gpu, smollm2, train, vllm
+from .checks import (
+    kernels,
+    layer_specs,
+    lora,
+    models,
+    moe,
+    multi_gpu,
+    preemption,
+    pytest_gpu,
+    smollm2,
+    train,
+    vllm,
+)
 from .harness import BUDGET_S, Check, Row, run_check, stop_all
 from .probe import probe_environment, worker_probe
 from .report import describe_environment, exit_code, print_row, print_summary, write_report
 
 #: the checks in the order they run: a new check is a module under checks/ (its CHECK, its WORKERS) named here
-CHECK_MODULES = (pytest_gpu, models, smollm2, layer_specs, train, preemption, kernels, vllm, multi_gpu, moe)
+CHECK_MODULES = (pytest_gpu, models, smollm2, layer_specs, lora, train, preemption, kernels, vllm, multi_gpu, moe)
 CHECKS: tuple[Check, ...] = tuple(m.CHECK for m in CHECK_MODULES)
 CHECK_NAMES = tuple(c.name for c in CHECKS)
 

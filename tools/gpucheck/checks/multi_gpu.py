@@ -1,4 +1,6 @@
-"""Check ``multi_gpu`` (two GPUs): TP2, DP2 and TP2 + sequence parallelism over NCCL give TP1's SFT losses."""
+"""Check ``multi_gpu`` (two GPUs): TP2, DP2 and TP2 + sequence parallelism over NCCL give TP1's SFT losses; so does
+LoRA at TP2 + sequence parallelism (the adapters' sequence gather / scatter, which the CPU cannot run) against
+LoRA at TP1."""
 
 from __future__ import annotations
 
@@ -21,9 +23,13 @@ from ..judge import compare_losses
 #: other reduction orders in bf16 (TP all-reduces, DP gradient averaging) over a few steps
 PARALLEL_RTOL = 2e-2
 PARALLEL_STEPS = 4
+#: LoRA adapters, with an lr at which they move the SFT loss within the few steps
+LORA = ("peft.method=lora", "peft.rank=8", "train.lr=1e-2")
 
-
-PARALLEL_LAYOUTS = {"tp2": ("parallel.tp=2",), "dp2": (), "tp2_sp": ("parallel.tp=2", "parallel.sequence_parallel=true")}
+#: name -> (settings of the TP1 run it is compared with, the layout's own settings)
+PARALLEL_LAYOUTS = {"tp2": ((), ("parallel.tp=2",)), "dp2": ((), ()),
+                    "tp2_sp": ((), ("parallel.tp=2", "parallel.sequence_parallel=true")),
+                    "tp2_sp_lora": (LORA, ("parallel.tp=2", "parallel.sequence_parallel=true"))}
 
 
 def parallel_args(out: Path, *extra: str) -> list[str]:
@@ -31,21 +37,27 @@ def parallel_args(out: Path, *extra: str) -> list[str]:
 
 
 def check_multi_gpu(ctx: Context) -> list[Row]:
-    tp1 = ctx.run("tp1", module_cmd("train", *parallel_args(ctx.dir / "tp1")), rank0_env())
+    references = {}
+    for settings in dict.fromkeys(ref for ref, _ in PARALLEL_LAYOUTS.values()):
+        name = "tp1_lora" if settings else "tp1"
+        references[settings] = name, ctx.run(name, module_cmd("train", *parallel_args(ctx.dir / name, *settings)),
+                                             rank0_env())
     rows = []
-    for name, extra in PARALLEL_LAYOUTS.items():
-        if not tp1.ok():
-            rows.append(Row(f"multi_gpu/{name}", FAIL, f"not compared: {tp1.why()}", tp1.seconds))
+    for name, (settings, extra) in PARALLEL_LAYOUTS.items():
+        ref_name, ref = references[settings]
+        if not ref.ok():
+            rows.append(Row(f"multi_gpu/{name}", FAIL, f"not compared: {ref.why()}", ref.seconds))
             continue
-        done = ctx.run(name, torchrun_cmd(2, "train", *parallel_args(ctx.dir / name, *extra)))
+        done = ctx.run(name, torchrun_cmd(2, "train", *parallel_args(ctx.dir / name, *settings, *extra)))
         if not done.ok():
             rows.append(Row(f"multi_gpu/{name}", FAIL, done.why(), done.seconds))
             continue
-        rows.append(compare_losses(f"multi_gpu/{name}", read_metrics(ctx.dir / name), read_metrics(ctx.dir / "tp1"),
+        rows.append(compare_losses(f"multi_gpu/{name}", read_metrics(ctx.dir / name), read_metrics(ctx.dir / ref_name),
                                    range(1, PARALLEL_STEPS + 1), rtol=PARALLEL_RTOL,
-                                   what=f"SFT losses of {PARALLEL_STEPS} steps, {name} vs TP1", seconds=done.seconds))
+                                   what=f"SFT losses of {PARALLEL_STEPS} steps, {name} vs {ref_name}",
+                                   seconds=done.seconds))
     return rows
 
 
-CHECK = Check("multi_gpu", f"TP2, DP2 and TP2 + sequence parallelism over NCCL: {PARALLEL_STEPS} SFT losses equal TP1 "
-              f"(rtol {PARALLEL_RTOL})", check_multi_gpu, 240, ("transformer_engine",), gpus=2)
+CHECK = Check("multi_gpu", f"TP2, DP2 and TP2 + sequence parallelism over NCCL (and LoRA at TP2 + SP): {PARALLEL_STEPS} "
+              f"SFT losses equal TP1 (rtol {PARALLEL_RTOL})", check_multi_gpu, 300, ("transformer_engine",), gpus=2)
