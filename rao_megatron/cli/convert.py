@@ -1,8 +1,12 @@
 """``python -m rao_megatron.cli.convert``: HF <-> Megatron checkpoint conversion and logit comparison, on CPU.
 
     hf-to-megatron --hf DIR --out DIR [--tp N] [--pp M] [--ep E] [--etp T] [--dtype auto|fp32|bf16] [--task policy|rm]
-    megatron-to-hf --megatron DIR --out DIR [--dtype auto|fp32|bf16] [--max-shard-size 2GB]
+    megatron-to-hf --megatron DIR --out DIR [--dtype auto|fp32|bf16] [--max-shard-size 2GB] [--merge-lora]
     compare        --hf DIR --megatron DIR [--tp N] [--pp M] [--ep E] [--etp T] [--prompts P ...] [--atol 1e-3]
+
+A LoRA checkpoint (``peft.method=lora``) exports as an HF PEFT adapter folder (``adapter_config.json`` +
+``adapter_model.safetensors``, for ``peft.PeftModel.from_pretrained(base, DIR)``; written without the peft
+library), or with ``--merge-lora`` as the full model, adapters merged into its base.
 
 Run it as a plain process: it starts the tp x pp (x dp for --ep) CPU (gloo) processes itself. GPUs are hidden.
 Heavy imports happen inside ``main``: dist_checkpointing spawns a helper process that re-imports this
@@ -12,6 +16,7 @@ module, which should stay cheap.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -45,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
     m2h.add_argument("--max-shard-size", default="2GB",
                      help="largest safetensors file (e.g. 2GB, 500MB); above it the weights are sharded with "
                           "model.safetensors.index.json")
+    m2h.add_argument("--merge-lora", action="store_true",
+                     help="a LoRA checkpoint: write the full model with the adapters merged into its base (default: "
+                          "an HF PEFT adapter folder); other checkpoints export as they are")
 
     cmp = sub.add_parser("compare", help="logits of an HF model vs a Megatron checkpoint (fp32, same prompts)")
     path_option(cmp, "--hf", required=True, help="HF model directory")
@@ -78,11 +86,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"wrote Megatron checkpoint {out} (written at TP{args.tp} PP{args.pp}{experts}; loads at any layout)")
         return 0
     if args.command == "megatron-to-hf":
-        from rao_megatron.conversion.convert import megatron_to_hf  # heavy: megatron; --help loads none
+        from rao_megatron.conversion.convert import ADAPTER_CONFIG, megatron_to_hf  # heavy: megatron
 
         out = megatron_to_hf(args.megatron, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                             progress=not args.no_progress)
-        print(f"wrote HF model {out}")
+                             merge_lora=args.merge_lora, progress=not args.no_progress)
+        if (out / ADAPTER_CONFIG).is_file():
+            base = json.loads((out / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+            print(f"wrote HF PEFT adapter {out}" + (f" (base model {base})" if base else ""))
+        else:
+            print(f"wrote HF model {out}")
         return 0
     from rao_megatron.conversion.compare import compare_checkpoints  # heavy: megatron; --help loads none
 

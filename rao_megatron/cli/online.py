@@ -12,7 +12,8 @@ whatever the reward needs (``answer`` for exact_final_number). Round r:
 2. score:   ``rao_megatron.cli.annotate`` with --reward-fn or --reward-model; the reference answer is scored too
 3. update:  ``rao_megatron.cli.train`` with the GRAO config, initialised from the previous round's checkpoint
             (round 1: --start), on this round's groups; a fresh optimizer and LR schedule each round
-4. export:  ``rao_megatron.cli.convert megatron-to-hf`` -> the next round's sampler
+4. export:  ``rao_megatron.cli.convert megatron-to-hf`` -> the next round's sampler (a LoRA round's checkpoint
+            with ``--merge-lora``: the sampler loads the merged model like any other)
 
 ``OUT/rounds.jsonl`` records each round's on-policy sample accuracy (mean reward of its samples) and the
 training loss; ``OUT/final_hf`` is the last policy in HF format. A finished step of a round leaves a
@@ -54,6 +55,15 @@ def _last_loss(run_dir: Path) -> float | None:
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     losses = [r["loss"] for r in lines if "loss" in r and "eval/loss" not in r]
     return losses[-1] if losses else None
+
+
+def merge_args(checkpoints: Path) -> list[str]:
+    """``--merge-lora`` when a round's checkpoint is a LoRA checkpoint (it holds the adapters only), so that
+    the next round samples from base + adapters; nothing for a full checkpoint."""
+    from rao_megatron.models.checkpoint import read_checkpoint_meta  # heavy: megatron; --help loads none
+    from rao_megatron.training.model_init import PEFT_KEY
+
+    return ["--merge-lora"] if PEFT_KEY in read_checkpoint_meta(checkpoints) else []
 
 
 def check_prompts(path: str) -> int:
@@ -104,7 +114,7 @@ def run_online(args: argparse.Namespace) -> Path:
         policy_ckpt = rd / "train" / "checkpoints"
         if not _done(rd / "exported.done"):
             run_command(python_module("rao_megatron.cli.convert", "megatron-to-hf", "--megatron", policy_ckpt,
-                                      "--out", fresh_dir(rd / "hf"), "--no-progress"))
+                                      "--out", fresh_dir(rd / "hf"), "--no-progress", *merge_args(policy_ckpt)))
             _mark(rd / "exported.done")
         policy_hf = rd / "hf"
         history.append({"round": r, "sample_reward": accuracy, "train_loss": _last_loss(rd / "train"),

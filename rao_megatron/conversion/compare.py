@@ -2,6 +2,8 @@
 
 The Megatron side runs first, on its own ranks (TP x PP forked CPU processes), and hands its logits back
 through a file; only then is the HF model loaded, so at most one copy of the weights exists at a time.
+A LoRA checkpoint is compared as the model it trains: its base with the adapters merged in (as
+``megatron-to-hf --merge-lora`` exports it).
 Sequences are right-padded and attention is causal, so the real positions see no padding.
 """
 
@@ -23,10 +25,11 @@ from rao_megatron.conversion.convert import build_chunks, run_ranks
 from rao_megatron.conversion.hf_io import TOKENIZER_FILES, ConversionError, read_hf_config
 from rao_megatron.conversion.validate import check_layout, config_for_task, conversion_world_size
 from rao_megatron.data.tokenizer import pad_id
-from rao_megatron.models.checkpoint import load_model_checkpoint, read_checkpoint_meta, resolve_checkpoint
+from rao_megatron.models.checkpoint import read_checkpoint_meta, resolve_checkpoint
 from rao_megatron.models.hf_config import ModelArch
 from rao_megatron.parallel.state import destroy_model_parallel, initialize_model_parallel, is_last_stage
 from rao_megatron.training.engine import forward_backward
+from rao_megatron.training.model_init import load_weights
 
 DEFAULT_PROMPTS = ("What is the capital of France?", "Write a haiku about autumn leaves.",
                    "Explain in one sentence why the sky is blue.")
@@ -112,7 +115,7 @@ def _megatron_outputs_worker(checkpoint: str, arch: ModelArch, task: str, ids: t
                              pp: int, out_file: str, ep: int = 1, etp: int | None = None) -> None:
     initialize_model_parallel(tp=tp, pp=pp, ep=ep, etp=etp)
     chunks = build_chunks(arch, task, torch.float32)
-    load_model_checkpoint(chunks, checkpoint, strict=True)
+    load_weights(chunks, checkpoint, arch, task)  # a LoRA checkpoint: its base with the adapters merged in
     position_ids = torch.arange(ids.shape[1]).unsqueeze(0)
     microbatches = [{"tokens": ids[i: i + 1], "position_ids": position_ids} for i in range(ids.shape[0])]
     outputs = forward_backward(chunks, functools.partial(_output_step, task), microbatches, forward_only=True)

@@ -5,6 +5,13 @@ parallelism needs data-parallel ranks, :func:`conversion_world_size`); each buil
 reads only the HF tensors it needs (``LazyHFStateDict``) and writes its part of a torch_dist
 checkpoint. ``megatron_to_hf`` loads any layout at TP1/PP1 in one process (dist_checkpointing
 reshards) and streams the HF tensors into safetensors shards. The caller's process holds no weights.
+
+A LoRA checkpoint (``rao_model.json`` records ``peft``: a LoRA run's adapters, its base kept elsewhere) is
+exported as an HF PEFT adapter folder, or with ``merge_lora`` as the full model with the adapters merged in.
+The adapter folder is a documented layout (``adapter_config.json`` + ``adapter_model.safetensors`` under
+PEFT's parameter names) that we write ourselves: ``peft`` is a test dependency only (the tests load our
+folders with ``PeftModel.from_pretrained``), so exporting on a training cluster needs nothing beyond what
+training does.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ import datetime
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,12 +55,8 @@ from rao_megatron.conversion.validate import (
     conversion_world_size,
     task_of,
 )
-from rao_megatron.models.checkpoint import (
-    load_model_checkpoint,
-    read_checkpoint_meta,
-    resolve_checkpoint,
-    save_model_checkpoint,
-)
+from rao_megatron.models import lora
+from rao_megatron.models.checkpoint import read_checkpoint_meta, resolve_checkpoint, save_model_checkpoint
 from rao_megatron.models.hf_config import ModelArch, transformer_config_from_hf
 from rao_megatron.models.hf_mappings import mappings_for
 from rao_megatron.models.hf_state import iter_mapped_params, load_hf_state_dict_into_megatron, rank_dims
@@ -60,6 +64,8 @@ from rao_megatron.models.provider import build_gpt_model
 from rao_megatron.models.reward import build_reward_model
 from rao_megatron.parallel.launch import run_distributed
 from rao_megatron.parallel.state import destroy_model_parallel, initialize_model_parallel
+from rao_megatron.training.model_init import BASE_KEY, PEFT_KEY, adapter_selector, load_adapters, load_weights
+from rao_megatron.training.reference_cache import checkpoint_content_id
 
 #: generous: a rank may wait at a barrier while another reads or writes many GB
 RANK_TIMEOUT_S = 3600.0
@@ -211,8 +217,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def iter_hf_tensors(chunks: list[torch.nn.Module], arch: ModelArch, task: str,
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for every parameter of a TP1/PP1 model, one at a time (views, no copies)."""
+                    select: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every parameter of a TP1/PP1 model (those whose Megatron names ``select`` keeps,
+    when given), one at a time (views, no copies). LoRA adapters are not among them (:func:`iter_peft_tensors`)."""
     if ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1 or \
             ps.get_expert_model_parallel_world_size() != 1 or ps.get_expert_tensor_parallel_world_size() != 1:
         raise ValueError("iter_hf_tensors needs the whole model on one rank (TP1 PP1 EP1)")
@@ -221,7 +228,8 @@ def iter_hf_tensors(chunks: list[torch.nn.Module], arch: ModelArch, task: str,
     for name, param, mapping, layer, expert in iter_mapped_params(chunks, mappings_for(arch, task == "rm"), dims):
         if tied and name == "output_layer.weight":
             continue  # the tied embedding, exported once as model.embed_tokens.weight
-        yield from zip(mapping.hf_names(layer, expert), mapping.to_hf([param.detach()], dims), strict=True)
+        if select is None or select(name):
+            yield from zip(mapping.hf_names(layer, expert), mapping.to_hf([param.detach()], dims), strict=True)
 
 
 @dataclass(frozen=True)
@@ -234,18 +242,23 @@ class _MegatronToHfJob:
     arch: ModelArch
     max_shard_bytes: int
     progress: bool
+    adapter: bool = False  # a LoRA checkpoint's adapters as a PEFT folder (else the whole model, adapters merged)
+    base_model: str | None = None  # the adapter folder's base_model_name_or_path
 
 
 def _megatron_to_hf_worker(job: _MegatronToHfJob) -> None:
     initialize_model_parallel(tp=1, pp=1)
     chunks = build_chunks(job.arch, job.task, DTYPES[job.stored_dtype])
-    load_model_checkpoint(chunks, job.checkpoint, strict=True)
-    total = sum(1 for _ in iter_hf_tensors(chunks, job.arch, job.task))
-    writer = ShardedSafetensorsWriter(job.target, job.max_shard_bytes)
-    for name, tensor in tqdm(iter_hf_tensors(chunks, job.arch, job.task), total=total, unit="tensor",
-                             desc="writing HF tensors", disable=not job.progress):
-        writer.add(name, tensor, dtype=DTYPES[job.out_dtype])
-    writer.close()
+    if job.adapter:
+        _write_peft_adapter(chunks, job)
+    else:
+        load_weights(chunks, job.checkpoint, job.arch, job.task)  # a LoRA checkpoint: base + adapters merged
+        total = sum(1 for _ in iter_hf_tensors(chunks, job.arch, job.task))
+        writer = ShardedSafetensorsWriter(job.target, job.max_shard_bytes)
+        for name, tensor in tqdm(iter_hf_tensors(chunks, job.arch, job.task), total=total, unit="tensor",
+                                 desc="writing HF tensors", disable=not job.progress):
+            writer.add(name, tensor, dtype=DTYPES[job.out_dtype])
+        writer.close()
     destroy_model_parallel()
 
 
@@ -256,11 +269,14 @@ def _generation_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def megatron_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "auto",
-                   max_shard_size: str | int = "2GB", progress: bool = True) -> Path:
+                   max_shard_size: str | int = "2GB", merge_lora: bool = False, progress: bool = True) -> Path:
     """Export a Megatron model checkpoint (any TP/PP layout) to an HF safetensors directory at ``out``.
 
     The task (policy -> ``*ForCausalLM``, rm -> ``*ForSequenceClassification``) comes from the
-    checkpoint's metadata; ``dtype`` auto keeps the stored dtype.
+    checkpoint's metadata; ``dtype`` auto keeps the stored dtype. A LoRA checkpoint becomes an HF PEFT
+    adapter folder (:func:`iter_peft_tensors`, :func:`peft_adapter_config`), or with ``merge_lora`` the
+    full model with its adapters merged in (W + scale · B A on its base); ``merge_lora`` on any other
+    checkpoint changes nothing (a note says so).
     """
     checkpoint = resolve_checkpoint(checkpoint).resolve()  # also a training run's checkpoints root / latest
     meta = read_checkpoint_meta(checkpoint)
@@ -274,18 +290,126 @@ def megatron_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, dty
     if out_dtype not in DTYPES or stored not in DTYPES:
         raise ConversionError(f"--dtype {out_dtype!r}: expected fp32, bf16 or auto")
     max_bytes = parse_size(max_shard_size)
+    if merge_lora and PEFT_KEY not in meta:
+        print(f"note: {checkpoint} has no LoRA adapters (--merge-lora changes nothing); exporting it as it is")
+    adapter = PEFT_KEY in meta and not merge_lora
+    base_model = _adapter_base(checkpoint, meta, arch) if adapter else None
     out = check_output_dir(out).resolve()
     with staged_output(out) as target:
-        run_ranks(_megatron_to_hf_worker, 1,
-                  _MegatronToHfJob(str(checkpoint), str(target), task, stored, out_dtype, arch, max_bytes, progress))
-        out_cfg = dict(cfg, dtype=hf_dtype_name(DTYPES[out_dtype]))
-        if "torch_dtype" in out_cfg:
-            out_cfg["torch_dtype"] = out_cfg["dtype"]
-        write_json(target / "config.json", out_cfg)
-        if task == "policy":
-            write_json(target / "generation_config.json", meta.get("generation_config") or _generation_config(cfg))
+        run_ranks(_megatron_to_hf_worker, 1, _MegatronToHfJob(str(checkpoint), str(target), task, stored, out_dtype,
+                                                              arch, max_bytes, progress, adapter, base_model))
+        if not adapter:
+            out_cfg = dict(cfg, dtype=hf_dtype_name(DTYPES[out_dtype]))
+            if "torch_dtype" in out_cfg:
+                out_cfg["torch_dtype"] = out_cfg["dtype"]
+            write_json(target / "config.json", out_cfg)
+            if task == "policy":
+                write_json(target / "generation_config.json",
+                           meta.get("generation_config") or _generation_config(cfg))
         # the converter puts a copy inside the checkpoint; a training run records its tokenizer path
         tokenizer_src = checkpoint / "tokenizer" if (checkpoint / "tokenizer").is_dir() else meta.get("tokenizer")
         if not copy_tokenizer_files(tokenizer_src, target):
             print(f"note: no tokenizer found for {checkpoint}; copy the tokenizer files into {out} yourself")
     return out
+
+
+# ---------------------------------------------------------------- Megatron LoRA -> HF PEFT adapter folder
+
+#: the files of an HF PEFT adapter folder, as ``PeftModel.save_pretrained`` names them
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+#: the prefix PEFT's saved keys carry: the HF model's parameter names inside ``PeftModel.base_model.model``
+PEFT_PREFIX = "base_model.model."
+_LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
+
+
+def iter_peft_tensors(chunks: list[torch.nn.Module], arch: ModelArch, task: str,
+                      own: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(PEFT key, tensor) of a TP1/PP1 model's LoRA adapters, then of the other parameters its LoRA checkpoint
+    holds (``own`` keeps their Megatron names: a reward model's head, saved as PEFT saves ``modules_to_save``).
+
+    Each adapter is split as the mapping table splits the weight it adapts: B's rows go where the weight's
+    rows go (fused QKV -> q/k/v per query group, a gated fc1 -> gate/up) and every part keeps the whole A
+    (the parts share the input), so ``B_q A x`` is exactly the q rows of ``B A x``; a row-parallel linear
+    (o_proj, down_proj) maps one to one. Expert adapters map per expert (the checkpoint-file layout; see
+    :func:`_adapter_base` for why they are not exported).
+    """
+    dims = rank_dims(arch)
+    table = [(m.megatron_pattern(), m) for m in mappings_for(arch, task == "rm")]
+    for name, (a, b) in lora.full_adapter_tensors(chunks).items():
+        mapping, found = next((m, hit) for pattern, m in table if (hit := pattern.match(f"{name}.weight")))
+        expert = found.groupdict().get("expert")
+        hf_names = mapping.hf_names(int(found["layer"]), None if expert is None else int(expert))
+        for hf_name, b_part in zip(hf_names, mapping.to_hf([b], dims), strict=True):
+            module = PEFT_PREFIX + hf_name.removesuffix(".weight")
+            yield module + _LORA_A, a
+            yield module + _LORA_B, b_part
+    for hf_name, tensor in iter_hf_tensors(chunks, arch, task, select=own):
+        yield PEFT_PREFIX + hf_name, tensor
+
+
+def peft_adapter_config(spec: lora.LoraSpec, task: str, keys: Iterable[str], base_model: str | None) -> dict[str, Any]:
+    """``adapter_config.json`` of a PEFT LoRA adapter whose weights file holds ``keys``: the fields
+    ``LoraConfig`` reads, with PEFT's defaults for the rest. The scale is PEFT's plain ``lora_alpha / r``
+    (``use_rslora`` false), as ours; ``target_modules`` and ``modules_to_save`` are the modules the file
+    holds (HF names: q_proj ... down_proj; score, the head of a reward model)."""
+    keys = [k.removeprefix(PEFT_PREFIX) for k in keys]
+    adapted = {k.removesuffix(_LORA_A).rsplit(".", 1)[-1] for k in keys if k.endswith(_LORA_A)}
+    saved = {k.rsplit(".", 1)[0] for k in keys if not k.endswith((_LORA_A, _LORA_B))}
+    alpha = int(spec.alpha) if float(spec.alpha).is_integer() else spec.alpha
+    return {"peft_type": "LORA", "task_type": "SEQ_CLS" if task == "rm" else "CAUSAL_LM",
+            "base_model_name_or_path": base_model, "revision": None, "inference_mode": True,
+            "r": spec.rank, "lora_alpha": alpha, "lora_dropout": spec.dropout, "target_modules": sorted(adapted),
+            "modules_to_save": sorted(saved) or None, "bias": "none", "fan_in_fan_out": False,
+            "use_rslora": False, "use_dora": False, "init_lora_weights": True, "layers_to_transform": None,
+            "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def _write_peft_adapter(chunks: list[torch.nn.Module], job: _MegatronToHfJob) -> None:
+    """The adapter folder of LoRA checkpoint ``job.checkpoint``: only its own entries are read (no base)."""
+    meta = read_checkpoint_meta(job.checkpoint)
+    spec = lora.LoraSpec.from_dict(meta[PEFT_KEY])
+    for chunk in chunks:
+        lora.apply_lora(chunk, spec)
+    load_adapters(chunks, job.checkpoint)
+    writer = ShardedSafetensorsWriter(job.target, max_shard_bytes=sys.maxsize)  # PEFT reads one file
+    keys = []
+    for key, tensor in iter_peft_tensors(chunks, job.arch, job.task, adapter_selector(meta)):
+        writer.add(key, tensor, dtype=DTYPES[job.out_dtype])
+        keys.append(key)
+    target = Path(job.target)
+    os.replace(writer.close()[0], target / ADAPTER_WEIGHTS)
+    write_json(target / ADAPTER_CONFIG, peft_adapter_config(spec, job.task, keys, job.base_model))
+
+
+def _adapter_base(checkpoint: Path, meta: dict[str, Any], arch: ModelArch) -> str | None:
+    """The adapter folder's ``base_model_name_or_path``: the HF directory the LoRA checkpoint's base was
+    converted from, else None with a note saying what the base is and how to get it in HF form.
+
+    Refused before any work: adapters on routed experts (transformers 5 holds a Qwen3-MoE layer's experts
+    fused in 3-D parameters, which PEFT's LoRA does not wrap as linears; the merged export has them), and a
+    base checkpoint whose content changed since training (the adapters fit only the weights they were
+    trained on; a base that is gone is only a note: the adapters do not need it).
+    """
+    spec = lora.LoraSpec.from_dict(meta[PEFT_KEY])
+    if arch.moe is not None and spec.experts and {"linear_fc1", "linear_fc2"} & set(spec.targets):
+        raise ConversionError(f"{checkpoint}: its LoRA adapters on MoE experts have no HF PEFT form (transformers "
+                              "fuses the experts into 3-D tensors that PEFT's LoRA does not wrap); export the "
+                              "merged model with --merge-lora")
+    base = meta[BASE_KEY]
+    source = base.get("checkpoint")
+    if source is None:
+        print(f"note: the adapter's base model is the {base.get('source', 'random init')}, which has no HF copy; "
+              "--merge-lora exports base and adapters as one model")
+        return None
+    if not Path(source).is_dir():
+        print(f"note: the adapter's base model {source} is not there; base_model_name_or_path left empty")
+        return None
+    if checkpoint_content_id(source) != base["id"]:
+        raise ConversionError(f"LoRA checkpoint {checkpoint}: its base model {source} holds other weights than the "
+                              "adapters were trained on")
+    provenance = read_checkpoint_meta(source).get("provenance") or {}
+    if "hf-to-megatron" in str(provenance.get("converter")) and provenance.get("source"):
+        return str(provenance["source"])
+    print(f"note: the adapter's base model is the Megatron checkpoint {source}; export it with megatron-to-hf "
+          "(with --merge-lora if it is a LoRA checkpoint itself) and load the adapter onto that")
+    return None

@@ -115,8 +115,10 @@ class _ScaleForward(torch.autograd.Function):
 
 
 def _tp_group(linear: torch.nn.Module) -> Any:
-    """The tensor-parallel group a linear is split over (the expert-TP group for expert linears)."""
-    for attr in ("tp_group", "_tp_group"):
+    """The tensor-parallel group a linear is split over (the expert-TP group for expert linears): Megatron's
+    TE wrappers keep it as ``_tp_group`` (TE's own ``tp_group`` is None where Megatron does the expert
+    communication itself), the local linears as ``tp_group``."""
+    for attr in ("_tp_group", "tp_group"):
         group = getattr(linear, attr, None)
         if group is not None:
             return group

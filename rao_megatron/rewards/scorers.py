@@ -110,12 +110,12 @@ class ModelScorer:
                  tokenizer: str | None = None, packing: bool = True) -> None:
         from rao_megatron.models.checkpoint import (
             checkpoint_tokenizer,
-            load_model_checkpoint,
             read_checkpoint_meta,
             resolve_checkpoint,
         )
         from rao_megatron.models.hf_config import ModelArch
         from rao_megatron.training.engine import build_model_chunks  # heavy: megatron, model scorer only
+        from rao_megatron.training.model_init import load_weights
 
         path = find_model_checkpoint(checkpoint)
         meta = read_checkpoint_meta(path)
@@ -129,7 +129,7 @@ class ModelScorer:
         dtype = torch.bfloat16 if meta.get("dtype") == "bf16" else torch.float32
         arch = ModelArch.from_hf(AutoConfig.for_model(**meta["hf_config"]))
         self.chunks = build_model_chunks(arch, task="rm", wrap_ddp=False, params_dtype=dtype)
-        load_model_checkpoint(self.chunks, path)
+        load_weights(self.chunks, path, arch, "rm")  # a LoRA reward model: its base with the adapters merged in
         self.batch_size, self.max_length = batch_size, max_length
         self.packing = packing and packs(self.chunks[0], dtype)
         self.pad = pad_id(self.tokenizer)

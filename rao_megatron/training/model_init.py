@@ -160,7 +160,8 @@ def _load_base(chunks: Any, path: Any, meta: dict[str, Any], arch: ModelArch, ta
     if (now := checkpoint_content_id(source)) != base["id"]:
         raise ValueError(f"LoRA checkpoint {path}: its base model {source} holds other weights than the adapters "
                          f"were trained on (content {base['id'][:12]} then, {now[:12]} now)")
-    load_weights(chunks, source, arch, task, skip_prefixes=skip_prefixes)
+    # a reward model's base may be a policy: its vocab head is not the scalar head (init_skip_prefixes)
+    load_weights(chunks, source, arch, task, skip_prefixes=skip_prefixes + init_skip_prefixes(str(source), task))
 
 
 @torch.no_grad()
