@@ -91,8 +91,13 @@ class LossConfig:
     z0: float | None = _f(None, "RAO: Z0 > 0, convenience for log_z0 = ln z0 (give one of the two).", gt=0)
     reward_scale: float | None = _f(None, "RAO: multiply explicit rewards before the loss (default 1).", gt=0)
     reward_shift: float | None = _f(None, "RAO: add to explicit rewards after scaling (default 0).")
-    prefix_consistency: bool | None = _f(None, "RAO: log Z = log_z0 + sg(Δ_P) (true, the paper's Eq. 6, the "
-                                               "default) or the constant log_z0 (false; an ablation, docs/rao.md).")
+    prefix_consistency: bool | None = _f(None, "RAO: the older spelling of log_z: true = prefix (log_z0 + sg(Δ_P), "
+                                               "the paper's Eq. 6), false = fixed (log_z0; an ablation).")
+    log_z: str | None = _f(None, "RAO: each group's log Z. prefix: log_z0 + sg(Δ_P), the paper's Algorithm 1 (the "
+                                 "default); fixed: log_z0; sampled: the log-mean-exp of the group's own r/β (its "
+                                 "responses sampled from the reference model; docs/rao.md); sampled_prefix: that "
+                                 "+ sg(Δ_P). Replaces prefix_consistency (give one of the two).",
+                           choices=("prefix", "fixed", "sampled", "sampled_prefix", None))
     label_smoothing: float | None = _f(None, "DPO: label smoothing ε (cDPO / robust DPO).", ge=0, lt=0.5)
     gamma: float | None = _f(None, "SimPO: target reward margin γ.")
     lam: float | None = _f(None, "ORPO: weight of the odds-ratio term; GRAO: weight of the alignment term.", ge=0)
@@ -148,6 +153,9 @@ class DataConfig:
                                               "(rows = micro_batch_tokens / max_length); None = the padded layout's "
                                               "groups_per_micro_batch x responses per group x max_length.", gt=0)
     max_responses: int | None = _f(None, "Keep at most this many responses per group (best and worst first).", ge=2)
+    drop_tied: bool | None = _f(None, "Drop groups whose rewards all tie (counted in the data report), for any loss; "
+                                      "None = the loss's own rule (pairwise losses drop them, they hold no pair; "
+                                      "the others keep them). Pairwise losses cannot keep them.")
     ultrafeedback_rating: str = _f("overall", "Raw UltraFeedback rows: the reward is completions[].overall_score, "
                                    "or the mean of the fine-grained annotation ratings (N/A skipped).",
                                    choices=("overall", "fine_grained"))
@@ -454,6 +462,9 @@ def validate(cfg: Config, where: str = "", cli_keys: frozenset[str] = frozenset(
             RewardStats.from_dict(cfg.loss.reward_stats)
         except ValueError as e:
             raise ConfigError(f"config key 'loss.reward_stats'{where}: {e}") from None
+    if spec.pairwise and cfg.data.drop_tied is False:
+        raise ConfigError(f"config key 'data.drop_tied'{where}: loss '{spec.name}' trains on pairs, and a group "
+                          "whose rewards all tie holds none; leave data.drop_tied unset (or true)")
     expected = {"rm": "bt", "sft": "sft"}.get(cfg.train.task)
     if expected and cfg.loss.name != expected:
         raise ConfigError(f"config key 'loss.name'{where}: train.task={cfg.train.task} trains with loss "

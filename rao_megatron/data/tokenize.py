@@ -121,7 +121,8 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: PreTrainedTokenize
     to the prompt at the token level (as TRL does). A truncated response loses its end-of-turn: it
     was cut, and teaching the model to stop there would be wrong. ``t0`` (default: the first row's
     first token) is the token every sequence must start with (DESIGN §2); a row that does not is a
-    :class:`DataError`. ``min_responses`` is 2 for pairwise losses. Every drop is counted in the report.
+    :class:`DataError`. ``min_responses`` is 2 for pairwise losses. ``drop_tied``: a group whose rewards all
+    tie (one response included: no ranking either) is dropped. Every drop is counted in the report.
     """
     if overlength not in OVERLENGTH:
         raise ValueError(f"overlength must be one of {OVERLENGTH}, got {overlength!r}")
@@ -215,7 +216,7 @@ def _tokenize_group(ex: Example, x: list[int], ys: list[list[int]], *, max_lengt
         report.drop("group_too_few_responses")
         return None
     rewards = [ex.rewards[j] for j in kept] if ex.rewards is not None else None
-    if rewards is not None and min_responses >= 2 and len(set(rewards)) == 1:
+    if rewards is not None and (min_responses >= 2 or drop_tied) and len(set(rewards)) == 1:
         if drop_tied:
             report.drop("group_tied_rewards")
             return None

@@ -123,11 +123,21 @@ class TargetRange:
         return max(abs(self.min), abs(self.max)) <= SANE_TARGET_NATS
 
 
+def log_mean_exp(values: Sequence[float]) -> float:
+    top = max(values)
+    return top + math.log(math.fsum(math.exp(v - top) for v in values) / len(values))
+
+
 def target_range(rewards: Sequence[Sequence[float]], *, beta: float, log_z0: float, scale: float = 1.0,
-                 shift: float = 0.0) -> TargetRange:
+                 shift: float = 0.0, sampled: bool = False) -> TargetRange:
     """The range of RAO's step-0 targets (Δ_P = 0) that ``rewards`` (raw, per group) imply; ``scale`` and
-    ``shift`` are the whole affine map from raw reward to the loss's reward."""
-    targets = [(scale * float(r) + shift) / beta - log_z0 for group in rewards for r in group]
+    ``shift`` are the whole affine map from raw reward to the loss's reward. ``sampled``: each group's log Z
+    is the log-mean-exp of its own r̃/β (``loss.log_z=sampled``), not ``log_z0``."""
+    targets = []
+    for group in rewards:
+        mapped = [(scale * float(r) + shift) / beta for r in group]
+        log_z = log_mean_exp(mapped) if sampled and mapped else log_z0
+        targets += [m - log_z for m in mapped]
     if not targets:
         raise ValueError("no rewards to compute targets from")
     return TargetRange(min=min(targets), mean=math.fsum(targets) / len(targets), max=max(targets),

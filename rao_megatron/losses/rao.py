@@ -42,21 +42,48 @@ def resolve_log_z0(log_z0: float | None, z0: float | None) -> float:
     return checks.finite("rao", "log_z0", log_z0)
 
 
-def implicit_rewards(stats: SequenceStats, beta: float, log_z0: float,
-                     prefix_consistency: bool = True, groups: Groups | None = None) -> tuple[Tensor, Tensor]:
-    """``(r̂ [N], log Z [G])``: β·Δ_R + β·log Z_i, with Δ_P averaged once per group and detached
-    (``prefix_consistency=False``: log Z_i = log_z0 for every group, Δ_P left out). ``groups``: the
-    batch's :func:`make_groups`, where the caller has it (computing it reads the group count on the host)."""
+#: ``loss.log_z``: how each group's log Z is set (docs/rao.md, "Where log Z comes from")
+LOG_Z_MODES = ("prefix", "fixed", "sampled", "sampled_prefix")
+
+
+def log_z_mode(log_z: str | None, prefix_consistency: bool = True) -> str:
+    """The ``log_z`` mode of a RAO setting: ``log_z`` when given, else the older spelling
+    ``prefix_consistency`` (true: prefix, false: fixed)."""
+    if log_z is None:
+        return "prefix" if prefix_consistency else "fixed"
+    if log_z not in LOG_Z_MODES:
+        raise ValueError(f"loss 'rao': log_z must be one of {', '.join(LOG_Z_MODES)}, got {log_z!r}")
+    return log_z
+
+
+def sampled_log_z(targets: Tensor, beta: float, groups: Groups) -> Tensor:
+    """``[G]``: each group's log Z estimated from its own responses, log-mean-exp_j(r_j/β) -- the paper's
+    Z(x) = E_{y~π_ref}[exp(r(x, y)/β)] when the group's responses are samples of the reference model."""
+    scaled = targets.detach() / beta
+    top = group_max(scaled, groups.index, groups.count)
+    return top + torch.log(group_mean(torch.exp(scaled - top[groups.index]), groups.index, groups.count))
+
+
+def implicit_rewards(stats: SequenceStats, beta: float, log_z0: float, mode: str = "prefix",
+                     groups: Groups | None = None, targets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(r̂ [N], log Z [G])``: β·Δ_R + β·log Z_i. log Z_i by ``mode`` (:data:`LOG_Z_MODES`): ``prefix``
+    log_z0 + sg(Δ_P), Δ_P averaged once per group (the paper's Eq. 6); ``fixed`` log_z0; ``sampled`` the
+    group's log-mean-exp of ``targets``/β (:func:`sampled_log_z`); ``sampled_prefix`` that + sg(Δ_P).
+    ``groups``: the batch's :func:`make_groups`, where the caller has it (computing it reads the group count
+    on the host)."""
     groups = make_groups(stats.group_ids) if groups is None else groups
     delta_r = stats.policy_logps - stats.ref_logps
-    if prefix_consistency:
+    if mode in ("sampled", "sampled_prefix"):
+        if targets is None:
+            raise ValueError("loss 'rao': log_z=sampled estimates log Z from the rewards; none were given")
+        log_z = sampled_log_z(targets.to(delta_r.dtype), beta, groups)
+    else:
+        log_z = delta_r.new_full((groups.count,), float(log_z0))
+    if mode in ("prefix", "sampled_prefix"):
         # Δ_P is identical for every response of a prompt (causal attention); averaging over the group
         # computes it once per group and absorbs rounding differences between the copies.
-        delta_p = group_mean((stats.policy_prompt_logps - stats.ref_prompt_logps).detach().to(delta_r.dtype),
-                             groups.index, groups.count)
-    else:
-        delta_p = delta_r.new_zeros(groups.count)
-    log_z = log_z0 + delta_p
+        log_z = log_z + group_mean((stats.policy_prompt_logps - stats.ref_prompt_logps).detach().to(delta_r.dtype),
+                                   groups.index, groups.count)
     return beta * delta_r + beta * log_z[groups.index], log_z
 
 
@@ -84,10 +111,14 @@ def startup_lines(loss: BoundLoss, rewards: Sequence[Sequence[float]] | None) ->
         return []
     h = settings(loss.hparams)
     beta, log_z0 = h["beta"], h["log_z0"]
+    sampled = log_z_mode(h["log_z"], h["prefix_consistency"]).startswith("sampled")
     total_scale, total_shift = compose(loss.reward_affine, h["reward_scale"], h["reward_shift"])
-    t = target_range(rewards, beta=beta, log_z0=log_z0, scale=total_scale, shift=total_shift)
+    t = target_range(rewards, beta=beta, log_z0=log_z0, scale=total_scale, shift=total_shift, sampled=sampled)
     lo, mean, hi = (round(x, 2) + 0.0 for x in (t.min, t.mean, t.max))  # + 0.0: never "-0.00"
-    lines = [f"RAO targets at step 0, Δ_R* = r/β − log_z0 (β {beta:g}, log_z0 {log_z0:.4g}): "
+    where = ("r/β − log Z, log Z = each group's log-mean-exp of r/β (loss.log_z=sampled"
+             f"{'_prefix' if h['log_z'] == 'sampled_prefix' else ''}; β {beta:g})" if sampled else
+             f"r/β − log_z0 (β {beta:g}, log_z0 {log_z0:.4g})")
+    lines = [f"RAO targets at step 0, Δ_R* = {where}: "
              f"min {lo:+.2f} / mean {mean:+.2f} / max {hi:+.2f} nats over {t.responses} responses"]
     if not t.sane:
         lines.append(f"warning: RAO asks for log-probability changes beyond ±{SANE_TARGET_NATS:g} nats, which no "
@@ -105,34 +136,37 @@ def watch_log_z(loss: BoundLoss, step: int, record: dict[str, Any]) -> str | Non
         return None
     h = settings(loss.hparams)
     log_z0 = h["log_z0"]
-    if not h["prefix_consistency"] or abs(log_z - log_z0) <= LOG_Z_DRIFT_NATS:
-        return None
+    if log_z_mode(h["log_z"], h["prefix_consistency"]) != "prefix" or abs(log_z - log_z0) <= LOG_Z_DRIFT_NATS:
+        return None  # the sampled modes' log Z is the data's own, per group: no log_z0 to drift from
     return (f"warning: step {step}: RAO's log Z has moved {log_z - log_z0:+.2f} nats from log_z0 {log_z0:.4g} "
             "(the prompt tokens' log-prob change, sg(Δ_P)), which moves every target by as much; "
-            "loss.prefix_consistency=false holds it at log_z0 (docs/rao.md, \"Watch log_z\")")
+            "loss.log_z=fixed holds it at log_z0 (docs/rao.md, \"Watch log_z\")")
 
 
 @register("rao", formula="(1/K) Σ_j (r_j − β·Δ_R(y_j) − β·(log_z0 + sg(Δ_P(x))))²",
           needs_reference=True, needs_rewards=True, pairwise=False, calibrate=calibrate,
-          startup_lines=startup_lines, watch=watch_log_z, exclusive=[("z0", "log_z0")])
+          startup_lines=startup_lines, watch=watch_log_z,
+          exclusive=[("z0", "log_z0"), ("prefix_consistency", "log_z")])
 def rao_terms(stats: SequenceStats, beta: float = 0.1, log_z0: float | None = None, z0: float | None = None,
               reward_scale: float = 1.0, reward_shift: float = 0.0,
-              prefix_consistency: bool = True) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Per-group RAO losses ``[G]``, unit weights ``[G]`` and the metrics of DESIGN §2. ``prefix_consistency``
-    False drops sg(Δ_P) from log Z (a constant log_z0; not the paper's method, kept to measure its effect)."""
+              prefix_consistency: bool = True, log_z: str | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Per-group RAO losses ``[G]``, unit weights ``[G]`` and the metrics of DESIGN §2. ``log_z``
+    (:data:`LOG_Z_MODES`, default prefix: the paper's Algorithm 1) sets each group's log Z; the older
+    ``prefix_consistency=False`` is ``log_z=fixed`` (a constant log_z0; an ablation)."""
     beta = checks.positive("rao", "beta", beta)
     log_z0 = resolve_log_z0(log_z0, z0)
     reward_scale = checks.positive("rao", "reward_scale", reward_scale)
     reward_shift = checks.finite("rao", "reward_shift", reward_shift)
     stats.require("rao", "policy_logps", "ref_logps", "policy_prompt_logps", "ref_prompt_logps", "rewards")
 
+    mode = log_z_mode(log_z, bool(prefix_consistency))
     groups = make_groups(stats.group_ids)
-    r_hat, log_z = implicit_rewards(stats, beta, log_z0, bool(prefix_consistency), groups)
-    target = stats.rewards.to(r_hat.dtype) * reward_scale + reward_shift
+    target = stats.rewards.to(stats.policy_logps.dtype) * reward_scale + reward_shift
+    r_hat, group_log_z = implicit_rewards(stats, beta, log_z0, mode, groups, target)
     residual = target - r_hat
     per_group = group_mean(residual.square(), groups.index, groups.count)
     return per_group, torch.ones_like(per_group), _metrics(stats, groups, r_hat.detach(), target,
-                                                             residual.detach(), log_z)
+                                                             residual.detach(), group_log_z)
 
 
 def _metrics(stats: SequenceStats, groups: Groups, r_hat: Tensor, target: Tensor, residual: Tensor,

@@ -58,6 +58,12 @@ class RunGroups:
         return [(cfg.data.train_path, self.train + self.heldout)]
 
 
+def drops_tied(cfg: Config, spec: Any) -> bool:
+    """Whether groups whose rewards all tie are dropped: ``data.drop_tied``, by default the loss's own rule
+    (a pairwise loss finds no pair in them; the others train on them)."""
+    return spec.pairwise if cfg.data.drop_tied is None else cfg.data.drop_tied
+
+
 def _tokenize(path: str, cfg: Config, tokenizer: Any, spec: Any, t0: int | None) -> tuple[list[Any], Any, dict]:
     """Read, validate and tokenize one data file in this process: ``(groups, report, row labels)``."""
     examples = read_examples(path, reward_field=cfg.data.ultrafeedback_rating, roles=template_roles(tokenizer))
@@ -65,7 +71,7 @@ def _tokenize(path: str, cfg: Config, tokenizer: Any, spec: Any, t0: int | None)
     groups, report = tokenize_examples(
         examples, tokenizer, max_length=cfg.data.max_length, overlength=cfg.data.overlength,
         max_responses=cfg.data.max_responses, min_responses=2 if spec.pairwise else 1,
-        drop_tied=spec.pairwise, t0=t0, source=path)
+        drop_tied=drops_tied(cfg, spec), t0=t0, source=path)
     return groups, report, labels
 
 
@@ -76,6 +82,8 @@ def token_store_path(cfg: Config, path: str, tokenizer: Any, spec: Any, t0: int 
              "max_length": cfg.data.max_length, "overlength": cfg.data.overlength,
              "max_responses": cfg.data.max_responses, "pairwise": spec.pairwise,
              "rating": cfg.data.ultrafeedback_rating, "t0": t0}
+    if drops_tied(cfg, spec) != spec.pairwise:  # only then: the stores of every earlier run keep their names
+        parts["drop_tied"] = drops_tied(cfg, spec)
     root = Path(cfg.data.token_cache) if cfg.data.token_cache else Path(f"{path}.tokens")
     return root / store_key(parts)
 

@@ -149,7 +149,7 @@ def test_log_z_drift_warns_past_two_nats_and_only_with_prefix_consistency():
     assert drift(rao, 3, 1.5 + 1.99) is None and drift(rao, 3, 1.5 - 1.99) is None
     line = drift(rao, 7, 1.5 - 2.25)
     assert line.startswith("warning: step 7: RAO's log Z has moved -2.25 nats from log_z0 1.5 ")
-    assert "loss.prefix_consistency=false" in line
+    assert "loss.log_z=fixed" in line
     assert drift(rao, 7, 1.5 + 2.25).startswith("warning: step 7: RAO's log Z has moved +2.25 nats")
     assert drift(rao, 7, None) is None  # a step without metrics (skipped update)
     assert rao.watch(7, {"log_z": None}) is None
@@ -157,4 +157,7 @@ def test_log_z_drift_warns_past_two_nats_and_only_with_prefix_consistency():
     assert drift(z0, 1, 3.912 + 2.5) is not None and drift(z0, 1, 3.912 + 1.5) is None
     fixed = load_config(None, ["loss.name=rao", "loss.log_z0=1.5", "loss.prefix_consistency=false"]).loss.build()
     assert drift(fixed, 7, -10.0) is None  # held at log_z0: nothing drifts
+    for mode in ("fixed", "sampled", "sampled_prefix"):  # no log_z0 to drift from (sampled: the data's own)
+        bound = load_config(None, ["loss.name=rao", "loss.log_z0=1.5", f"loss.log_z={mode}"]).loss.build()
+        assert drift(bound, 7, -10.0) is None, mode
     assert drift(load_config(None, ["loss.name=dpo"]).loss.build(), 7, -10.0) is None

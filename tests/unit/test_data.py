@@ -552,3 +552,24 @@ def test_utf8_byte_order_mark_is_accepted(tmp_path):
     p = tmp_path / "bom.jsonl"
     p.write_bytes(b'\xef\xbb\xbf{"prompt": "p", "responses": ["a"]}\n')
     assert read_examples(p)[0].responses == ["a"]
+
+
+def test_drop_tied_for_any_loss_and_refused_where_pairs_need_it(tmp_path):
+    from rao_megatron.config import ConfigError, load_config
+    from rao_megatron.data.tokenizer import load_tokenizer
+    from rao_megatron.losses import get_loss
+    from rao_megatron.training.run_data import load_groups
+
+    # ultrafeedback_binarized.jsonl: two groups, one of them tied (the test above)
+    def kept(loss: str, *extra: str) -> tuple[list[int], dict]:
+        cfg = load_config(None, [f"loss.name={loss}", f"data.train_path={DATA / 'ultrafeedback_binarized.jsonl'}",
+                                 "data.eval_fraction=0", f"data.token_cache={tmp_path / 'tokens'}", *extra])
+        loaded = load_groups(cfg, load_tokenizer(None), get_loss(loss))
+        return [g.row for g in loaded.train], loaded.report.dropped
+
+    assert kept("rao")[0] == [1, 2]                          # RAO trains on tied groups by default
+    rows, dropped = kept("rao", "data.drop_tied=true")       # ... or drops them, counted, like DPO
+    assert rows == [1] and dropped["group_tied_rewards"] == 1
+    assert kept("dpo")[0] == [1] == kept("dpo", "data.drop_tied=true")[0]
+    with pytest.raises(ConfigError, match="'data.drop_tied'.*trains on pairs"):
+        kept("dpo", "data.drop_tied=false")

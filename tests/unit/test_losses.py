@@ -94,6 +94,54 @@ def test_rao_without_prefix_consistency_uses_the_constant_log_z0():
     assert cfg.loss.build()(s)[0].item() == pytest.approx(3.0)
 
 
+def test_rao_log_z_modes_hand_computed():
+    # the groups of test_rao_two_groups_scale_shift_and_displacement: β = 1, r' = 2r − 1, log_z0 = 2
+    # A: r' = [1]            -> sampled log Z = 1 (one response)
+    # B: r' = [3, -1, 1]     -> sampled log Z = log((e^3 + e^-1 + e^1)/3)
+    # Δ_P: A 0, B -1;  Δ_R: A [0.5], B [-0.5, 0, 1]
+    from rao_megatron.config import ConfigError, load_config
+
+    s = stats(policy_logps=[-1.0, -2.5, -2.0, -1.0], ref_logps=[-1.5, -2.0, -2.0, -2.0],
+              policy_prompt_logps=[0.0, -4.0, -4.0, -4.0], ref_prompt_logps=[0.0, -3.0, -3.0, -3.0],
+              lengths=[1, 1, 1, 1], rewards=[1.0, 2.0, 0.0, 1.0], group_ids=[0, 1, 1, 1])
+    z_b = math.log((math.exp(3) + math.exp(-1) + math.exp(1)) / 3)
+    target_a, targets_b, dr_a, dr_b = 1.0, [3.0, -1.0, 1.0], 0.5, [-0.5, 0.0, 1.0]
+
+    def expected(log_z_a: float, log_z_b: float) -> float:
+        a = (target_a - dr_a - log_z_a) ** 2
+        b = sum((t - d - log_z_b) ** 2 for t, d in zip(targets_b, dr_b)) / 3
+        return (a + b) / 2
+
+    h = dict(beta=1.0, log_z0=2.0, reward_scale=2.0, reward_shift=-1.0)
+    for mode, (za, zb) in {"prefix": (2.0, 1.0), "fixed": (2.0, 2.0), "sampled": (1.0, z_b),
+                           "sampled_prefix": (1.0, z_b - 1.0)}.items():
+        loss, m = get_loss("rao")(s, log_z=mode, **h)
+        assert loss.item() == pytest.approx(expected(za, zb)), mode
+        assert m["log_z"] == pytest.approx((za + zb) / 2), mode
+    # the older spelling is the same setting; both at once is refused, as is an unknown mode
+    assert get_loss("rao")(s, prefix_consistency=False, **h)[0].item() == pytest.approx(expected(2.0, 2.0))
+    with pytest.raises(ValueError, match="log_z must be one of"):
+        get_loss("rao")(s, log_z="mean", **h)
+    with pytest.raises(ConfigError, match="'loss.prefix_consistency' and 'loss.log_z'"):
+        load_config(None, ["loss.name=rao", "loss.log_z=fixed", "loss.prefix_consistency=false"])
+    cfg = load_config(None, ["loss.name=rao", "loss.beta=1.0", "loss.log_z0=2.0", "loss.reward_scale=2.0",
+                             "loss.reward_shift=-1.0", "loss.reward_normalization=none", "loss.log_z=sampled"])
+    assert cfg.loss.build()(s)[0].item() == pytest.approx(expected(1.0, z_b))
+
+
+def test_rao_sampled_log_z_start_up_line_uses_each_groups_estimate():
+    from rao_megatron.losses.calibration import target_range
+
+    # rewards {0, 1} at β 1: a group [1, 0] has log Z = log((e + 1)/2); targets 1 − that and −that
+    z = math.log((math.e + 1) / 2)
+    t = target_range([[1.0, 0.0], [0.0, 0.0]], beta=1.0, log_z0=5.0, sampled=True)
+    assert (t.min, t.max) == (pytest.approx(-z), pytest.approx(1 - z))  # the tied group's targets are 0
+    assert t.mean == pytest.approx((1 - 2 * z) / 4)
+    bound = get_loss("rao").bind({"beta": 1.0, "log_z": "sampled", "log_z0": 5.0})
+    line = [x for x in bound.startup_lines([[1.0, 0.0], [0.0, 0.0]]) if x.startswith("RAO targets")][0]
+    assert "log-mean-exp of r/β" in line and f"max {1 - z:+.2f}" in line
+
+
 def test_rao_all_tied_group_is_not_counted_as_displaced():
     # an all-wrong group (rewards 0, 0) with both answers less likely than under the reference: before,
     # its first answer counted as the "best" one and as displaced; now only the tied counts see it
