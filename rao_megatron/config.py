@@ -101,6 +101,10 @@ class LossConfig:
     label_smoothing: float | None = _f(None, "DPO: label smoothing ε (cDPO / robust DPO).", ge=0, lt=0.5)
     gamma: float | None = _f(None, "SimPO: target reward margin γ.")
     lam: float | None = _f(None, "ORPO: weight of the odds-ratio term; GRAO: weight of the alignment term.", ge=0)
+    advantage_norm: str | None = _f(None, "GRAO: advantages over the G samples and the reference answer with an "
+                                          "unbiased std (group, the default) or the paper's Eq. 4: the G samples' "
+                                          "mean and population std (samples; docs in losses/grao.py).",
+                                    choices=("group", "samples", None))
     margin: float | None = _f(None, "BT reward model: margin subtracted from the score difference.")
     centering: float | None = _f(None, "BT reward model: coefficient of the (s_w + s_l)² centering term.", ge=0)
     pairing: str | None = _f(None, "Pairs from groups of K > 2: best_vs_rest (default) or all_pairs.",
@@ -182,6 +186,9 @@ class TrainConfig:
     global_batch_groups: int = _f(8, "Prompt groups per optimizer step (across data-parallel ranks).", ge=1)
     lr: float = _f(5e-7, "Peak learning rate.", gt=0)
     min_lr: float = _f(0.0, "Final learning rate of the cosine decay.", ge=0)
+    schedule_steps: int | None = _f(None, "Steps of the LR schedule (warm-up + cosine decay); None = train.steps. "
+                                          "Longer than train.steps when a run is continued in parts (the online "
+                                          "loop's rounds); a resumed run keeps its checkpoint's schedule.", ge=1)
     warmup_steps: int = _f(0, "Linear warm-up steps.", ge=0)
     weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
     adam_beta1: float = _f(0.9, "Adam β1.", ge=0, lt=1)
@@ -210,7 +217,8 @@ class CheckpointConfig:
     allow_changed_run: bool = _f(False, "Resume a checkpoint that another run wrote (other task, loss or loss "
                                         "settings, initial model, global batch, data seed or data) on purpose: "
                                         "its weights, optimizer, LR schedule and step carry over, the data stream "
-                                        "goes on from its position, and what changed is printed.")
+                                        "goes on from its position (on other data: from that data's beginning), "
+                                        "and what changed is printed.")
     save_at_end: bool = _f(True, "Save after the last step.")
 
 
@@ -233,6 +241,17 @@ class PeftConfig:
 
 
 @dataclass
+class OnlineConfig:
+    samples: int = _f(4, "Online rounds (rao-online): G, answers sampled per prompt and round.", ge=1)
+    temperature: float = _f(0.8, "Online rounds: sampling temperature (the GRAO paper: 0.7).", gt=0)
+    max_new_tokens: int = _f(64, "Online rounds: longest sampled answer in tokens.", ge=1)
+    reference_answer: str = _f("given", "Online GRAO: the reference answer y of a group: the prompt row's "
+                                        "`reference` (given), or the group's best-rewarded sample when it earns "
+                                        "at least the given one's reward (best_sample).",
+                               choices=("given", "best_sample"))
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -241,6 +260,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

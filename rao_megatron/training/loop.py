@@ -58,7 +58,8 @@ def build_optimizer(cfg: Config, chunks: list[torch.nn.Module]) -> tuple[Any, Op
     """Adam (the distributed optimizer per ``parallel.distributed_optimizer``) with warm-up + cosine decay.
 
     Update k of a ``train.warmup_steps`` = W warm-up runs at k/W of ``train.lr`` (the first at lr/W, the
-    W-th at lr), then the cosine decay towards ``train.min_lr``. The scheduler sets the lr of the next update
+    W-th at lr), then the cosine decay towards ``train.min_lr`` over ``train.schedule_steps`` (default
+    ``train.steps``; the online loop's rounds set the whole run's). The scheduler sets the lr of the next update
     after each one (Megatron's order), so update k reads schedule step k-1; Megatron's warm-up there is
     ``init_lr + (lr - init_lr) * s / warmup``, which with ``init_lr = lr/W`` over W-1 steps is lr*(s+1)/W.
     (Its usual ``init_lr = 0`` over W steps makes the first update a no-op at lr 0.)
@@ -76,9 +77,10 @@ def build_optimizer(cfg: Config, chunks: list[torch.nn.Module]) -> tuple[Any, Op
     fix_fully_reshardable_multi_bucket_save()
     optimizer = get_megatron_optimizer(opt_cfg, chunks)
     w = t.warmup_steps
+    horizon = t.schedule_steps or t.steps
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=t.lr / w if w else t.lr, max_lr=t.lr, min_lr=t.min_lr,
-        lr_warmup_steps=max(w - 1, 0), lr_decay_steps=max(t.steps, w + 1),
+        lr_warmup_steps=max(w - 1, 0), lr_decay_steps=max(horizon, w + 1),
         lr_decay_style="cosine", start_wd=t.weight_decay, end_wd=t.weight_decay,
         wd_incr_steps=t.steps, wd_incr_style="constant")
     return optimizer, scheduler
@@ -193,9 +195,15 @@ class Trainer:
             self.cfg.loss.reward_stats = saved
             self.loss = self.cfg.loss.build()
         self.scheduler.load_state_dict(state["scheduler"])
-        data = state["data"]
-        if self.cfg.checkpoint.allow_changed_run:  # on purpose: at the checkpoint's position, in this run's stream
-            data = {**data, **{k: v for k, v in self.train_batcher.state_dict().items() if k not in ("epoch", "index")}}
+        data, ours = state["data"], self.train_batcher.state_dict()
+        if self.cfg.checkpoint.allow_changed_run:
+            if data.get("fingerprint") != ours["fingerprint"]:
+                # other data: a position in the old stream means nothing in this one, which starts afresh
+                # (the online loop's next round: the optimizer carries over, every new group is trained)
+                startup.log0(f"note: {path} was trained on other data: this run's data stream starts at its beginning")
+                data = ours
+            else:  # on purpose: at the checkpoint's position, in this run's stream
+                data = {**data, **{k: v for k, v in ours.items() if k not in ("epoch", "index")}}
         self.train_batcher.load_state_dict(data)
         self.step, self.skipped_steps = int(state["step"]), int(state.get("skipped_steps", 0))
         startup.log0(f"resumed from {path} at step {self.step}")

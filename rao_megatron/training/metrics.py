@@ -95,6 +95,8 @@ def plot_metrics(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
         "rewards.png": ("rewards/best", "rewards/worst", "rewards/gap", "rewards/chosen", "rewards/rejected",
                         "rewards/margin"),
         "accuracy.png": ("ranking_accuracy", "rewards/accuracy", "accuracy", "eval/accuracy", "displacement"),
+        # GRAO: the objective and its three terms (the paper's loss-decomposition figure)
+        "objective.png": ("objective", "objective/exploration", "objective/imitation", "objective/alignment"),
         "optimizer.png": ("lr", "grad_norm"),
         "throughput.png": ("tokens_per_s",),
     }

@@ -246,6 +246,36 @@ def test_grao_hand_computed():
     assert loss.item() == pytest.approx(-j, rel=1e-5)
 
 
+def test_grao_paper_advantages_terms_and_no_imitation():
+    # the batch above with advantage_norm=samples (Eq. 4): samples o1 = 1, o2 = 0 -> mean 0.5, population std
+    # 0.5 -> Â = [1, −1]; y: (2 − 0.5)/0.5 = 3. J: o1 = −1, o2 = −2, y = −0.5
+    # exploration: (1·(−1) + (−1)·(−2))/2 = 0.5;  imitation: β·3·(−0.5) = −1.5β
+    # alignment: λ·(1·(−1 + 0.5) + (−1)·(−2 + 0.5))/2 = 0.5λ
+    beta, lam = 0.5, 0.6
+    s = stats(policy_logps=[-2.0, -6.0, -1.0], lengths=[2, 3, 2], rewards=[1.0, 0.0, 2.0],
+              group_ids=[3, 3, 3], is_reference_answer=[False, False, True])
+    loss, m = get_loss("grao")(s, beta=beta, lam=lam, advantage_norm="samples")
+    assert m["objective/exploration"].item() == pytest.approx(0.5)
+    assert m["objective/imitation"].item() == pytest.approx(-1.5 * beta)
+    assert m["objective/alignment"].item() == pytest.approx(0.5 * lam)
+    assert m["advantage/reference"].item() == pytest.approx(3.0)
+    assert loss.item() == pytest.approx(-(0.5 - 1.5 * beta + 0.5 * lam))
+    assert m["objective"].item() == pytest.approx(0.5 - 1.5 * beta + 0.5 * lam)
+    # the default (y among the members, unbiased std): Â = [0, −1, 1], as test_grao_hand_computed
+    _, m = get_loss("grao")(s, beta=beta, lam=lam)
+    assert m["objective/exploration"].item() == pytest.approx(1.0)  # (0 + 2)/2
+    assert m["objective/imitation"].item() == pytest.approx(-0.5 * beta)
+    # β = 0: the paper's "w/o imitation" ablation, y's term gone
+    loss0, m0 = get_loss("grao")(s, beta=0.0, lam=lam, advantage_norm="samples")
+    assert m0["objective/imitation"].item() == 0.0 and loss0.item() == pytest.approx(-(0.5 + 0.5 * lam))
+    # every sample wrong, y right: the samples' std is 0 and taken as 1 -> Â_i = 0, Â_y = 1 − 0 = 1
+    tied = stats(policy_logps=[-2.0, -6.0, -1.0], lengths=[2, 3, 2], rewards=[0.0, 0.0, 1.0],
+                 group_ids=[3, 3, 3], is_reference_answer=[False, False, True])
+    loss, m = get_loss("grao")(tied, beta=beta, lam=lam, advantage_norm="samples")
+    assert m["advantage/reference"].item() == pytest.approx(1.0)
+    assert loss.item() == pytest.approx(-(beta * 1.0 * -0.5))  # imitation only: β·Â_y·J(y)
+
+
 # ---------------------------------------------------------------------------------------------
 # Direct per-group implementations, written independently of the library, on random batches
 # ---------------------------------------------------------------------------------------------
@@ -513,7 +543,8 @@ def test_normalizer_makes_split_batches_add_up():
     ("dpo", {"beta": 0}, "beta"),
     ("ipo", {"beta": -0.1}, "beta"),
     ("simpo", {"beta": 0.0}, "beta"),
-    ("grao", {"beta": 0.0}, "beta"),
+    ("grao", {"beta": -0.1}, "beta must be a finite number >= 0"),
+    ("grao", {"advantage_norm": "paper"}, "advantage_norm must be one of group, samples"),
     ("rao", {"z0": 0.0}, "z0 must be"),
     ("rao", {"z0": -5.0}, "z0 must be"),
     ("rao", {"z0": 50.0, "log_z0": 3.9}, "either z0 or log_z0"),
