@@ -5,6 +5,9 @@ Per-token log-probs are indexed by the *label* position t (predicting s[t+1] fro
     prompt_mask[t]   = 1  for t + 1 in [1, |x| − 1]   -> Σ gives P(x) = log π(x − t0 | t0)
     response_mask[t] = 1  for t + 1 in [|x|, |s| − 1]  -> Σ gives R(y) = log π(y | x)
 Rows are right-padded to ``seq_length``; causal attention keeps pads from touching real tokens.
+``prompt_positions`` / ``response_positions`` list the same label positions as flat indices into the
+``[rows * seq_length]`` layout, built here on the host, so that the forward step can send only those hidden
+states to the output layer without reading a size on the host (:func:`label_positions`).
 """
 
 from __future__ import annotations
@@ -63,10 +66,18 @@ def collate_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequ
         "tokens": tokens, "labels": labels, "prompt_mask": prompt_mask, "response_mask": response_mask,
         "position_ids": torch.arange(seq_length, dtype=torch.int64).expand(rows, seq_length).contiguous(),
         "lengths": lengths, "seq_lengths": seq_lengths, "group_ids": gid,
+        **label_positions(prompt_mask, response_mask),
     }
     batch.update(per_sequence_tensors(dict(rewards=rewards, ref_logps=ref_logps, ref_prompt_logps=ref_prompt_logps,
                                            is_reference_answer=is_reference_answer, seq_keys=seq_keys), n, rows))
     return batch
+
+
+def label_positions(prompt_mask: Tensor, response_mask: Tensor) -> dict[str, Tensor]:
+    """``{"prompt_positions": [Tp], "response_positions": [Tr]}``: the flat indices (row-major, into
+    ``[rows * seq_length]``) where each mask is set, ascending; computed on the host at collation."""
+    return {"prompt_positions": torch.nonzero(prompt_mask.reshape(-1)).reshape(-1),
+            "response_positions": torch.nonzero(response_mask.reshape(-1)).reshape(-1)}
 
 
 #: the optional per-sequence columns of a micro-batch and their dtypes

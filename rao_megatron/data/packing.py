@@ -8,7 +8,8 @@ Per-sequence tensors (``lengths``, ``group_ids``, rewards, reference log-probs, 
 packed sequence in the caller's order (segment n is the n-th placed sequence by input index), so the
 order of a group's responses -- which pairs without rewards rely on (chosen first) -- survives packing;
 ``last_index`` is each sequence's last token in the flattened ``[rows * seq_length]`` layout (the reward
-model's score position).
+model's score position); ``prompt_positions`` / ``response_positions`` are the masks' flat indices, as in
+:mod:`.collate`.
 
 Placement is first-fit decreasing at two levels: groups (by total tokens, largest first) go to the first
 micro-batch where all their sequences fit, sequences (longest first) to the first row with room. A group
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .collate import IGNORE_INDEX, per_sequence_tensors
+from .collate import IGNORE_INDEX, label_positions, per_sequence_tensors
 
 
 class GroupTooLargeError(ValueError):
@@ -134,6 +135,7 @@ def collate_packed(prompts: Sequence[Sequence[int]], responses: Sequence[Sequenc
         "group_ids": torch.as_tensor([group_ids[i] for i in order], dtype=torch.int64).reshape(n_seq),
         "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
         "max_seqlen": max((b - a for a, b in zip(bounds, bounds[1:])), default=0),  # an int: read on the host
+        **label_positions(prompt_mask, response_mask),
     }
     batch.update(per_sequence_tensors({k: None if v is None else [v[i] for i in order]
                                        for k, v in per_sequence.items()}, n_seq, n_seq))

@@ -44,6 +44,8 @@ def resolve_log_z0(log_z0: float | None, z0: float | None) -> float:
 
 #: ``loss.log_z``: how each group's log Z is set (docs/rao.md, "Where log Z comes from")
 LOG_Z_MODES = ("prefix", "fixed", "sampled", "sampled_prefix")
+#: the modes that add sg(Δ_P): the only ones that read the prompt log-probs P(x)
+PREFIX_MODES = ("prefix", "sampled_prefix")
 
 
 def log_z_mode(log_z: str | None, prefix_consistency: bool = True) -> str:
@@ -54,6 +56,12 @@ def log_z_mode(log_z: str | None, prefix_consistency: bool = True) -> str:
     if log_z not in LOG_Z_MODES:
         raise ValueError(f"loss 'rao': log_z must be one of {', '.join(LOG_Z_MODES)}, got {log_z!r}")
     return log_z
+
+
+def needs_prompt_logps(h: dict[str, Any]) -> bool:
+    """Whether RAO with settings ``h`` reads P(x): in the prefix modes of ``log_z`` only (the registry's
+    ``needs_prompt_logps``; elsewhere the forward step computes no prompt log-probs)."""
+    return log_z_mode(h.get("log_z"), bool(h.get("prefix_consistency", True))) in PREFIX_MODES
 
 
 def sampled_log_z(targets: Tensor, beta: float, groups: Groups) -> Tensor:
@@ -79,7 +87,7 @@ def implicit_rewards(stats: SequenceStats, beta: float, log_z0: float, mode: str
         log_z = sampled_log_z(targets.to(delta_r.dtype), beta, groups)
     else:
         log_z = delta_r.new_full((groups.count,), float(log_z0))
-    if mode in ("prefix", "sampled_prefix"):
+    if mode in PREFIX_MODES:
         # Δ_P is identical for every response of a prompt (causal attention); averaging over the group
         # computes it once per group and absorbs rounding differences between the copies.
         log_z = log_z + group_mean((stats.policy_prompt_logps - stats.ref_prompt_logps).detach().to(delta_r.dtype),
@@ -146,7 +154,7 @@ def watch_log_z(loss: BoundLoss, step: int, record: dict[str, Any]) -> str | Non
 @register("rao", formula="(1/K) Σ_j (r_j − β·Δ_R(y_j) − β·(log_z0 + sg(Δ_P(x))))²",
           needs_reference=True, needs_rewards=True, pairwise=False, calibrate=calibrate,
           startup_lines=startup_lines, watch=watch_log_z,
-          exclusive=[("z0", "log_z0"), ("prefix_consistency", "log_z")])
+          exclusive=[("z0", "log_z0"), ("prefix_consistency", "log_z")], needs_prompt_logps=needs_prompt_logps)
 def rao_terms(stats: SequenceStats, beta: float = 0.1, log_z0: float | None = None, z0: float | None = None,
               reward_scale: float = 1.0, reward_shift: float = 0.0,
               prefix_consistency: bool = True, log_z: str | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -157,9 +165,9 @@ def rao_terms(stats: SequenceStats, beta: float = 0.1, log_z0: float | None = No
     log_z0 = resolve_log_z0(log_z0, z0)
     reward_scale = checks.positive("rao", "reward_scale", reward_scale)
     reward_shift = checks.finite("rao", "reward_shift", reward_shift)
-    stats.require("rao", "policy_logps", "ref_logps", "policy_prompt_logps", "ref_prompt_logps", "rewards")
-
     mode = log_z_mode(log_z, bool(prefix_consistency))
+    prompt = ("policy_prompt_logps", "ref_prompt_logps") if mode in PREFIX_MODES else ()
+    stats.require("rao", "policy_logps", "ref_logps", *prompt, "rewards")
     groups = make_groups(stats.group_ids)
     target = stats.rewards.to(stats.policy_logps.dtype) * reward_scale + reward_shift
     r_hat, group_log_z = implicit_rewards(stats, beta, log_z0, mode, groups, target)

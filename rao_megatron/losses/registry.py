@@ -10,7 +10,11 @@ config call them through :class:`LossSpec` / :class:`BoundLoss` and name no loss
   (per group; None when the data has none), after the normalisation's own line (RAO: its step-0 targets);
 - ``watch(bound, step, record) -> str | None``: a warning from one step's metrics record, or None (RAO: log Z
   drifting from log_z0); the trainer prints a loss's first warning of a run only;
-- ``exclusive``: groups of hyper-parameters of which at most one may be set (RAO: ``z0`` / ``log_z0``).
+- ``exclusive``: groups of hyper-parameters of which at most one may be set (RAO: ``z0`` / ``log_z0``);
+- ``needs_prompt_logps``: whether the loss reads the prompt log-probs P(x) (``policy_prompt_logps`` /
+  ``ref_prompt_logps``), a bool or ``fn(settings) -> bool`` of its hyper-parameters (RAO: in its prefix modes of
+  ``log_z``). Default False: the loss reads the responses' R(y) only, and the forward step sends only the response
+  positions' hidden states to the output layer (P(x) is then None).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ CalibrateFn = Callable[["RewardStats", dict[str, Any], tuple[float, float]], dic
 StartupLinesFn = Callable[["BoundLoss", "Sequence[Sequence[float]] | None"], list[str]]
 #: fn(bound loss, step, the step's metrics record) -> a warning line or None
 WatchFn = Callable[["BoundLoss", int, dict[str, Any]], "str | None"]
+#: fn(the loss's settings: defaults under the bound hyper-parameters) -> whether it reads P(x)
+PromptNeedFn = Callable[[dict[str, Any]], bool]
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class LossSpec:
     startup_lines: StartupLinesFn | None = None
     watch: WatchFn | None = None
     exclusive: tuple[tuple[str, ...], ...] = ()
+    needs_prompt_logps: bool | PromptNeedFn = False
 
     @property
     def hparams(self) -> tuple[str, ...]:
@@ -146,6 +153,13 @@ class BoundLoss:
         """Every hyper-parameter as the loss sees it: its defaults under the ones bound."""
         return {**self.spec.defaults, **self.hparams}
 
+    @property
+    def needs_prompt_logps(self) -> bool:
+        """Whether this loss, with these hyper-parameters, reads the prompt log-probs P(x) (else only R(y)): what
+        the forward step sends to the output layer (the response positions, or the prompt's too)."""
+        need = self.spec.needs_prompt_logps
+        return bool(need(self.settings) if callable(need) else need)
+
     def normalized_rewards(self, rewards: Tensor) -> Tensor:
         """``rewards`` as the loss sees them (the run's normalisation applied)."""
         scale, shift = self.reward_affine
@@ -178,7 +192,8 @@ LOSSES: dict[str, LossSpec] = {}
 def register(name: str, *, formula: str, needs_reference: bool, needs_rewards: bool, pairwise: bool,
              normalizer_kind: str = "groups", calibrate: CalibrateFn | None = None,
              startup_lines: StartupLinesFn | None = None, watch: WatchFn | None = None,
-             exclusive: Sequence[Sequence[str]] = ()) -> Callable[[LossTermsFn], LossTermsFn]:
+             exclusive: Sequence[Sequence[str]] = (),
+             needs_prompt_logps: bool | PromptNeedFn = False) -> Callable[[LossTermsFn], LossTermsFn]:
     """Decorator adding a loss-terms function to the registry under ``name``, with its optional hooks (the
     module's docstring)."""
 
@@ -189,7 +204,7 @@ def register(name: str, *, formula: str, needs_reference: bool, needs_rewards: b
         spec = LossSpec(name=name, terms=fn, formula=formula, needs_reference=needs_reference,
                         needs_rewards=needs_rewards, pairwise=pairwise, normalizer_kind=normalizer_kind,
                         defaults=defaults, calibrate=calibrate, startup_lines=startup_lines, watch=watch,
-                        exclusive=groups)
+                        exclusive=groups, needs_prompt_logps=needs_prompt_logps)
         unknown = [k for g in groups for k in g if k not in spec.hparams]
         if unknown:
             raise ValueError(f"loss '{name}': exclusive names hyper-parameters it does not take: {', '.join(unknown)}")

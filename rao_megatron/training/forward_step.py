@@ -11,10 +11,19 @@ Megatron DDP averages gradients over the D data-parallel ranks, so the tensor ha
 backward is multiplied by ``grad_scale = M·D``; the summed gradient is then exactly that of the
 whole-batch loss, whatever TP, PP, DP or the micro-batch split.
 
+Loss positions: only the hidden states of the positions whose log-probs the loss reads reach the output
+layer (:func:`position_sums`): the responses' label positions, and the prompt's where the loss reads P(x)
+(``BoundLoss.needs_prompt_logps``: RAO's prefix modes of ``log_z``); the forward-only :class:`LogprobStep`
+(reference log-probs, the cache) computes both. The collate functions list those positions on the host
+(``prompt_positions`` / ``response_positions``), so the gather costs no host sync; the gradient reaches the
+gathered rows only (autograd scatters it back). ``all_positions=True`` runs the output layer on every position,
+as before #31 (the equivalence tests compare both).
+
 Host syncs: a loss step reads one thing on the host per micro-batch, which sequences of it are real
 (:func:`_real_sequences`; the losses themselves read their groups and pairs). Everything it returns for
 the step's record (loss, metrics, group and pair counts) stays a 0-d tensor on the device;
-:mod:`rao_megatron.training.reductions` reads a whole step's values at once.
+:mod:`rao_megatron.training.reductions` reads a whole step's values at once. (A micro-batch built without the
+collate functions' position lists costs one more per mask it needs: :func:`loss_positions`.)
 """
 
 from __future__ import annotations
@@ -47,16 +56,63 @@ class LogprobSettings:
     chunk_size: int | None = None
 
 
+def head_logprobs(model: torch.nn.Module, hidden: Tensor, labels: Tensor, *, vocab_size: int,
+                  settings: LogprobSettings) -> Tensor:
+    """Per-token log-probs ``[T]`` (0 at ignored labels) from hidden ``[T, H]`` (TP-replicated, as the
+    output layer's input) and this rank's vocab shard."""
+    tp = ps.get_tensor_model_parallel_world_size()
+    return vocab_parallel_logprobs(
+        hidden, output_weight(model), labels, tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None,
+        vocab_size=vocab_size, chunk_size=settings.chunk_size, impl=settings.impl, precision=settings.precision)
+
+
 def token_logprobs(model: torch.nn.Module, hidden: Tensor, labels: Tensor, *, vocab_size: int,
                    settings: LogprobSettings) -> Tensor:
-    """Per-token log-probs ``[B, S]`` (0 at ignored labels) from hidden ``[B, S, H]`` and the vocab shard."""
+    """Per-token log-probs ``[B, S]`` (0 at ignored labels) from hidden ``[B, S, H]``: every position."""
     b, s, h = hidden.shape
-    tp = ps.get_tensor_model_parallel_world_size()
-    logps = vocab_parallel_logprobs(
-        hidden.reshape(b * s, h), output_weight(model), labels.reshape(b * s),
-        tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None, vocab_size=vocab_size,
-        chunk_size=settings.chunk_size, impl=settings.impl, precision=settings.precision)
+    logps = head_logprobs(model, hidden.reshape(b * s, h), labels.reshape(b * s), vocab_size=vocab_size,
+                          settings=settings)
     return logps.view(b, s)
+
+
+def loss_positions(batch: dict[str, Tensor], part: str) -> Tensor:
+    """Flat indices ``[T]`` (into ``[rows * seq_length]``, ascending) of the ``part`` ("prompt" or "response")
+    label positions: the collate functions' ``<part>_positions``, else read from ``<part>_mask`` (a
+    ``nonzero``: one host sync, for a micro-batch built by hand)."""
+    key = f"{part}_positions"
+    if key in batch:
+        return batch[key]
+    return torch.nonzero(batch[f"{part}_mask"].reshape(-1)).reshape(-1)
+
+
+def position_sums(model: torch.nn.Module, hidden: Tensor, batch: dict[str, Tensor], *, prompts: bool,
+                  vocab_size: int, settings: LogprobSettings) -> tuple[Tensor | None, Tensor]:
+    """``(P(x) [N] or None, R(y) [N])`` as :func:`sequence_sums` gives them, with only the loss positions'
+    hidden states sent to the output layer: the response positions, and the prompt's when ``prompts``
+    (else P(x) is None). N: rows (padded) or packed sequences.
+
+    The gather indexes ``hidden`` ``[B, S, H]`` (last stage; under sequence parallelism already gathered over
+    the TP ranks, which all hold the same batch and so gather the same rows) by precomputed positions: no host
+    sync, and in backward only the gathered rows get a gradient.
+    """
+    b, s, _ = hidden.shape
+    response = loss_positions(batch, "response")
+    index = torch.cat([loss_positions(batch, "prompt"), response]) if prompts else response
+    split = index.shape[0] - response.shape[0]  # shapes, known on the host
+    if index.numel() == 0:  # an all-padding micro-batch: nothing reaches the output layer
+        logps = hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
+    else:  # flat indices: the same rows whether hidden is [rows, S, H] or one THD sequence [1, rows·S, H]
+        logps = head_logprobs(model, hidden.reshape(b * s, -1)[index], batch["labels"].reshape(-1)[index],
+                              vocab_size=vocab_size, settings=settings)
+    if is_packed(batch):
+        n, sequence = batch["lengths"].shape[0], batch["segment_ids"].reshape(-1)[index]
+    else:
+        n, sequence = batch["labels"].shape[0], index // batch["labels"].shape[1]
+
+    def per_sequence(lo: int, hi: int) -> Tensor:
+        return logps.new_zeros(n).index_add(0, sequence[lo:hi], logps[lo:hi])
+
+    return (per_sequence(0, split) if prompts else None), per_sequence(split, index.shape[0])
 
 
 def sequence_sums(token_logps: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -181,10 +237,16 @@ class _LossStep:
 
 
 def _logp_sums(model: torch.nn.Module, hidden: Tensor, batch: dict[str, Tensor], vocab_size: int,
-               settings: LogprobSettings) -> tuple[Tensor, Tensor]:
-    """Per-sequence (prompt after t0, response) sums of token log-probs from the output layer."""
-    lp = token_logprobs(unwrap_model(model), hidden, batch["labels"], vocab_size=vocab_size, settings=settings)
-    return sequence_sums(lp, batch)
+               settings: LogprobSettings, *, prompts: bool = True,
+               all_positions: bool = False) -> tuple[Tensor | None, Tensor]:
+    """Per-sequence (prompt after t0 — None unless ``prompts`` —, response) sums of token log-probs from the
+    output layer: on the loss positions only (:func:`position_sums`), or with ``all_positions`` on every
+    position, masked after (the path before #31; it computes P(x) whatever ``prompts``)."""
+    model = unwrap_model(model)
+    if all_positions:
+        lp = token_logprobs(model, hidden, batch["labels"], vocab_size=vocab_size, settings=settings)
+        return sequence_sums(lp, batch)
+    return position_sums(model, hidden, batch, prompts=prompts, vocab_size=vocab_size, settings=settings)
 
 
 @dataclass
@@ -192,11 +254,13 @@ class PolicyStep(_LossStep):
     """Policy training with any registry loss (and SFT): hidden states -> log-prob sums -> loss.
 
     Reference log-probs come from the batch (``ref_logps`` / ``ref_prompt_logps``: the precomputed
-    cache, or a forward-only pass of a reference model on the same micro-batches).
+    cache, or a forward-only pass of a reference model on the same micro-batches). Only the positions the loss
+    reads reach the output layer (module docstring); ``all_positions`` runs it on every position (before #31).
     """
 
     vocab_size: int = 0
     logprobs: LogprobSettings = field(default_factory=LogprobSettings)
+    all_positions: bool = False
 
     def __call__(self, data_iterator: Any, model: torch.nn.Module) -> tuple[Tensor, Any]:
         batch = next(data_iterator)
@@ -204,13 +268,14 @@ class PolicyStep(_LossStep):
 
     def loss_func(self, batch: dict[str, Tensor], model: torch.nn.Module,
                   hidden: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        prompt, response = _logp_sums(model, hidden, batch, self.vocab_size, self.logprobs)
+        prompt, response = _logp_sums(model, hidden, batch, self.vocab_size, self.logprobs,
+                                      prompts=self.loss.needs_prompt_logps, all_positions=self.all_positions)
         real = _real_sequences(batch)
         if real.numel() == 0:
             loss, reduced = self._empty(hidden)
         else:
             stats = SequenceStats(
-                policy_logps=response[real], policy_prompt_logps=prompt[real],
+                policy_logps=response[real], policy_prompt_logps=None if prompt is None else prompt[real],
                 ref_logps=_optional(batch, "ref_logps", real),
                 ref_prompt_logps=_optional(batch, "ref_prompt_logps", real),
                 lengths=batch["lengths"][real], group_ids=batch["group_ids"][real],
@@ -257,10 +322,13 @@ class RewardModelStep(_LossStep):
 
 @dataclass
 class LogprobStep:
-    """Forward only: per-sequence ``prompt_logps`` P(x) and ``response_logps`` R(y) (reference cache)."""
+    """Forward only: per-sequence ``prompt_logps`` P(x) and ``response_logps`` R(y) (reference cache): both
+    whatever the loss, so a cache serves every loss; the output layer sees the prompt and response positions
+    only (``all_positions``: every position, before #31)."""
 
     vocab_size: int
     logprobs: LogprobSettings = field(default_factory=LogprobSettings)
+    all_positions: bool = False
 
     def __call__(self, data_iterator: Any, model: torch.nn.Module) -> tuple[Tensor, Any]:
         batch = next(data_iterator)
@@ -268,7 +336,8 @@ class LogprobStep:
 
     def loss_func(self, batch: dict[str, Tensor], model: torch.nn.Module,
                   hidden: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        prompt, response = _logp_sums(model, hidden, batch, self.vocab_size, self.logprobs)
+        prompt, response = _logp_sums(model, hidden, batch, self.vocab_size, self.logprobs,
+                                      all_positions=self.all_positions)
         return hidden.new_zeros(()), {"prompt_logps": prompt.detach(), "response_logps": response.detach()}
 
 

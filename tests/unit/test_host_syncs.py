@@ -145,7 +145,7 @@ def _run_step(loss: Any, microbatches: list[dict[str, Any]]) -> tuple[list[dict[
     step = fs.PolicyStep(loss=loss, normalizer=4.0 * len(microbatches), vocab_size=64)
     outputs, losses = [], []
     for mb in microbatches:
-        hidden = -torch.rand(mb["tokens"].shape, generator=torch.Generator().manual_seed(len(outputs)))
+        hidden = -torch.rand(*mb["tokens"].shape, 1, generator=torch.Generator().manual_seed(len(outputs)))
         out, reduced = step.loss_func(mb, torch.nn.Identity(), hidden.requires_grad_())
         outputs.append(reduced)
         losses.append(out)
@@ -155,8 +155,9 @@ def _run_step(loss: Any, microbatches: list[dict[str, Any]]) -> tuple[list[dict[
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_a_step_reads_the_host_once_whatever_the_micro_batch_count(monkeypatch, packed: bool) -> None:
     _single_rank_layout(monkeypatch)
-    # the step's per-token log-probs stand in for the model's: sequence_sums and the loss run as in training
-    monkeypatch.setattr(fs, "token_logprobs", lambda model, hidden, labels, **kw: hidden)
+    # the hidden states [B, S, 1] stand in for the per-token log-probs: the gather of the loss positions (the
+    # collate functions list them: no sync), their per-sequence sums and the loss run as in training
+    monkeypatch.setattr(fs, "head_logprobs", lambda model, hidden, labels, **kw: hidden[:, 0])
     loss = get_loss("rao").bind({"beta": 0.5})
     per_step = {}
     for m in (1, 4):
