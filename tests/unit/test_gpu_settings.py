@@ -347,6 +347,7 @@ def test_reward_scorer_pads_an_fp32_model_that_would_run_thd(monkeypatch, tmp_pa
     the CPU's local spec, keeps packing. The checkpoint, tokenizer and model are stand-ins."""
     from rao_megatron.models import checkpoint
     from rao_megatron.rewards import scorers
+    from rao_megatron.training import model_init
 
     built: dict[str, Any] = {}
 
@@ -360,7 +361,7 @@ def test_reward_scorer_pads_an_fp32_model_that_would_run_thd(monkeypatch, tmp_pa
     monkeypatch.setattr(scorers, "find_model_checkpoint", Path)
     monkeypatch.setattr(checkpoint, "read_checkpoint_meta", lambda path: meta)
     monkeypatch.setattr(checkpoint, "checkpoint_tokenizer", lambda path: "tok")
-    monkeypatch.setattr(checkpoint, "load_model_checkpoint", lambda chunks, path: None)
+    monkeypatch.setattr(model_init, "load_weights", lambda chunks, path, arch, task: None)
     monkeypatch.setattr(checkpoint, "resolve_checkpoint", Path)
     monkeypatch.setattr(scorers, "load_tokenizer", lambda name: types.SimpleNamespace(pad_token_id=0))
     monkeypatch.setattr(engine, "build_model_chunks", build_model_chunks)
