@@ -1,10 +1,12 @@
 """RAO against the pairwise baselines on the quick-start task, fairly: one split, tuned per method, several seeds,
-paired statistics; with rule rewards (0/1) and with a Bradley–Terry reward model's continuous scores.
+paired statistics; with rule rewards (0/1), with a Bradley–Terry reward model's continuous scores, and with the
+best and worst answer of each group by those scores over several epochs.
 
-    python benchmarks/alignment.py                                   # both settings, the whole protocol
+    python benchmarks/alignment.py                                   # every setting, the whole protocol
     python benchmarks/alignment.py --settings rule --seeds 2 --grid-points 1 --steps 4    # a quick look
     python benchmarks/alignment.py --reuse benchmarks/results/alignment --results benchmarks/results/alignment
                                               # continue: finished runs are taken from there, new ones added
+    python benchmarks/alignment.py --report --reuse benchmarks/results/alignment --out /tmp/a   # tables only
 
 Protocol (docs/benchmarks.md has the figures, docs/rao.md the RAO settings):
 
@@ -12,35 +14,60 @@ Protocol (docs/benchmarks.md has the figures, docs/rao.md the RAO settings):
    of SmolLM2-135M-Instruct, rule rewards) are split by prompt, **before any filtering**, into a training split
    and a validation split (``--validation`` prompts); the quick-start's 40 held-out prompts stay untouched for
    the final figures. Every method trains on the same training-split file; the pairwise losses (DPO, SimPO,
-   RPO) then drop its tied groups themselves (their count is reported), RAO and GRAO use every group.
+   RPO) then drop its tied groups themselves (their count is reported), RAO and GRAO use every group unless
+   a variant sets ``data.drop_tied``.
 2. Settings: ``rule`` -- the exact-final-number rewards; ``rm`` -- a Bradley–Terry reward model trained with
    the project's own RM pipeline (``train.task=rm``) on the training split's preference pairs (its pair
    accuracy on the validation split is reported), which then re-scores every training answer with a
-   continuous reward; the policies train on those scores and are judged by the rule.
-3. Tuning: each method trains once per point of its small grid (``GRIDS``: learning rate × β, RAO's
-   normalisation / Z0, SimPO's γ) with the first seed, and the point with the best accuracy on the validation
-   prompts is kept (first point on ties). The ``rm`` setting keeps the point each method's rule-setting grid chose
-   (the same model, data, steps and validation metric; only the reward source differs) unless ``--rm-grid`` asks
-   for a grid of its own: a second grid is ten more runs, which this 2-core box cannot fit beside the seeds.
+   continuous reward; the policies train on those scores and are judged by the rule. ``rm_k2`` -- closer to
+   the paper's UltraFeedback setting: of each RM-scored group only its best and its worst answer by the RM's
+   score (``best_worst``, like binarized UltraFeedback; the continuous scores kept), ``--k2-epochs`` passes
+   over them at the lower learning rates of ``RM_K2_GRIDS`` (the schedule ends at a tenth of its rate).
+3. Tuning: each method trains once per point of its grid with the first seed, and the point with the best
+   accuracy on the validation prompts is kept (first point on ties). Every method's grid has the same size in
+   a setting (``--grid-points N``: the first N of each). ``rule`` tunes on ``GRIDS`` (learning rate × β, RAO's
+   normalisation / Z0, SimPO's γ). ``rm`` keeps the point each method's rule-setting grid chose (the same
+   model, data, steps and validation metric; only the reward source differs) unless ``--rm-grid`` asks for a
+   grid of its own on ``GRIDS``: a second grid is nine more runs, which this 2-core box cannot fit beside the
+   seeds. ``rm_k2`` always tunes on ``RM_K2_GRIDS``, and the checkpoint with it, cheaply: a grid run saves a
+   checkpoint after every epoch and answers the validation prompts with each; the (point, epoch) with the best
+   validation accuracy is kept (first point, then earliest epoch, on ties). The seed runs train the same
+   schedule and are judged (held-out answers, displacement probe) at that epoch's checkpoint, so choosing
+   the checkpoint costs an export and 100 validation answers per epoch of the grid runs, nothing per seed.
 4. Seeds: the kept point trains with ``--seeds`` seeds; a seed sets the data order (``data.seed``), the
    initialisation of anything random (``train.seed``) and the sampling of the held-out answers. Every method
    sees the same seeds, so the comparison is paired.
 5. Measured per run: held-out accuracy (K answers per prompt at temperature 0.8, exact-final-number rule);
-   likelihood displacement: Δ_R(y_w) = log π_θ(y_w|x) − log π_ref(y_w|x) at the last step for the preferred
-   answer (best reward, first on ties) of every training-split group whose rewards differ in that setting -- the
-   same answers for every method -- as the mean and the share made less likely; training wall time.
-6. Statistics: accuracy averaged over seeds and prompts, 95% CI by a paired bootstrap over held-out prompts
-   (the same resampled prompts for every method); RAO minus each baseline with its paired-bootstrap CI;
-   displacement share mean ± 95% t-interval over seeds.
+   likelihood displacement: Δ_R(y_w) = log π_θ(y_w|x) − log π_ref(y_w|x) at the judged step for the preferred
+   answer (best reward, first on ties) of every training-split group whose rewards differ in that setting --
+   the same answers for every method -- as the mean and the share made less likely; training wall time; a
+   small summary of the training log (``metric_summary``: the ``log_z`` and ``tied_share`` metrics of every
+   step, the last step's ``ranking_accuracy``, ``tied_share``, ``displacement``...), so the figures quoted
+   from the logs can be recomputed from ``result.json`` alone (runs stored before #29 lack it: "not kept").
+   Informative group visits: how many of the run's steps × batch group visits went to a group whose rewards
+   differ (``informative_visits``: from the per-step ``tied_share`` where the run kept it; every visit where the
+   loss drops tied groups; else the expectation steps × batch × the informative share of the training groups).
+6. Statistics, each a 95% interval: accuracy averaged over seeds and prompts (a) by a paired bootstrap over the
+   held-out prompts, the seeds averaged (the same resampled prompts for every method), (b) by a two-level
+   bootstrap over seeds × prompts (``two_level_bootstrap``: the seeds resampled, then the prompts, the same
+   draws for every method), (c) as a t-interval over the per-seed accuracies; RAO minus each baseline with
+   the same three, (c) being the paired t-interval of the per-seed differences. (a) ignores the variation
+   between seeds, (b) and (c) include it; the tables quote (b), the interval table all three. Displacement
+   share: mean ± 95% t-interval over seeds.
 
-Variants (``VARIANTS``, only when named in ``--methods`` / ``--rm-methods``) are ablations: a method's loss at the
-point its base method has in that setting, with overrides added, e.g. ``rao_fixed_logz`` (RAO with log Z held
-at log_z0).
+Variants (``VARIANTS``, only when named in ``--methods`` / ``--rm-methods`` / ``--rm-k2-methods``) are ablations:
+a method's loss at the point (and, in ``rm_k2``, the checkpoint epoch) its base method has in that setting,
+with overrides added and no grid of their own: ``rao_fixed_logz`` (log Z held at log_z0; the older spelling of
+``loss.log_z=fixed``, kept so its stored runs keep their keys), ``rao_drop_tied`` (``data.drop_tied=true``:
+RAO sees only the groups whose rewards differ, as the pairwise losses do -- equal exposure; in ``rm`` nothing
+ties, so it equals RAO there), ``rao_sampled_logz`` (``loss.log_z=sampled``: each group's log Z the
+log-mean-exp of its responses' r̃/β) and ``rao_sampled_prefix_logz`` (``loss.log_z=sampled_prefix``: that +
+sg(Δ_P)); RAO itself is ``loss.log_z=prefix``, log_z0 + sg(Δ_P).
 
 Nothing is reused silently: ``--out`` is emptied at the start unless ``--reuse DIR`` names a directory whose
-finished runs (``result.json``, keyed by a hash of the whole run: data, start, overrides, seed, steps) are
-copied instead of recomputed. Every result records its command-line overrides and resolved config.
-Writes ``<out>/alignment.json``, ``<out>/alignment.md``, ``<out>/alignment.png``.
+finished runs (``result.json``, keyed by a hash of the whole run: data, start, overrides, seed, steps, the
+``rm_k2`` schedule) are copied instead of recomputed. Every result records its command-line overrides and
+resolved config. Writes ``<out>/alignment.json``, ``<out>/alignment.md``, ``<out>/alignment.png``.
 """
 
 from __future__ import annotations
@@ -65,7 +92,8 @@ from rao_megatron.rewards.synthetic import write_jsonl  # noqa: E402
 CONFIG = REPO / "examples/configs/rao_smollm2_demo.yaml"
 RULE = "rao_megatron.rewards.rule:exact_final_number"
 PAIRWISE = {"dpo", "simpo", "rpo"}
-#: per-method grids, in order of preference on ties; --grid-points N keeps the first N of each
+#: per-method grids of the ``rule`` setting (and of ``rm`` with ``--rm-grid``), in order of preference on ties,
+#: every one of the same size; --grid-points N keeps the first N of each
 GRIDS: dict[str, list[dict[str, Any]]] = {
     "dpo": [{"train.lr": 1e-5, "loss.beta": 0.1}, {"train.lr": 1e-5, "loss.beta": 0.5},
             {"train.lr": 3e-6, "loss.beta": 0.1}],
@@ -75,25 +103,67 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
               {"train.lr": 1e-5, "loss.beta": 2.0, "loss.gamma": 0.5},
               {"train.lr": 3e-6, "loss.beta": 2.0, "loss.gamma": 1.0}],
     # the project's defaults (minmax rewards, log_z0 from the data), the paper's raw-reward setting, a smaller
-    # learning rate, a larger β
+    # learning rate (a fourth point, β 0.5, ran until #29 made every grid the same size: validation 0.67, not kept)
     "rao": [{"train.lr": 1e-5, "loss.beta": 0.1},
             {"train.lr": 1e-5, "loss.beta": 0.1, "loss.reward_normalization": "none", "loss.z0": 50.0},
-            {"train.lr": 3e-6, "loss.beta": 0.1},
-            {"train.lr": 1e-5, "loss.beta": 0.5}],
-    "grao": [{"train.lr": 1e-5, "loss.beta": 0.5, "loss.lam": 0.6}, {"train.lr": 3e-6, "loss.beta": 0.5, "loss.lam": 0.6}],
+            {"train.lr": 3e-6, "loss.beta": 0.1}],
+    "grao": [{"train.lr": 1e-5, "loss.beta": 0.5, "loss.lam": 0.6}, {"train.lr": 1e-5, "loss.beta": 0.5, "loss.lam": 0.3},
+             {"train.lr": 3e-6, "loss.beta": 0.5, "loss.lam": 0.6}],
+}
+
+
+def _lower(lr: float, **rest: Any) -> dict[str, Any]:
+    """A point of the ``rm_k2`` grids: the cosine schedule ends at a tenth of its learning rate."""
+    return {"train.lr": lr, "train.min_lr": lr / 10, **rest}
+
+
+#: the ``rm_k2`` setting's own grids (several epochs over best/worst pairs, so learning rates below the 12-step
+#: settings' 1e-5), the same size for every method; each point's checkpoints are validated once per epoch
+RM_K2_GRIDS: dict[str, list[dict[str, Any]]] = {
+    "dpo": [_lower(3e-6, **{"loss.beta": 0.1}), _lower(3e-6, **{"loss.beta": 0.5}), _lower(1e-6, **{"loss.beta": 0.1})],
+    "rpo": [_lower(3e-6, **{"loss.beta": 0.1}), _lower(3e-6, **{"loss.beta": 0.5}), _lower(1e-6, **{"loss.beta": 0.1})],
+    "simpo": [_lower(3e-6, **{"loss.beta": 2.0, "loss.gamma": 1.0}), _lower(3e-6, **{"loss.beta": 2.0, "loss.gamma": 0.5}),
+              _lower(1e-6, **{"loss.beta": 2.0, "loss.gamma": 1.0})],
+    "rao": [_lower(3e-6, **{"loss.beta": 0.1}), _lower(3e-6, **{"loss.beta": 0.5}), _lower(1e-6, **{"loss.beta": 0.1})],
+    "grao": [_lower(3e-6, **{"loss.beta": 0.5, "loss.lam": 0.6}), _lower(3e-6, **{"loss.beta": 0.5, "loss.lam": 0.3}),
+             _lower(1e-6, **{"loss.beta": 0.5, "loss.lam": 0.6})],
 }
 #: variants of a method (ablations; run only when named): the method's loss at the point its base method has in
 #: the setting (tuned there or kept from the rule grid), with these overrides added -- one thing changed, no grid
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # RAO with log Z held at log_z0 (no sg(Δ_P)): measures the log Z drift seen with the reward model's scores
+    # (the older spelling of loss.log_z=fixed, kept so that its stored runs keep their keys)
     "rao_fixed_logz": ("rao", {"loss.prefix_consistency": False}),
+    # equal exposure: RAO without the groups whose rewards all tie, as the pairwise losses train
+    "rao_drop_tied": ("rao", {"data.drop_tied": True}),
+    # each group's log Z = log-mean-exp over its responses of r̃/β (the responses being samples of the reference)
+    "rao_sampled_logz": ("rao", {"loss.log_z": "sampled"}),
+    # the same plus sg(Δ_P)
+    "rao_sampled_prefix_logz": ("rao", {"loss.log_z": "sampled_prefix"}),
 }
-SETTING_METHODS = {"rule": "dpo,simpo,rpo,rao", "rm": "dpo,rpo,rao"}
+SETTING_METHODS = {"rule": "dpo,simpo,rpo,rao", "rm": "dpo,rpo,rao", "rm_k2": "dpo,rpo,rao"}
 
 
 def loss_of(method: str) -> str:
     """The registry loss a method (or a variant) trains with."""
     return VARIANTS[method][0] if method in VARIANTS else method
+
+
+def grids_of(setting: str) -> dict[str, list[dict[str, Any]]]:
+    return RM_K2_GRIDS if setting == "rm_k2" else GRIDS
+
+
+def drops_tied(method: str, point: dict[str, Any]) -> bool:
+    """Whether a method's training drops the groups whose rewards all tie: ``data.drop_tied`` where its point
+    sets it, else the loss's own rule (the pairwise losses drop them)."""
+    v = point.get("data.drop_tied")
+    return loss_of(method) in PAIRWISE if v is None else bool(v)
+
+
+def k2_schedule(n_groups: int, batch: int, epochs: int) -> dict[str, int]:
+    """``rm_k2``'s schedule: ``epochs`` passes over the groups, a checkpoint at the end of each."""
+    per_epoch = math.ceil(n_groups / batch)
+    return {"steps": per_epoch * epochs, "save_every": per_epoch}
 
 
 def keep(args: argparse.Namespace, path: Path) -> None:
@@ -136,6 +206,21 @@ def preferred_probe(groups: list[dict]) -> list[dict]:
             best = g["rewards"].index(max(g["rewards"]))
             out.append({"id": g["id"], "prompt": g["prompt"], "responses": [g["responses"][best]],
                         "rewards": [g["rewards"][best]]})
+    return out
+
+
+def best_worst(groups: list[dict]) -> list[dict]:
+    """Setting ``rm_k2``: each group cut to two answers, its best and its worst by reward (first on ties), the
+    rewards kept as they are (continuous scores stay continuous), like binarized UltraFeedback. A group
+    whose rewards all tie keeps its first two answers; a group of one answer is left out."""
+    out = []
+    for g in groups:
+        if len(g["responses"]) < 2:
+            continue
+        r = g["rewards"]
+        best = r.index(max(r))
+        worst = r.index(min(r)) if min(r) < max(r) else (1 if best == 0 else 0)
+        out.append({**g, "responses": [g["responses"][best], g["responses"][worst]], "rewards": [r[best], r[worst]]})
     return out
 
 
@@ -189,6 +274,27 @@ def answer(args: argparse.Namespace, model_dir: Path, prompts: Path, out: Path, 
     return score_answers(out)
 
 
+#: metrics whose value at the last step a run keeps (absent ones are left out: a pairwise loss has no log Z)
+LAST_STEP_METRICS = ("ranking_accuracy", "tied_share", "displacement", "tied/delta_r", "accuracy", "log_z")
+
+
+def metric_summary(records: list[dict]) -> dict[str, Any]:
+    """The small summary of a run's ``metrics.jsonl`` its result keeps: per step (the records with a ``step``)
+    the ``log_z`` and ``tied_share`` trajectories (where the loss reports them), and ``last``: the
+    ``LAST_STEP_METRICS`` of the last step. NaN (a metric with nothing to measure in a batch) becomes None."""
+    def clean(x: Any) -> Any:
+        return None if isinstance(x, float) and not math.isfinite(x) else x
+
+    steps = [r for r in records if "step" in r and "loss" in r]
+    out: dict[str, Any] = {"steps": len(steps)}
+    for k in ("log_z", "tied_share"):
+        if any(k in r for r in steps):
+            out[k] = [clean(r.get(k)) for r in steps]
+    if steps:
+        out["last"] = {k: clean(steps[-1][k]) for k in LAST_STEP_METRICS if k in steps[-1]}
+    return out
+
+
 def accuracy(scores: dict[str, list[int]]) -> float:
     flat = [x for v in scores.values() for x in v]
     return sum(flat) / len(flat)
@@ -209,15 +315,22 @@ class Runner:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def run(self, *, setting: str, method: str, point: dict[str, Any], seed: int, data: Path, eval_name: str,
-            eval_prompts: Path, probe: tuple[Path, dict[int, float]] | None) -> dict | None:
-        """``probe``: the preferred answers and their start log-probs, measured at the last step (or None)."""
+            eval_prompts: Path, probe: tuple[Path, dict[int, float]] | None,
+            schedule: dict[str, Any] | None = None) -> dict | None:
+        """``probe``: the preferred answers and their start log-probs, measured at the (last) evaluated step (or
+        None). ``schedule`` (setting ``rm_k2``): ``{"steps", "save_every", "eval_steps"}`` -- train ``steps``,
+        save a checkpoint every ``save_every`` steps and answer ``eval_prompts`` with each checkpoint of
+        ``eval_steps`` (the result's ``by_step``; its ``scores`` / ``accuracy`` are the last one's); None: the
+        run's ``--steps``, answered at the end."""
         args = self.args
         ov = [f"loss.name={loss_of(method)}", *overrides_of(point)]
-        key = self.key(setting=setting, method=method, overrides=ov, seed=seed, steps=args.steps,
+        steps = schedule["steps"] if schedule else args.steps
+        key = self.key(setting=setting, method=method, overrides=ov, seed=seed, steps=steps,
                        batch=args.global_batch_groups, data=file_hash(data), start=args.start_id,
                        eval=file_hash(eval_prompts), k=args.k, temperature=args.temperature,
-                       max_new_tokens=args.max_new_tokens, probe=probe and file_hash(probe[0]))
-        tag = f"{method}-{self.key(ov=ov)[:8]}-s{seed}-{eval_name}"
+                       max_new_tokens=args.max_new_tokens, probe=probe and file_hash(probe[0]),
+                       **({"schedule": schedule} if schedule else {}))  # absent: the earlier runs keep their keys
+        tag = f"{method}-{self.key(ov=ov, **({'schedule': schedule} if schedule else {}))[:8]}-s{seed}-{eval_name}"
         out = args.out / "runs" / setting / tag
         result_file = out / "result.json"
         if key in self.reuse:
@@ -235,9 +348,14 @@ class Runner:
         train_dir = fresh_dir(out / "train")
         overrides = [*ov, f"model.init_checkpoint={self.start_ckpt}", f"data.train_path={data}",
                      f"data.reference_cache={self.reference_cache}", "data.eval_fraction=0",
-                     f"data.seed={seed}", f"train.seed={seed}", f"train.steps={args.steps}",
+                     f"data.seed={seed}", f"train.seed={seed}", f"train.steps={steps}",
                      f"train.global_batch_groups={args.global_batch_groups}", "train.eval_every=0",
-                     f"train.output_dir={train_dir}", "checkpoint.keep_last=1"]
+                     f"train.output_dir={train_dir}"]
+        if schedule:
+            overrides += [f"checkpoint.save_every={schedule['save_every']}",
+                          f"checkpoint.keep_last={steps // schedule['save_every']}"]
+        else:
+            overrides += ["checkpoint.keep_last=1"]
         t0 = time.time()
         run_command(torchrun_module(args.procs, "rao_megatron.cli.train", "--config", CONFIG, *overrides))
         train_seconds = time.time() - t0
@@ -248,18 +366,29 @@ class Runner:
         result: dict[str, Any] = {"key": key, "setting": setting, "method": method, "point": point, "seed": seed,
                                   "overrides": overrides, "resolved_config": resolved, "eval": eval_name,
                                   "train_seconds": round(train_seconds, 1),
-                                  "final_loss": next((m["loss"] for m in reversed(metrics) if "loss" in m), None)}
+                                  "final_loss": next((m["loss"] for m in reversed(metrics) if "loss" in m), None),
+                                  "metrics_summary": metric_summary(metrics)}
         ckpt = train_dir / "checkpoints"
+        eval_steps = schedule["eval_steps"] if schedule else [steps]
+        # the checkpoint of a step: training/checkpoint.py's step_dir (not imported: it loads Megatron)
+        at = {s: ckpt / f"step_{s:07d}" if schedule else ckpt for s in eval_steps}
         if probe:
-            now = forward_logps(args, ckpt, probe[0], out / "probe_end.safetensors")
+            now = forward_logps(args, at[eval_steps[-1]], probe[0], out / "probe_end.safetensors")
             deltas = [now[k] - probe[1][k] for k in probe[1]]
-            result["probe"] = {"step": args.steps, "answers": len(deltas), "mean_delta_r": sum(deltas) / len(deltas),
+            result["probe"] = {"step": eval_steps[-1], "answers": len(deltas),
+                               "mean_delta_r": sum(deltas) / len(deltas),
                                "share_lowered": sum(d < 0 for d in deltas) / len(deltas)}
-        hf = fresh_dir(out / "hf")
-        run_command(python_module("rao_megatron.cli.convert", "megatron-to-hf", "--megatron", ckpt, "--out", hf,
-                                  "--no-progress"))
-        scores = answer(args, hf, eval_prompts, out / f"{eval_name}_answers.jsonl", seed)
-        result.update({"scores": scores, "accuracy": accuracy(scores)})
+        hf = out / "hf"
+        for s in eval_steps:
+            fresh_dir(hf)
+            run_command(python_module("rao_megatron.cli.convert", "megatron-to-hf", "--megatron", at[s], "--out", hf,
+                                      "--no-progress"))
+            name = f"{eval_name}_answers.jsonl" if not schedule else f"{eval_name}_answers_step{s}.jsonl"
+            scores = answer(args, hf, eval_prompts, out / name, seed)
+            result.update({"scores": scores, "accuracy": accuracy(scores)})
+            if schedule:
+                result["eval_step"] = s
+                result.setdefault("by_step", {})[str(s)] = {"accuracy": accuracy(scores), "scores": scores}
         result_file.write_text(json.dumps(result, indent=1) + "\n")
         keep(args, result_file)
         if not args.keep:
@@ -278,6 +407,11 @@ def per_prompt(runs: list[dict]) -> dict[str, float]:
     return {i: sum(sum(r["scores"][i]) / len(r["scores"][i]) for r in runs) / len(runs) for i in ids}
 
 
+def per_seed_prompt(runs: list[dict]) -> dict[int, dict[str, float]]:
+    """Accuracy per seed and held-out prompt (the share of its K answers that are right)."""
+    return {r["seed"]: {i: sum(v) / len(v) for i, v in r["scores"].items()} for r in runs}
+
+
 def bootstrap(per_method: dict[str, dict[str, float]], reps: int, seed: int) -> dict[str, list[float]]:
     """Accuracy of every method over ``reps`` resamples of the prompts (the same resamples for every method)."""
     ids = sorted(next(iter(per_method.values())))
@@ -287,6 +421,34 @@ def bootstrap(per_method: dict[str, dict[str, float]], reps: int, seed: int) -> 
         sample = [ids[rng.randrange(len(ids))] for _ in ids]
         for m, acc in per_method.items():
             draws[m].append(sum(acc[i] for i in sample) / len(sample))
+    return draws
+
+
+def two_level_bootstrap(per_method: dict[str, dict[int, dict[str, float]]], reps: int, seed: int,
+                        nested: bool = False) -> dict[str, list[float]]:
+    """Accuracy of every method over ``reps`` two-level resamples: the seeds with replacement, then the prompts
+    with replacement -- one prompt resample for all the drawn seeds (the default: every seed answers the same
+    held-out prompts, so seeds and prompts are crossed, and a prompt's difficulty is shared by every seed), or
+    with ``nested`` a new prompt resample within each drawn seed (right where each seed had prompts of its
+    own; on crossed prompts it averages the prompt effect away and comes out narrower than resampling the
+    prompts alone). The same drawn seeds and prompts serve every method, so differences of the draws stay
+    paired. Every method must have the same seeds and prompts (``per_method``: method -> seed -> prompt ->
+    accuracy)."""
+    first = next(iter(per_method.values()))
+    seeds = sorted(first)
+    ids = sorted(first[seeds[0]])
+    for m, acc in per_method.items():
+        if sorted(acc) != seeds or any(sorted(acc[s]) != ids for s in seeds):
+            raise ValueError(f"two_level_bootstrap: {m!r} has other seeds or prompts than {seeds}")
+    rng = random.Random(seed)
+    draws: dict[str, list[float]] = {m: [] for m in per_method}
+    n = len(seeds) * len(ids)
+    for _ in range(reps):
+        drawn = [seeds[rng.randrange(len(seeds))] for _ in seeds]
+        shared = None if nested else [ids[rng.randrange(len(ids))] for _ in ids]
+        picks = [(s, shared or [ids[rng.randrange(len(ids))] for _ in ids]) for s in drawn]
+        for m, acc in per_method.items():
+            draws[m].append(sum(acc[s][i] for s, sample in picks for i in sample) / n)
     return draws
 
 
@@ -308,50 +470,159 @@ def mean_ci(xs: list[float]) -> tuple[float, float]:
     return m, T95.get(len(xs) - 1, 1.96) * sd / math.sqrt(len(xs))
 
 
+def t_interval(xs: list[float]) -> list[float]:
+    """The 95% t-interval over seeds, [mean − h, mean + h] (NaN bounds with one seed)."""
+    m, h = mean_ci(xs)
+    return [m - h, m + h]
+
+
+def informative_visits(run: dict, *, groups: int, differing: int, drops_tied: bool, steps: int,
+                       batch: int) -> tuple[float, str]:
+    """``(visits, how)``: how many of a run's ``steps × batch`` group visits were to a group whose rewards
+    differ. ``measured``: from the run's per-step ``tied_share`` (its metric summary; RAO reports it);
+    ``all``: the loss drops tied groups (pairwise losses, ``data.drop_tied``), so every visit is informative;
+    ``expected``: steps × batch × the informative share of the training groups (runs kept without a summary)."""
+    steps = (run.get("resolved_config") or {}).get("train", {}).get("steps", steps)
+    batch = (run.get("resolved_config") or {}).get("train", {}).get("global_batch_groups", batch)
+    shares = (run.get("metrics_summary") or {}).get("tied_share")
+    if shares and len(shares) == steps and all(x is not None for x in shares):
+        return sum(batch * (1.0 - x) for x in shares), "measured"
+    if drops_tied:
+        return float(steps * batch), "all"
+    return steps * batch * differing / groups, "expected"
+
+
 def summarise(setting: str, finals: dict[str, list[dict]], tuned: dict[str, dict], groups_used: dict[str, int],
-              reps: int) -> dict:
+              reps: int, visits: dict[str, tuple[float, str]] | None = None) -> dict:
+    """Per method: accuracy with three 95% intervals -- ``ci`` (paired bootstrap over held-out prompts, the
+    seeds averaged), ``ci_two_level`` (seeds, then prompts within each seed) and ``ci_t`` (t over the per-seed
+    accuracies) -- and, against RAO, the same three for RAO − method (``ci_t``: the paired t-interval of the
+    per-seed differences over the seeds both have)."""
     acc = {m: per_prompt(runs) for m, runs in finals.items()}
     draws = bootstrap(acc, reps, seed=0)
+    cells = {m: per_seed_prompt(runs) for m, runs in finals.items()}
+    two_level: dict[tuple[int, ...], dict[str, list[float]]] = {}
+
+    def two_level_draws(seeds: tuple[int, ...]) -> dict[str, list[float]]:
+        """The draws of every method that has ``seeds``, restricted to them (the same resamples for all)."""
+        if seeds not in two_level:
+            two_level[seeds] = two_level_bootstrap({m: {s: c[s] for s in seeds} for m, c in cells.items()
+                                                    if set(seeds) <= set(c)}, reps, seed=0)
+        return two_level[seeds]
+
     rows = {}
     for m, runs in finals.items():
         mean = sum(acc[m].values()) / len(acc[m])
         lo, hi = interval(draws[m])
-        row = {"accuracy": mean, "ci": [lo, hi], "seeds": [r["seed"] for r in runs],
+        seeds = tuple(sorted(cells[m]))
+        row = {"accuracy": mean, "ci": [lo, hi], "ci_two_level": list(interval(two_level_draws(seeds)[m])),
+               "ci_t": t_interval([r["accuracy"] for r in runs]), "seeds": [r["seed"] for r in runs],
                "per_seed_accuracy": [r["accuracy"] for r in runs], "point": tuned[m]["point"],
                "validation": tuned[m]["validation"], "tuned_in": tuned[m]["tuned_in"],
                "groups_used": groups_used[m],
                "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs)}
+        if "eval_step" in tuned[m]:
+            row["eval_step"] = tuned[m]["eval_step"]
+        if visits and m in visits:
+            row["informative_visits"], row["informative_visits_how"] = visits[m]
         if all("probe" in r for r in runs):
             share = mean_ci([r["probe"]["share_lowered"] for r in runs])
             row["share_lowered"] = {"mean": share[0], "ci95": share[1]}
             row["mean_delta_r"] = mean_ci([r["probe"]["mean_delta_r"] for r in runs])[0]
+        summaries = [r["metrics_summary"] for r in runs if r.get("metrics_summary")]
+        if summaries:
+            row["last_step"] = {"runs": len(summaries)}
+            for k in ("ranking_accuracy", "tied_share"):
+                xs = [s["last"][k] for s in summaries if s.get("last", {}).get(k) is not None]
+                if xs:
+                    row["last_step"][k] = [min(xs), max(xs)]
+            moves = [s["log_z"][-1] - s["log_z"][0] for s in summaries
+                     if s.get("log_z") and s["log_z"][0] is not None and s["log_z"][-1] is not None]
+            if moves:
+                row["last_step"]["log_z_move"] = [min(moves), max(moves)]
         if m != "rao" and "rao" in finals:
-            diff = [a - b for a, b in zip(draws["rao"], draws[m])]
-            row["rao_minus_this"] = {"mean": sum(acc["rao"].values()) / len(acc["rao"]) - mean,
-                                     "ci": list(interval(diff)),
-                                     "rao_share_of_resamples_ahead": sum(d > 0 for d in diff) / len(diff)}
+            mine = {r["seed"]: r for r in runs}
+            theirs = {r["seed"]: r for r in finals["rao"]}
+            common = tuple(sorted(set(mine) & set(theirs)))
+            if common:  # paired on the seeds both have (all of them, once every run is in)
+                if set(common) == set(mine) == set(theirs):
+                    pair, pair_draws = acc, draws
+                else:  # the same prompt resamples, on the seeds in common only
+                    pair = {k: per_prompt([d[s] for s in common]) for k, d in (("rao", theirs), (m, mine))}
+                    pair_draws = bootstrap(pair, reps, seed=0)
+                diff = [a - b for a, b in zip(pair_draws["rao"], pair_draws[m])]
+                per_seed = [theirs[s]["accuracy"] - mine[s]["accuracy"] for s in common]
+                d2 = two_level_draws(common)
+                diff2 = [a - b for a, b in zip(d2["rao"], d2[m])]
+                row["rao_minus_this"] = {
+                    "mean": sum(pair["rao"].values()) / len(pair["rao"]) - sum(pair[m].values()) / len(pair[m]),
+                    "ci": list(interval(diff)), "rao_share_of_resamples_ahead": sum(d > 0 for d in diff) / len(diff),
+                    "seeds": list(common), "per_seed": per_seed, "seeds_rao_ahead": sum(d > 0 for d in per_seed),
+                    "ci_two_level": list(interval(diff2)),
+                    "rao_share_of_two_level_resamples_ahead": sum(d > 0 for d in diff2) / len(diff2),
+                    "ci_t": t_interval(per_seed)}
         rows[m] = row
     return {"setting": setting, "methods": rows}
 
 
+def _ci(ci: list[float] | None, fmt: str = ".3f") -> str:
+    if not ci or any(math.isnan(x) for x in ci):
+        return "—"
+    return f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+
+
 def table(summary: dict) -> str:
-    lines = ["| method | seeds | kept point (validation accuracy) | groups trained on | held-out accuracy [95% CI] | "
-             "RAO − method [95% CI] | y_w made less likely (mean ± 95% CI over seeds) | mean Δ_R(y_w) | "
-             "train time / run |", "|---|---|---|---|---|---|---|---|---|"]
+    """The setting's main table: accuracy and RAO − method with the two-level (seeds × prompts) interval."""
+    lines = ["| method | seeds | kept point (validation accuracy) | groups trained on | informative group visits | "
+             "held-out accuracy [95% CI, seeds × prompts] | RAO − method [95% CI, seeds × prompts] | "
+             "y_w made less likely (mean ± 95% CI over seeds) | mean Δ_R(y_w) | last step: ranking accuracy; "
+             "tied share; log Z moved | train time / run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in summary["methods"].items():
         point = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in r["point"].items())
         diff = r.get("rao_minus_this")
-        diff_s = f"{diff['mean']:+.3f} [{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}]" if diff else "—"
+        diff_s = f"{diff['mean']:+.3f} {_ci(diff.get('ci_two_level'), '+.3f')}" if diff else "—"
+        if diff and len(diff["seeds"]) < len(r["seeds"]) or diff and len(diff["seeds"]) < len(
+                summary["methods"].get("rao", {}).get("seeds", [])):
+            n = len(diff["seeds"])
+            diff_s += f" ({n} common seed{'s' if n > 1 else ''})"
         share = r.get("share_lowered")
         share_s = "—" if not share else f"{100 * share['mean']:.0f}%" + (
             "" if math.isnan(share["ci95"]) else f" ± {100 * share['ci95']:.0f}")
         dr = f"{r['mean_delta_r']:+.2f}" if "mean_delta_r" in r else "—"
         where = "" if r.get("tuned_in", summary["setting"]) == summary["setting"] else f", {r['tuned_in']} grid"
+        where += f", step {r['eval_step']}" if "eval_step" in r else ""
         whose = f"{VARIANTS[m][0]}'s " if m in VARIANTS else ""  # a variant is not validated on its own
+        visits = "—" if "informative_visits" not in r else \
+            f"{r['informative_visits']:.0f} ({r['informative_visits_how']})"
+        last = r.get("last_step")
+        if last:
+            fmt = {"ranking_accuracy": ".2f", "tied_share": ".2f", "log_z_move": "+.1f"}
+            parts = [(f"{a:{f}}" if f"{a:{f}}" == f"{b:{f}}" else f"{a:{f}} to {b:{f}}") for k, f in fmt.items()
+                     for a, b in [last.get(k, (None, None))] if a is not None]
+            last_s = "; ".join(parts) + ("" if last["runs"] == len(r["seeds"]) else f" ({last['runs']} runs)")
+        else:
+            last_s = "— (not kept)"
         lines.append(f"| {m} | {len(r['seeds'])} | {point} ({whose}{r['validation']:.3f}{where}) | {r['groups_used']} | "
-                     f"{r['accuracy']:.3f} "
-                     f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {diff_s} | {share_s} | {dr} | "
-                     f"{r['train_seconds']:.0f} s |")
+                     f"{visits} | {r['accuracy']:.3f} {_ci(r.get('ci_two_level'))} | {diff_s} | {share_s} | {dr} | "
+                     f"{last_s} | {r['train_seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+def interval_table(summary: dict) -> str:
+    """Every interval of the setting side by side: over prompts (seeds averaged), over seeds × prompts
+    (two-level bootstrap) and the t-interval over seeds; for accuracy and for RAO − method (paired)."""
+    lines = ["| method | accuracy | over prompts | seeds × prompts | t over seeds | RAO − method | over prompts | "
+             "seeds × prompts | paired t over seeds | RAO ahead on seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for m, r in summary["methods"].items():
+        d = r.get("rao_minus_this")
+        if d:
+            ahead = f"{d['seeds_rao_ahead']} of {len(d['seeds'])}"
+            d_s = (f"{d['mean']:+.3f} | {_ci(d['ci'], '+.3f')} | {_ci(d.get('ci_two_level'), '+.3f')} | "
+                   f"{_ci(d.get('ci_t'), '+.3f')} | {ahead}")
+        else:
+            d_s = "— | — | — | — | —"
+        lines.append(f"| {m} | {r['accuracy']:.3f} | {_ci(r['ci'])} | {_ci(r.get('ci_two_level'))} | "
+                     f"{_ci(r.get('ci_t'))} | {d_s} |")
     return "\n".join(lines)
 
 
@@ -361,7 +632,8 @@ def plot(summaries: list[dict], start: dict[str, float], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    summaries = [s for s in summaries if s["methods"]]  # a setting with no finished run takes no place
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     width = 0.8 / max(1, len(summaries))
     order = list(dict.fromkeys(m for s in summaries for m in s["methods"]))  # one x position per method
     ticks = [i + width * (len(summaries) - 1) / 2 for i in range(len(order))]
@@ -369,16 +641,17 @@ def plot(summaries: list[dict], start: dict[str, float], path: Path) -> None:
         names = list(s["methods"])
         xs = [order.index(m) + k * width for m in names]
         acc = [s["methods"][m]["accuracy"] for m in names]
-        err = [[a - s["methods"][m]["ci"][0] for m, a in zip(names, acc)],
-               [s["methods"][m]["ci"][1] - a for m, a in zip(names, acc)]]
+        ci = [s["methods"][m].get("ci_two_level") or s["methods"][m]["ci"] for m in names]
+        err = [[max(0.0, a - c[0]) for c, a in zip(ci, acc)], [max(0.0, c[1] - a) for c, a in zip(ci, acc)]]
         axes[0].bar(xs, acc, width, yerr=err, capsize=3, label=f"{s['setting']} rewards")
         share = [100 * s["methods"][m].get("share_lowered", {}).get("mean", float("nan")) for m in names]
         share_err = [100 * s["methods"][m].get("share_lowered", {}).get("ci95", 0.0) for m in names]
+        share_err = [0.0 if math.isnan(e) else e for e in share_err]
         axes[1].bar(xs, share, width, yerr=share_err, capsize=3, label=f"{s['setting']} rewards")
     for a in axes:
-        a.set_xticks(ticks, order)
+        a.set_xticks(ticks, order, rotation=20, ha="right", fontsize=8)
     axes[0].axhline(start["accuracy"], color="grey", lw=0.8, ls="--", label="start model")
-    axes[0].set(ylabel="held-out accuracy", title="held-out accuracy (95% CI, paired bootstrap)", ylim=(0, 1))
+    axes[0].set(ylabel="held-out accuracy", title="held-out accuracy (95% CI, seeds × prompts)", ylim=(0, 1))
     axes[1].set(ylabel="% of y_w with Δ_R < 0", title="preferred answers made less likely (95% CI over seeds)")
     for a in axes:
         a.legend(fontsize=8)
@@ -398,6 +671,8 @@ def reward_model_groups(args: argparse.Namespace, train: Path, validation: Path,
     key = hashlib.sha256(json.dumps([file_hash(train), file_hash(validation), args.start_id, args.rm_steps,
                                      args.rm_lr]).encode()).hexdigest()[:20]
     out.mkdir(parents=True, exist_ok=True)
+    if report_file.is_file() and scored.is_file() and json.loads(report_file.read_text()).get("key") == key:
+        return scored, json.loads(report_file.read_text())  # the rm setting made it in this same --out
     if args.reuse and (Path(args.reuse) / "rm" / "rm.json").is_file():
         old = json.loads((Path(args.reuse) / "rm" / "rm.json").read_text())
         if old.get("key") == key:
@@ -433,7 +708,8 @@ def reward_model_groups(args: argparse.Namespace, train: Path, validation: Path,
 def run_setting(args: argparse.Namespace, runner: Runner, setting: str, data: Path, validation_prompts: Path,
                 heldout: Path, prompts: dict[str, dict], kept: dict[str, dict] | None = None) -> tuple[dict, dict]:
     """``kept``: tuned points to take over (method -> the other setting's grid result) instead of a grid here."""
-    asked = (args.rm_methods if setting == "rm" else None) or args.methods or SETTING_METHODS[setting]
+    own = {"rm": getattr(args, "rm_methods", None), "rm_k2": getattr(args, "rm_k2_methods", None)}.get(setting)
+    asked = own or args.methods or SETTING_METHODS[setting]
     methods = [m.strip() for m in asked.split(",") if m.strip()]
     groups = read_jsonl(data)
     grao_data = write_jsonl(with_reference(groups, prompts), args.out / f"{setting}_train_grao.jsonl") \
@@ -442,24 +718,35 @@ def run_setting(args: argparse.Namespace, runner: Runner, setting: str, data: Pa
     probe_file = write_jsonl(preferred_probe(groups), args.out / f"{setting}_probe_preferred.jsonl")
     probe = (probe_file, {} if args.report else
              forward_logps(args, runner.start_ckpt, probe_file, args.out / f"{setting}_probe_start.safetensors"))
-    tuned, used = {}, {}
-    for m in methods:
-        used[m] = sum(differs(g) for g in groups) if loss_of(m) in PAIRWISE else len(groups)
+    schedule = None
+    if setting == "rm_k2":
+        schedule = k2_schedule(len(groups), args.global_batch_groups, args.k2_epochs)
+        every_epoch = list(range(schedule["save_every"], schedule["steps"] + 1, schedule["save_every"]))
+    grids = grids_of(setting)
+    tuned = {}
     for m in (m for m in methods if m not in VARIANTS):  # every grid first, then the seeds seed by seed
         if kept and m in kept:
             tuned[m] = kept[m]  # carries its "tuned_in"
             continue
-        scored = []
-        for point in GRIDS[m][: args.grid_points]:
+        scored = []  # (validation accuracy, point, the step validated or None)
+        for point in grids[m][: args.grid_points]:
+            kw = {"schedule": {**schedule, "eval_steps": every_epoch}} if schedule else {}
             r = runner.run(setting=setting, method=m, point=point, seed=args.seed_list[0], data=data_for[m],
-                           eval_name="validation", eval_prompts=validation_prompts, probe=None)
-            if r is not None:
-                scored.append((r["accuracy"], point))
+                           eval_name="validation", eval_prompts=validation_prompts, probe=None, **kw)
+            if r is None:
+                continue
+            if schedule:  # each epoch's checkpoint is a candidate, the earliest first on ties
+                scored += [(r["by_step"][str(s)]["accuracy"], point, s) for s in every_epoch]
+            else:
+                scored.append((r["accuracy"], point, None))
         if scored:
             best = max(scored, key=lambda x: x[0])  # first on ties
-            tuned[m] = {"point": best[1], "validation": best[0], "tuned_in": setting, "grid_complete": len(
-                scored) == len(GRIDS[m][: args.grid_points]),
-                "grid": [{"point": p, "validation_accuracy": a} for a, p in scored]}
+            tuned[m] = {"point": best[1], "validation": best[0], "tuned_in": setting,
+                        "grid_complete": len({id(p) for _, p, _ in scored}) == len(grids[m][: args.grid_points]),
+                        "grid": [{"point": p, "validation_accuracy": a, **({"step": s} if s else {})}
+                                 for a, p, s in scored]}
+            if best[2] is not None:
+                tuned[m]["eval_step"] = best[2]
     for m in (m for m in methods if m in VARIANTS):
         base, extra = VARIANTS[m]
         source = tuned.get(base) or (kept or {}).get(base)
@@ -472,19 +759,40 @@ def run_setting(args: argparse.Namespace, runner: Runner, setting: str, data: Pa
     finals: dict[str, list[dict]] = {m: [] for m in tuned}
     for s in args.seed_list:
         for m in tuned:
+            kw = {"schedule": {**schedule, "eval_steps": [tuned[m]["eval_step"]]}} if schedule else {}
             r = runner.run(setting=setting, method=m, point=tuned[m]["point"], seed=s, data=data_for[m],
-                           eval_name="heldout", eval_prompts=heldout, probe=probe)
+                           eval_name="heldout", eval_prompts=heldout, probe=probe, **kw)
             if r is not None:
                 finals[m].append(r)
     finals = {m: runs for m, runs in finals.items() if runs}
     if not finals:
         return {"setting": setting, "methods": {}, "grids": tuned}, finals
-    summary = summarise(setting, finals, tuned, used, args.bootstrap)
+    n_differ = sum(differs(g) for g in groups)
+    used = {m: n_differ if drops_tied(m, tuned[m]["point"]) else len(groups) for m in finals}
+    visits = {}
+    for m, runs in finals.items():
+        each = [informative_visits(r, groups=len(groups), differing=n_differ, drops_tied=drops_tied(
+            m, tuned[m]["point"]), steps=schedule["steps"] if schedule else args.steps,
+            batch=args.global_batch_groups) for r in runs]
+        hows = sorted({h for _, h in each})
+        visits[m] = (sum(v for v, _ in each) / len(each), "/".join(hows))
+    summary = summarise(setting, finals, tuned, used, args.bootstrap, visits)
     summary["grids"] = tuned
     summary["train_groups"] = len(groups)
     summary["tied_groups"] = sum(not differs(g) for g in groups)
-    summary["probe_answers"] = len(probe[1])
+    summary["tied_all_wrong"] = sum(not differs(g) and max(g["rewards"]) <= 0 for g in groups)
+    summary["probe_answers"] = len(read_jsonl(probe_file))
+    if schedule:
+        summary["schedule"] = schedule
     return summary, finals
+
+
+def tied_detail(summary: dict) -> str:
+    """``: 24 all wrong, 2 all right`` for 0/1 rewards (the all-wrong count is of groups whose rewards are all ≤ 0)."""
+    if summary["setting"] != "rule" or not summary.get("tied_groups"):
+        return ""
+    wrong = summary.get("tied_all_wrong", 0)
+    return f": {wrong} all wrong, {summary['tied_groups'] - wrong} all right"
 
 
 def main() -> int:
@@ -492,10 +800,12 @@ def main() -> int:
     p.add_argument("--demo", default=str(REPO / "runs/demo"), help="the quick-start's run directory")
     p.add_argument("--out", default=str(REPO / "runs/alignment"))
     p.add_argument("--reuse", default=None, help="take finished runs with the same key from this directory")
-    p.add_argument("--settings", default="rule,rm", help="rule (0/1 rewards) and/or rm (Bradley–Terry scores)")
+    p.add_argument("--settings", default="rule,rm,rm_k2", help="rule (0/1 rewards), rm (Bradley–Terry scores), "
+                   "rm_k2 (the best and worst answer of each group by those scores, several epochs)")
     p.add_argument("--methods", default=None, help="comma list; default rule: dpo,simpo,rpo,rao; rm: dpo,rpo,rao")
     p.add_argument("--seeds", type=int, default=5, help="seeds per tuned method (1234, 1235, ...)")
-    p.add_argument("--grid-points", type=int, default=99, help="first N points of each method's grid")
+    p.add_argument("--grid-points", type=int, default=99, help="first N points of each method's grid (every "
+                   "method's grid has the same size in every setting)")
     p.add_argument("--validation", type=int, default=25, help="training prompts kept aside for tuning")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     p.add_argument("--global-batch-groups", type=int, default=8)
@@ -503,6 +813,10 @@ def main() -> int:
                    f"dpo,rpo,rao); variants: {', '.join(VARIANTS)}")
     p.add_argument("--rm-grid", action="store_true", help="tune the rm setting on its own grid (default: each "
                    "method keeps the point its rule-setting grid chose, when that setting runs first)")
+    p.add_argument("--rm-k2-methods", default=None, help="the rm_k2 setting's methods (default: --methods, else "
+                   "dpo,rpo,rao); it always tunes on its own grids (RM_K2_GRIDS)")
+    p.add_argument("--k2-epochs", type=int, default=3, help="rm_k2: passes over the training groups; a checkpoint "
+                   "after each, the one with the best validation accuracy (first seed, grid runs) is kept")
     p.add_argument("--rm-steps", type=int, default=30)
     p.add_argument("--rm-lr", type=float, default=1e-5)
     p.add_argument("--procs", type=int, default=2)
@@ -519,8 +833,9 @@ def main() -> int:
     args.demo, args.out = Path(args.demo).resolve(), Path(args.out).resolve()
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     if unknown := sorted(set(settings) - set(SETTING_METHODS)):
-        p.error(f"unknown settings {unknown}; choose from rule, rm")
-    for flag, value in (("--methods", args.methods), ("--rm-methods", args.rm_methods)):
+        p.error(f"unknown settings {unknown}; choose from {', '.join(SETTING_METHODS)}")
+    for flag, value in (("--methods", args.methods), ("--rm-methods", args.rm_methods),
+                        ("--rm-k2-methods", args.rm_k2_methods)):
         if value and (unknown := sorted({m.strip() for m in value.split(",")} - set(GRIDS) - set(VARIANTS))):
             p.error(f"{flag}: unknown methods {unknown}; choose from {', '.join([*GRIDS, *VARIANTS])}")
     if args.report and not args.reuse:
@@ -577,23 +892,28 @@ def main() -> int:
     summaries, rm_report = [], None
     for setting in settings:
         data = train_file
-        if setting == "rm":
+        if setting in ("rm", "rm_k2"):
             if args.report and not (Path(args.reuse) / "rm" / "rm.json").is_file():
                 continue  # no reward model yet
             data, rm_report = reward_model_groups(args, train_file, validation_file, start_ckpt)
+        if setting == "rm_k2":
+            data = write_jsonl(best_worst(read_jsonl(data)), args.out / "rm" / "train_rm_k2.jsonl")
+            keep(args, data)
         kept = None
         if setting == "rm" and not args.rm_grid:
             kept = next((s["grids"] for s in summaries if s["setting"] == "rule"), None)
         summary, _ = run_setting(args, runner, setting, data, validation_prompts, heldout, prompts, kept)
         summaries.append(summary)
     result = {"start": start, "settings": summaries, "rm": rm_report, "seeds": args.seed_list, "steps": args.steps,
+              "grid_points": args.grid_points, "k2_epochs": args.k2_epochs,
               "global_batch_groups": args.global_batch_groups, "train_groups": len(train),
               "validation_prompts": len(validation), "heldout_prompts": len(start_scores), "k": args.k,
               "wall_seconds": round(time.time() - t_start, 1),
               "command": " ".join(sys.argv)}
     (args.out / "alignment.json").write_text(json.dumps(result, indent=1) + "\n")
     md = "\n\n".join(f"**{s['setting']} rewards** ({s['train_groups']} training groups, {s['tied_groups']} of them "
-                     f"tied)\n\n{table(s)}" for s in summaries)
+                     f"tied{tied_detail(s)})\n\n{table(s)}\n\nintervals (95%; RAO − method paired):\n\n"
+                     f"{interval_table(s)}" for s in summaries if s.get("train_groups"))
     md += f"\n\nstart model held-out accuracy {start['accuracy']:.3f}; wall time {result['wall_seconds'] / 60:.0f} min"
     (args.out / "alignment.md").write_text(md + "\n")
     plot(summaries, start, args.out / "alignment.png")

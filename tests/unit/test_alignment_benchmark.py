@@ -57,6 +57,11 @@ def test_paired_statistics_by_hand():
     assert dpo["share_lowered"]["ci95"] == pytest.approx(12.706 * math.sqrt(0.02) / math.sqrt(2))
     assert dpo["groups_used"] == 6 and "rao_minus_this" not in rao
     assert "| rao |" in bench.table(s) and "+0.250 [+0.250, +0.250]" in bench.table(s)
+    # the same constant difference on every seed and prompt: every interval of it has zero width
+    assert dpo["rao_minus_this"]["ci_two_level"] == pytest.approx([0.25, 0.25])
+    assert dpo["rao_minus_this"]["ci_t"] == pytest.approx([0.25, 0.25])
+    assert dpo["rao_minus_this"]["seeds_rao_ahead"] == 2 and "2 of 2" in bench.interval_table(s)
+    assert "— (not kept)" in bench.table(s)  # runs stored without a metric summary
 
 
 class _FakeRunner:
@@ -66,18 +71,26 @@ class _FakeRunner:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, dict, int, str]] = []
+        self.schedules: list[dict | None] = []
 
-    def run(self, *, setting, method, point, seed, data, eval_name, eval_prompts, probe):
+    def run(self, *, setting, method, point, seed, data, eval_name, eval_prompts, probe, schedule=None):
         self.calls.append((setting, method, point, seed, eval_name))
+        self.schedules.append(schedule)
         acc = 0.9 if point.get("train.lr") == 3e-6 else 0.5
-        return _run(seed, {"p0": [1, 0], "p1": [int(seed % 2), 1]}, 0.1) | {"accuracy": acc}
+        r = _run(seed, {"p0": [1, 0], "p1": [int(seed % 2), 1]}, 0.1) | {"accuracy": acc}
+        if schedule:  # validation at each step: best at the second checkpoint for β 0.5
+            best = schedule["eval_steps"][1] if point.get("loss.beta") == 0.5 and len(schedule["eval_steps"]) > 1 \
+                else None
+            r["by_step"] = {str(s): {"accuracy": acc + (0.05 if s == best else 0.0)} for s in schedule["eval_steps"]}
+        return r
 
 
 @pytest.mark.parametrize("transfer", [False, True])
 def test_rm_setting_keeps_the_rule_grid_point_or_tunes_its_own(tmp_path, monkeypatch, transfer):
     monkeypatch.setattr(bench, "forward_logps", lambda *a, **k: {0: -1.0})
     args = type("A", (), {"out": tmp_path, "methods": "dpo,rao", "rm_methods": None, "report": False,
-                          "grid_points": 99, "seed_list": [1, 2], "bootstrap": 50})()
+                          "grid_points": 99, "seed_list": [1, 2], "bootstrap": 50, "steps": 12,
+                          "global_batch_groups": 8})()
     data = bench.write_jsonl(_groups(6), tmp_path / "train.jsonl")
     rule_runner = _FakeRunner()
     rule, _ = bench.run_setting(args, rule_runner, "rule", data, tmp_path / "v", tmp_path / "h", {})
@@ -98,7 +111,8 @@ def test_rm_setting_keeps_the_rule_grid_point_or_tunes_its_own(tmp_path, monkeyp
 def test_a_variant_trains_at_its_base_methods_point_without_a_grid(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "forward_logps", lambda *a, **k: {0: -1.0})
     args = type("A", (), {"out": tmp_path, "methods": None, "rm_methods": "rao,rao_fixed_logz", "report": False,
-                          "grid_points": 99, "seed_list": [1], "bootstrap": 50})()
+                          "grid_points": 99, "seed_list": [1], "bootstrap": 50, "steps": 12,
+                          "global_batch_groups": 8})()
     data = bench.write_jsonl(_groups(6), tmp_path / "train.jsonl")
     rule_runner = _FakeRunner()
     rule, _ = bench.run_setting(args, rule_runner, "rule", data, tmp_path / "v", tmp_path / "h", {})
@@ -136,3 +150,135 @@ def test_a_variant_trains_its_base_loss_with_its_overrides(tmp_path, monkeypatch
         runner.run(setting="rm", method="rao_fixed_logz", point={**bench.GRIDS["rao"][0], "loss.prefix_consistency": False}, seed=1, data=data,
                    eval_name="heldout", eval_prompts=data, probe=None)
     assert "loss.name=rao" in commands[0] and "loss.prefix_consistency=False" in commands[0]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# seed-level intervals (#29)
+# ------------------------------------------------------------------------------------------------------------
+
+def test_two_level_bootstrap_is_wider_than_prompts_alone_when_seeds_disagree():
+    # seed 1 answers every prompt right, seed 2 every prompt wrong: averaged over the seeds every prompt is at
+    # 0.5, so resampling prompts alone gives [0.5, 0.5]; resampling the seeds first gives 0, 0.5 or 1 with
+    # probabilities 1/4, 1/2, 1/4
+    cells = {"m": {1: {"p0": 1.0, "p1": 1.0, "p2": 1.0}, 2: {"p0": 0.0, "p1": 0.0, "p2": 0.0}}}
+    prompt_only = bench.bootstrap({"m": {"p0": 0.5, "p1": 0.5, "p2": 0.5}}, 400, seed=0)["m"]
+    assert bench.interval(prompt_only) == pytest.approx((0.5, 0.5))
+    for nested in (False, True):
+        draws = bench.two_level_bootstrap(cells, 400, seed=0, nested=nested)["m"]
+        assert set(draws) == {0.0, 0.5, 1.0}
+        assert draws.count(0.5) / 400 == pytest.approx(0.5, abs=0.1)
+        assert bench.interval(draws) == (0.0, 1.0)
+
+
+def test_two_level_bootstrap_by_hand_two_seeds_three_prompts():
+    a = {1: {"p0": 1.0, "p1": 0.0, "p2": 0.5}, 2: {"p0": 0.5, "p1": 0.0, "p2": 1.0}}
+    b = {s: {i: x - 0.25 for i, x in v.items()} for s, v in a.items()}  # 0.25 behind on every seed and prompt
+    draws = bench.two_level_bootstrap({"a": a, "b": b}, 50, seed=3)
+    assert [x - y for x, y in zip(draws["a"], draws["b"])] == pytest.approx([0.25] * 50)  # paired: same draws
+    # one replicate by hand, from the same random stream: two seeds drawn, then one resample of the three
+    # prompts that every drawn seed shares (seeds and prompts are crossed here)
+    rng = bench.random.Random(3)
+    seeds = [[1, 2][rng.randrange(2)] for _ in range(2)]
+    prompts = [["p0", "p1", "p2"][rng.randrange(3)] for _ in range(3)]
+    assert draws["a"][0] == pytest.approx(sum(a[s][p] for s in seeds for p in prompts) / 6)
+    # nested: a resample of the prompts for each drawn seed
+    nested = bench.two_level_bootstrap({"a": a}, 1, seed=3, nested=True)["a"][0]
+    rng = bench.random.Random(3)
+    seeds = [[1, 2][rng.randrange(2)] for _ in range(2)]
+    picks = [(s, [["p0", "p1", "p2"][rng.randrange(3)] for _ in range(3)]) for s in seeds]
+    assert nested == pytest.approx(sum(a[s][p] for s, ps in picks for p in ps) / 6)
+    with pytest.raises(ValueError, match="other seeds"):
+        bench.two_level_bootstrap({"a": a, "b": {1: a[1]}}, 10, seed=0)
+
+
+def test_paired_t_interval_over_seeds_by_hand():
+    # three seeds, RAO − DPO per seed 0.00, +0.10, +0.20: mean 0.10, sd 0.10, t(2) = 4.303
+    ids = ["p0", "p1", "p2"]
+    dpo = {1: [0, 0], 2: [0, 0], 3: [0, 0]}          # every answer wrong
+    rao = {1: [0, 0], 2: [1, 0], 3: [1, 1]}          # right on p0 only: seed accuracy 0, 1/6, 1/3
+    finals = {"dpo": [_run(s, {i: v if i == "p0" else [0, 0] for i in ids}, 0.1) for s, v in dpo.items()],
+              "rao": [_run(s, {i: v if i == "p0" else [0, 0] for i in ids}, 0.1) for s, v in rao.items()]}
+    tuned = {m: {"point": {}, "validation": 0.5, "tuned_in": "rule"} for m in finals}
+    s = bench.summarise("rule", finals, tuned, {"dpo": 1, "rao": 1}, reps=200)
+    d = s["methods"]["dpo"]["rao_minus_this"]
+    assert d["per_seed"] == pytest.approx([0.0, 1 / 6, 1 / 3])
+    mean, sd = 1 / 6, 1 / 6                          # per-seed differences 0, 1/6, 1/3
+    half = 4.303 * sd / math.sqrt(3)
+    assert d["ci_t"] == pytest.approx([mean - half, mean + half])
+    assert s["methods"]["rao"]["ci_t"] == pytest.approx([mean - half, mean + half])  # DPO is at 0 on every seed
+    assert d["seeds_rao_ahead"] == 2 and d["seeds"] == [1, 2, 3]
+    assert bench.t_interval([0.3])[0] != bench.t_interval([0.3])[0]  # one seed: no interval (NaN)
+
+
+def test_metric_summary_keeps_log_z_trajectory_and_last_step():
+    records = [{"step": 1, "loss": 1.0, "log_z": 2.7, "tied_share": 0.25, "ranking_accuracy": float("nan")},
+               {"step": 2, "loss": 0.5, "log_z": 2.2, "tied_share": 0.5, "ranking_accuracy": 0.75},
+               {"eval/loss": 0.4}]  # not a training step
+    s = bench.metric_summary(records)
+    assert s == {"steps": 2, "log_z": [2.7, 2.2], "tied_share": [0.25, 0.5],
+                 "last": {"ranking_accuracy": 0.75, "tied_share": 0.5, "log_z": 2.2}}
+    assert bench.metric_summary([{"step": 1, "loss": 1.0, "ranking_accuracy": float("nan")}]) == \
+        {"steps": 1, "last": {"ranking_accuracy": None}}  # a pairwise loss: no log Z, NaN -> None
+
+
+def test_informative_visits_measured_dropped_or_expected():
+    kw = {"groups": 80, "differing": 54, "steps": 2, "batch": 8}
+    measured = {"metrics_summary": {"tied_share": [0.25, 0.5]}}
+    assert bench.informative_visits(measured, drops_tied=False, **kw) == (8 * 0.75 + 8 * 0.5, "measured")
+    assert bench.informative_visits({}, drops_tied=True, **kw) == (16.0, "all")
+    assert bench.informative_visits({}, drops_tied=False, **kw) == (pytest.approx(16 * 54 / 80), "expected")
+    config = {"resolved_config": {"train": {"steps": 12, "global_batch_groups": 8}}}  # the run's own schedule
+    assert bench.informative_visits(config, drops_tied=False, **kw)[0] == pytest.approx(96 * 54 / 80)
+    assert bench.drops_tied("dpo", {}) and not bench.drops_tied("rao", {})
+    assert bench.drops_tied("rao_drop_tied", bench.VARIANTS["rao_drop_tied"][1])
+
+
+def test_every_method_has_a_grid_of_the_same_size_in_every_setting():
+    for setting in bench.SETTING_METHODS:
+        sizes = {m: len(g) for m, g in bench.grids_of(setting).items()}
+        assert len(set(sizes.values())) == 1, (setting, sizes)
+    assert all(p["train.min_lr"] <= p["train.lr"] for g in bench.RM_K2_GRIDS.values() for p in g)
+
+
+def test_best_worst_keeps_two_answers_and_their_scores():
+    groups = [{"id": "a", "prompt": "q", "responses": ["w", "x", "y", "z"], "rewards": [0.3, -1.5, 2.0, 2.0]},
+              {"id": "b", "prompt": "q", "responses": ["w", "x"], "rewards": [1.0, 1.0]},
+              {"id": "c", "prompt": "q", "responses": ["w"], "rewards": [1.0]}]
+    out = bench.best_worst(groups)
+    assert [(g["responses"], g["rewards"]) for g in out] == [(["y", "x"], [2.0, -1.5]), (["w", "x"], [1.0, 1.0])]
+    assert bench.k2_schedule(80, 8, 3) == {"steps": 30, "save_every": 10}
+
+
+def test_rm_k2_tunes_point_and_checkpoint_on_validation(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "forward_logps", lambda *a, **k: {0: -1.0})
+    args = type("A", (), {"out": tmp_path, "methods": "dpo,rao,rao_drop_tied", "rm_methods": None, "report": False,
+                          "grid_points": 99, "seed_list": [1, 2], "bootstrap": 50, "global_batch_groups": 2,
+                          "k2_epochs": 3, "steps": 12})()
+    data = bench.write_jsonl(bench.best_worst(_groups(6)), tmp_path / "k2.jsonl")
+    runner = _FakeRunner()
+    k2, _ = bench.run_setting(args, runner, "rm_k2", data, tmp_path / "v", tmp_path / "h", {})
+    grid = [(c, sch) for c, sch in zip(runner.calls, runner.schedules) if c[4] == "validation"]
+    assert len(grid) == 2 * len(bench.RM_K2_GRIDS["dpo"])  # its own grid, never the rule setting's
+    assert all(sch == {"steps": 9, "save_every": 3, "eval_steps": [3, 6, 9]} for _, sch in grid)
+    # dpo: β 0.5 at 3e-6 is best at its second checkpoint (0.55 > 0.5); the seeds are answered at that step
+    assert k2["grids"]["dpo"]["point"] == bench.RM_K2_GRIDS["dpo"][1] and k2["grids"]["dpo"]["eval_step"] == 6
+    heldout = [(c, sch) for c, sch in zip(runner.calls, runner.schedules) if c[4] == "heldout"]
+    assert {(c[1], sch["eval_steps"][0]) for c, sch in heldout if c[1] == "dpo"} == {("dpo", 6)}
+    assert k2["methods"]["dpo"]["eval_step"] == 6 and "step 6" in bench.table(k2)
+    # the variant drops tied groups: 4 of the 6 groups differ (the K2 cut keeps the all-wrong ones tied)
+    assert k2["methods"]["rao_drop_tied"]["groups_used"] == 4 and k2["methods"]["rao"]["groups_used"] == 6
+    assert k2["methods"]["rao_drop_tied"]["informative_visits"] == (18.0) and \
+        k2["methods"]["rao"]["informative_visits"] == pytest.approx(18 * 4 / 6)
+
+
+def test_a_method_with_fewer_seeds_is_compared_on_the_seeds_both_have():
+    ids = ["p0", "p1"]
+    rao = [_run(1, {i: [1, 0] for i in ids}, 0.1), _run(2, {i: [0, 0] for i in ids}, 0.1)]  # 0.5, then 0
+    half = [_run(1, {i: [1, 1] for i in ids}, 0.1)]                                           # seed 1 only: 1.0
+    finals = {"rao": rao, "rao_drop_tied": half}
+    tuned = {m: {"point": {}, "validation": 0.5, "tuned_in": "rule"} for m in finals}
+    s = bench.summarise("rule", finals, tuned, {"rao": 2, "rao_drop_tied": 1}, reps=100)
+    d = s["methods"]["rao_drop_tied"]["rao_minus_this"]
+    assert d["seeds"] == [1] and d["mean"] == pytest.approx(-0.5)  # seed 1: 0.5 − 1.0, not RAO's two-seed mean
+    assert d["ci_two_level"] == pytest.approx([-0.5, -0.5]) and d["ci"] == pytest.approx([-0.5, -0.5])
+    assert "(1 common seed)" in bench.table(s)
