@@ -243,8 +243,8 @@ def is_row_parallel(linear: torch.nn.Module) -> bool:
     raise ValueError(f"LoRA adapts Megatron's column/row-parallel linears, not {type(linear).__name__}")
 
 
-def _global_names(model: torch.nn.Module) -> Iterator[tuple[str, str, torch.nn.Module]]:
-    """``(local name, global name, linear)`` of every LoRA-capable linear: the global name carries the global
+def _global_names(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+    """``(global name, linear)`` of every LoRA-capable linear: the global name carries the global
     layer number (pipeline stages) and the global expert number (expert parallelism)."""
     decoder = getattr(model, "decoder", None)
     layers = getattr(decoder, "layers", [])
@@ -261,7 +261,7 @@ def _global_names(model: torch.nn.Module) -> Iterator[tuple[str, str, torch.nn.M
                 head, tail = sub.split("local_experts.", 1)
                 local, rest = tail.split(".", 1)
                 global_sub = f"{head}local_experts.{ep_rank * experts.num_local_experts + int(local)}.{rest}"
-            yield f"decoder.layers.{i}.{sub}", f"decoder.layers.{number}.{global_sub}", module
+            yield f"decoder.layers.{number}.{global_sub}", module
 
 
 def apply_lora(model: torch.nn.Module, spec: LoraSpec, *, seed: int = 0) -> int:
@@ -271,7 +271,7 @@ def apply_lora(model: torch.nn.Module, spec: LoraSpec, *, seed: int = 0) -> int:
     base is the caller's (:func:`freeze_base`).
     """
     count = 0
-    for _, global_name, linear in _global_names(model):
+    for global_name, linear in _global_names(model):
         leaf = global_name.rsplit(".", 1)[-1]
         if leaf not in spec.targets or (".experts." in global_name and not spec.experts):
             continue
@@ -337,13 +337,9 @@ def _init_adapter(adapter: LoraAdapter, global_name: str, seed: int) -> None:
 def adapters(model_or_chunks: Any) -> Iterator[tuple[str, LoraAdapter]]:
     """``(global name of the adapted linear, adapter)`` of every LoRA adapter in a model or its chunks."""
     for chunk in as_chunks(model_or_chunks):
-        for _, global_name, linear in _global_names(chunk):
+        for global_name, linear in _global_names(chunk):
             if isinstance(linear, _LoraLinear):
                 yield global_name, linear.lora
-
-
-def has_lora(model_or_chunks: Any) -> bool:
-    return next(adapters(model_or_chunks), None) is not None
 
 
 def freeze_base(model: torch.nn.Module, *, trainable: tuple[str, ...] = ()) -> None:
@@ -371,23 +367,30 @@ def is_adapter_key(key: str) -> bool:
     return ".lora." in f".{key}"
 
 
+def _remove_adapter(linear: torch.nn.Module) -> LoraAdapter:
+    """Take a linear's adapter off (its own class back); returns the adapter."""
+    adapter = linear.lora
+    del linear.lora
+    linear.__class__ = linear._lora_base_class
+    return adapter
+
+
 @contextlib.contextmanager
 def stashed_adapters(model_or_chunks: Any) -> Iterator[None]:
     """The model without its adapters inside the block; they are put back after it (whatever adapters were
     added or merged inside). Loading another LoRA checkpoint's adapters to merge them uses it."""
     stash = []
     for chunk in as_chunks(model_or_chunks):
-        for _, _, linear in list(_global_names(chunk)):
+        for _, linear in list(_global_names(chunk)):
             if isinstance(linear, _LoraLinear):
-                stash.append((linear, linear.lora, type(linear)))
-                del linear.lora
-                linear.__class__ = linear._lora_base_class
+                cls = type(linear)
+                stash.append((linear, _remove_adapter(linear), cls))
     try:
         yield
     finally:
         for linear, adapter, cls in stash:
             if isinstance(linear, _LoraLinear):
-                del linear.lora
+                _remove_adapter(linear)
             linear.__class__ = cls
             linear.lora = adapter
 
@@ -398,13 +401,11 @@ def merge_lora(model_or_chunks: Any) -> int:
     computes what the adapted one did. Returns how many were merged."""
     count = 0
     for chunk in as_chunks(model_or_chunks):
-        for _, _, linear in list(_global_names(chunk)):
+        for _, linear in list(_global_names(chunk)):
             if not isinstance(linear, _LoraLinear):
                 continue
-            delta = linear.lora.delta()
+            delta = _remove_adapter(linear).delta()
             linear.weight.add_(delta.to(linear.weight.dtype))
-            del linear.lora
-            linear.__class__ = linear._lora_base_class
             count += 1
     return count
 
