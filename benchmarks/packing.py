@@ -126,12 +126,13 @@ def worker(spec: dict) -> None:
     from rao_megatron.training.loop import Trainer
 
     torch.set_num_threads(spec["threads"])
-    cfg = load_config(CONFIG, spec["overrides"])
+    cfg = load_config(spec.get("config", CONFIG), spec["overrides"])
     trainer = Trainer(cfg)
     trainer.run()
     records = [json.loads(x) for x in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines() if x]
     timed = [r for r in records if r["step"] > spec["warmup"]]
-    print_result(records=[{k: r.get(k) for k in ("step", "loss", "step_time_s", "tokens_per_s", "packing_efficiency")}
+    print_result(records=[{k: r.get(k) for k in ("step", "loss", "step_time_s", "tokens_per_s", "packing_efficiency",
+                                                         "shared_prompt_ratio")}
                           for r in timed])
 
 
@@ -184,7 +185,8 @@ def main() -> int:
                       "train.warmup_steps=0", "train.lr=1e-5", "train.reference=cached",
                       "checkpoint.save_at_end=false", "checkpoint.save_every=0"]
             layouts = {"padded": ["data.packing=false"],
-                       "packed": ["data.packing=true", f"data.micro_batch_tokens={m['packed_rows'] * args.max_length}"]}
+                       "packed": ["data.packing=true", f"data.micro_batch_tokens={m['packed_rows'] * args.max_length}",
+                                  "data.shared_prompt=false"]}  # one prompt per response: benchmarks/shared_prompt.py
             print(f"\n=== {model}: {m['what']}\n    {m['groups']} groups x 4 responses per step, max_length "
                   f"{args.max_length}, {args.warmup} warm-up + {steps} timed steps, {repeats} run(s) per layout; "
                   f"mix: mean {stats['mean_tokens']:.0f} real tokens/sequence (median {stats['median_tokens']}, "

@@ -11,7 +11,7 @@ import numpy as np
 from torch import Tensor
 
 from .collate import collate_sequences, sequence_key
-from .packing import GroupTooLargeError, collate_packed, empty_packed, plan_micro_batches
+from .packing import GroupTooLargeError, collate_packed, empty_packed, layout_summary, plan_micro_batches
 from .tokenize import TokenizedGroup
 
 
@@ -38,6 +38,12 @@ class GroupBatcher:
     so the number of micro-batches follows the tokens, not the group count, and may differ between DP
     ranks (each rank's schedule runs its own; gradients meet once per step).
 
+    ``shared_prompt`` (packed only): each group of two or more responses is laid out as one unit, its prompt
+    once and then every response (:func:`~.packing.collate_packed`), in rows of ``shared_row_tokens`` tokens
+    (a multiple of ``seq_length``: the fewest rows of ``seq_length`` that hold the largest group as one unit,
+    at most a whole micro-batch), as many rows as keep a micro-batch's ``packed_rows x seq_length`` token
+    slots. The per-sequence tensors and their order do not change.
+
     ``equal_micro_batches`` (expert parallelism: the MoE token dispatcher runs collectives across DP ranks
     inside every forward, so a rank with one forward more would wait forever) gives every DP rank the same
     number of packed micro-batches in each step and eval pass: every rank plans every rank's share (lengths
@@ -49,7 +55,7 @@ class GroupBatcher:
                  groups_per_micro_batch: int, global_batch_groups: int, dp_rank: int = 0, dp_size: int = 1,
                  responses_per_group: int | None = None, seed: int = 0,
                  reference: ReferenceLookup | None = None, packing: bool = False,
-                 packed_rows: int | None = None, equal_micro_batches: bool = False):
+                 packed_rows: int | None = None, equal_micro_batches: bool = False, shared_prompt: bool = False):
         gpm, g, dp = groups_per_micro_batch, global_batch_groups, dp_size
         unit = dp if packing else dp * gpm
         if min(gpm, g, dp) < 1 or g % unit:
@@ -78,11 +84,17 @@ class GroupBatcher:
         self.packing = packing
         self.equal_micro_batches = equal_micro_batches  # padded layouts are equal on every rank already
         self.packed_rows = packed_rows or gpm * self.rows_per_group
+        self.row_tokens, self.rows = seq_length, self.packed_rows  # a packed micro-batch: rows x row_tokens
+        self.shared_prompt = bool(packing and shared_prompt)
+        if self.shared_prompt:
+            slots = self.packed_rows * seq_length
+            widest = max((self._unit_tokens(grp) for grp in self.groups if len(grp.responses) > 1), default=0)
+            self.row_tokens = min(max(1, math.ceil(widest / seq_length)), self.packed_rows) * seq_length
+            self.rows = slots // self.row_tokens
         if packing:  # refuse a group that can never fit, naming its row, before training starts
             for grp in self.groups:
                 try:
-                    plan_micro_batches([[len(grp.prompt_ids) + len(y) for y in grp.responses]],
-                                       rows=self.packed_rows, seq_length=seq_length)
+                    plan_micro_batches([self._unit_lengths(grp)], rows=self.rows, seq_length=self.row_tokens)
                 except GroupTooLargeError as e:
                     raise GroupTooLargeError(f"row {grp.row}: {str(e).split(': ', 1)[1]}") from None
         self.epoch, self.index = 0, 0
@@ -182,22 +194,56 @@ class GroupBatcher:
         columns = self._columns([])
         for key in ("prompts", "responses", "group_ids"):
             columns.pop(key)
-        return empty_packed(self.packed_rows, self.seq_length, self.pad_id, **columns)
+        return empty_packed(self.rows, self.row_tokens, self.pad_id, **columns)
+
+    def layout_line(self) -> str:
+        """The start-up report's line on how the micro-batches are laid out (:func:`~.packing.layout_summary`),
+        with the shared prompts' saving."""
+        line = layout_summary([[len(g.prompt_ids) + len(y) for y in g.responses] for g in self.groups],
+                              seq_length=self.seq_length, rows=self.packed_rows, packing=self.packing)
+        if not self.shared_prompt:
+            return line
+        shared = [g for g in self.groups if self._is_shared(g)]
+        tokens = sum(len(g.prompt_ids) * len(g.responses) + sum(map(len, g.responses)) for g in shared)
+        placed = sum(self._unit_tokens(g) for g in shared)
+        return (f"{line}; shared prompt: {len(shared)} of {len(self.groups)} groups hold their prompt once "
+                f"(rows of {self.row_tokens} tokens, {self.rows} per micro-batch; "
+                f"{tokens / max(placed, 1):.2f}x fewer tokens than one prompt per response)")
+
+    @staticmethod
+    def _unit_tokens(grp: TokenizedGroup) -> int:
+        """A group's tokens in the shared-prompt layout: the prompt once, then every response."""
+        return len(grp.prompt_ids) + sum(len(y) for y in grp.responses)
+
+    def _is_shared(self, grp: TokenizedGroup) -> bool:
+        return self.shared_prompt and len(grp.responses) > 1 and self._unit_tokens(grp) <= self.row_tokens
+
+    def _unit_lengths(self, grp: TokenizedGroup) -> list[int]:
+        """What packing places of a group: one shared unit, or each sequence."""
+        if self._is_shared(grp):
+            return [self._unit_tokens(grp)]
+        return [len(grp.prompt_ids) + len(y) for y in grp.responses]
 
     def _plan(self, indices: list[int]) -> list[list[list[tuple[int, int]]]]:
-        """Packed micro-batches of the groups ``indices``: rows of (position in ``indices``, response)."""
-        lengths = [[len(self.groups[i].prompt_ids) + len(y) for y in self.groups[i].responses] for i in indices]
-        return plan_micro_batches(lengths, rows=self.packed_rows, seq_length=self.seq_length)
+        """Packed micro-batches of the groups ``indices``: rows of (position in ``indices``, response), where a
+        shared group's one unit is response 0."""
+        lengths = [self._unit_lengths(self.groups[i]) for i in indices]
+        return plan_micro_batches(lengths, rows=self.rows, seq_length=self.row_tokens)
 
     def _collate_packed(self, indices: list[int], plan: list[list[tuple[int, int]]]) -> dict[str, Tensor]:
         """One packed micro-batch of ``plan`` (from :meth:`_plan` over ``indices``)."""
+        def members(g: int, j: int) -> list[tuple[int, int]]:
+            grp = self.groups[indices[g]]
+            return [(g, k) for k in range(len(grp.responses))] if self._is_shared(grp) else [(g, j)]
+
         # the columns in data order (groups whole, responses as given: pairs without rewards are chosen-first)
-        sequences = sorted((g, j) for row in plan for g, j in row)
+        sequences = sorted(gk for row in plan for g, j in row for gk in members(g, j))
         number = {gj: n for n, gj in enumerate(sequences)}
         columns = self._columns([(indices[g], j) for g, j in sequences])
-        placement = [[number[gj] for gj in row] for row in plan]
+        placement = [[tuple(number[gk] for gk in members(g, j)) if self._is_shared(self.groups[indices[g]])
+                      else number[(g, j)] for g, j in row] for row in plan]
         prompts, responses, gids = columns.pop("prompts"), columns.pop("responses"), columns.pop("group_ids")
-        return collate_packed(prompts, responses, placement=placement, seq_length=self.seq_length,
+        return collate_packed(prompts, responses, placement=placement, seq_length=self.row_tokens,
                               pad_id=self.pad_id, group_ids=gids, **columns)
 
     def _columns(self, sequences: list[tuple[int, int]]) -> dict[str, list | None]:

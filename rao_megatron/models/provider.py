@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -45,6 +47,52 @@ def layer_spec(config: TransformerConfig, use_te: bool | None = None) -> Any:
 def uses_thd(model: torch.nn.Module) -> bool:
     """Whether packed micro-batches run this model as one THD sequence (it was built with the TE spec)."""
     return bool(getattr(unwrap_model(model), "built_with_te", False))
+
+
+@contextlib.contextmanager
+def rope_at_positions(model: torch.nn.Module, position_ids: torch.Tensor) -> Iterator[None]:
+    """Inside the block, ``model``'s rotary embedding rotates each token by its own ``position_ids[B, S]``
+    instead of its place in the row.
+
+    ``GPTModel`` builds RoPE from the row length alone (``rotary_pos_emb(seq_len)``: token t at position t) and
+    reads ``position_ids`` only for learned position embeddings. That is exact for rows that hold whole
+    sequences one after another (RoPE sees only distances within a sequence), not for the shared-prompt layout
+    (``data.packing``), where every response of a group follows the prompt at the same positions although the
+    responses sit one after another in the row. The frequencies are the module's own ``inv_freq`` (Llama-3
+    scaling already applied at build time) and its interpolation factor, laid out as ``RotaryEmbedding.get_emb``
+    lays them (halves or interleaved), one row per batch entry: ``[S, B, 1, D]``, which Megatron's unfused
+    ``apply_rotary_pos_emb`` broadcasts over the heads (the CPU's local spec; TE's fused RoPE is not used there).
+    A pipeline stage without the rotary module (none, or learned positions) needs nothing.
+    """
+    bare = unwrap_model(model)
+    rotary = getattr(bare, "rotary_pos_emb", None)
+    if rotary is None or getattr(bare, "position_embedding_type", "rope") != "rope":
+        if rotary is not None:
+            raise ValueError(f"per-token RoPE positions support position_embedding_type 'rope', not "
+                             f"{bare.position_embedding_type!r}")
+        yield
+        return
+    if getattr(bare.config, "apply_rope_fusion", False):
+        raise ValueError("per-token RoPE positions need the unfused RoPE (apply_rope_fusion=false: the local spec)")
+    inv_freq = rotary.inv_freq.to(position_ids.device)
+    positions = position_ids.t().to(inv_freq.dtype)  # [S, B]
+    if rotary.seq_len_interpolation_factor is not None:
+        positions = positions * (1 / rotary.seq_len_interpolation_factor)  # as get_freqs_non_repeated
+    freqs = positions[..., None] * inv_freq  # [S, B, D/2]
+    if rotary.rotary_interleaved:
+        emb = torch.stack((freqs, freqs), dim=-1).reshape(*freqs.shape[:2], -1)
+    else:
+        emb = torch.cat((freqs, freqs), dim=-1)
+    emb = emb[:, :, None, :]
+
+    def at_positions(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return emb
+
+    rotary.forward = at_positions  # the instance attribute shadows the class's (cached) forward
+    try:
+        yield
+    finally:
+        del rotary.forward
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -15,7 +15,7 @@ from megatron.core.distributed import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
-from rao_megatron.data.packing import is_packed
+from rao_megatron.data.packing import is_packed, padding_like
 from rao_megatron.models.hf_config import ModelArch
 from rao_megatron.models.lora import LoraSpec, apply_lora, freeze_base
 from rao_megatron.models.provider import build_gpt_model, enable_hidden_state_output, uses_thd
@@ -143,7 +143,12 @@ def forward_backward(chunks: Sequence[torch.nn.Module] | torch.nn.Module, step: 
     chunks = list(chunks) if isinstance(chunks, (list, tuple)) else [chunks]  # keep the DDP wrappers
     if not microbatches:
         raise ValueError("no micro-batches to run")
-    microbatches = to_device(list(microbatches))  # no copy for batches already there
+    given = len(microbatches)
+    # the interleaved schedule runs micro-batches in groups of PP per virtual stage: a step that packs into
+    # fewer (short data, shared prompts) gets all-padding ones, which the loss skips
+    short = ps.get_pipeline_model_parallel_world_size() - given if len(chunks) > 1 else 0
+    microbatches = list(microbatches) + [padding_like(microbatches[0]) for _ in range(max(short, 0))]
+    microbatches = to_device(microbatches)  # no copy for batches already there
     rows, seq_length = microbatches[0]["tokens"].shape
     for i, mb in enumerate(microbatches):
         if tuple(mb["tokens"].shape) != (rows, seq_length):
@@ -164,11 +169,11 @@ def forward_backward(chunks: Sequence[torch.nn.Module] | torch.nn.Module, step: 
             num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=rows,
             decoder_seq_length=seq_length, forward_only=forward_only)
     if len(outputs) != len(order):  # not the last pipeline stage: no outputs
-        return outputs
+        return outputs[:given]
     restored: list[Any] = [None] * len(outputs)
     for position, i in enumerate(order):
         restored[i] = outputs[position]
-    return restored
+    return restored[:given]
 
 
 def empty_first(microbatches: Sequence[dict[str, Tensor]]) -> list[int]:

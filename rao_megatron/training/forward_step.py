@@ -42,7 +42,7 @@ from rao_megatron.data.packing import is_packed, packed_attention_mask
 from rao_megatron.logprobs import vocab_parallel_logprobs
 from rao_megatron.losses import BoundLoss, SequenceStats
 from rao_megatron.losses.groups import make_groups, preference_pairs
-from rao_megatron.models.provider import output_weight, unwrap_model, uses_thd
+from rao_megatron.models.provider import output_weight, rope_at_positions, unwrap_model, uses_thd
 from rao_megatron.models.reward import reward_scores
 from rao_megatron.parallel.compat import gpt_forward_takes_padding_mask
 
@@ -96,23 +96,34 @@ def position_sums(model: torch.nn.Module, hidden: Tensor, batch: dict[str, Tenso
     sync, and in backward only the gathered rows get a gradient.
     """
     b, s, _ = hidden.shape
-    response = loss_positions(batch, "response")
-    index = torch.cat([loss_positions(batch, "prompt"), response]) if prompts else response
-    split = index.shape[0] - response.shape[0]  # shapes, known on the host
+    parts = [_entries(batch, "prompt"), _entries(batch, "response")] if prompts else [_entries(batch, "response")]
+    index, targets, sequence = (torch.cat(column) for column in zip(*parts))
+    split = index.shape[0] - parts[-1][0].shape[0]  # shapes, known on the host
     if index.numel() == 0:  # an all-padding micro-batch: nothing reaches the output layer
         logps = hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
     else:  # flat indices: the same rows whether hidden is [rows, S, H] or one THD sequence [1, rows·S, H]
-        logps = head_logprobs(model, hidden.reshape(b * s, -1)[index], batch["labels"].reshape(-1)[index],
-                              vocab_size=vocab_size, settings=settings)
-    if is_packed(batch):
-        n, sequence = batch["lengths"].shape[0], batch["segment_ids"].reshape(-1)[index]
-    else:
-        n, sequence = batch["labels"].shape[0], index // batch["labels"].shape[1]
+        logps = head_logprobs(model, hidden.reshape(b * s, -1)[index], targets, vocab_size=vocab_size,
+                              settings=settings)
+    n = batch["lengths"].shape[0] if is_packed(batch) else batch["labels"].shape[0]
 
     def per_sequence(lo: int, hi: int) -> Tensor:
         return logps.new_zeros(n).index_add(0, sequence[lo:hi], logps[lo:hi])
 
-    return (per_sequence(0, split) if prompts else None), per_sequence(split, index.shape[0])
+    prompt = None
+    if prompts:  # a shared prompt's entries count for its group's first sequence; every member reads them
+        prompt = per_sequence(0, split)
+        prompt = prompt[batch["prompt_source"]] if "prompt_source" in batch else prompt
+    return prompt, per_sequence(split, index.shape[0])
+
+
+def _entries(batch: dict[str, Tensor], part: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(flat positions, target tokens, sequence numbers)`` of the ``part`` loss entries: a packed batch lists
+    all three (:func:`~rao_megatron.data.packing.collate_packed`); a padded one its positions, the targets
+    and sequences following from the labels and the row."""
+    positions = loss_positions(batch, part)
+    if f"{part}_targets" in batch:
+        return positions, batch[f"{part}_targets"], batch[f"{part}_sequences"]
+    return positions, batch["labels"].reshape(-1)[positions], positions // batch["labels"].shape[1]
 
 
 def sequence_sums(token_logps: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -203,6 +214,9 @@ def _forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
     if not is_packed(batch):
         return model(batch["tokens"], batch["position_ids"], None, **_moe_padding_kwargs(model, batch, False))
     if uses_thd(model):
+        if batch.get("shared_prompts"):
+            raise ValueError("the shared-prompt layout needs an attention mask, which Transformer Engine's THD "
+                             "attention does not take; set data.shared_prompt=false")
         rows, seq_length = batch["tokens"].shape
         cu, longest = batch["cu_seqlens"], int(batch["max_seqlen"])
         params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
@@ -211,8 +225,11 @@ def _forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
                     packed_seq_params=params, **_moe_padding_kwargs(model, batch, True))
         # the last stage returns [1, rows * seq_length, *]; earlier stages hand their activations on as they are
         return out.reshape(rows, seq_length, *out.shape[2:]) if unwrap_model(model).post_process else out
-    return model(batch["tokens"], batch["position_ids"], packed_attention_mask(batch["segment_ids"]),
-                 **_moe_padding_kwargs(model, batch, False))
+    mask = packed_attention_mask(batch["segment_ids"], batch.get("prefix_ids"))
+    if not batch.get("shared_prompts"):
+        return model(batch["tokens"], batch["position_ids"], mask, **_moe_padding_kwargs(model, batch, False))
+    with rope_at_positions(model, batch["position_ids"]):  # a response's positions continue from its prompt
+        return model(batch["tokens"], batch["position_ids"], mask, **_moe_padding_kwargs(model, batch, False))
 
 
 @dataclass
@@ -243,6 +260,9 @@ def _logp_sums(model: torch.nn.Module, hidden: Tensor, batch: dict[str, Tensor],
     output layer: on the loss positions only (:func:`position_sums`), or with ``all_positions`` on every
     position, masked after (the path before #31; it computes P(x) whatever ``prompts``)."""
     model = unwrap_model(model)
+    if all_positions and batch.get("shared_prompts"):
+        raise ValueError("all_positions reads per-position masks, which a shared prompt's last token (predicting "
+                         "every response's first) does not fit; use the loss positions")
     if all_positions:
         lp = token_logprobs(model, hidden, batch["labels"], vocab_size=vocab_size, settings=settings)
         return sequence_sums(lp, batch)

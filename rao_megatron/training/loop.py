@@ -16,7 +16,6 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from tqdm import tqdm
 
 from rao_megatron.config import Config, dump_config
-from rao_megatron.data.packing import layout_summary
 from rao_megatron.data.tokenizer import pad_id
 from rao_megatron.losses import get_loss
 from rao_megatron.models.checkpoint import resolve_checkpoint
@@ -233,7 +232,8 @@ class Trainer:
     def _build_batchers(self) -> None:
         self.train_batcher, self.eval_batcher = run_data.build_batchers(
             self.cfg, self.groups, pad_id=pad_id(self.tokenizer), dp_rank=ps.get_data_parallel_rank(),
-            dp_size=ps.get_data_parallel_world_size(), references=self._reference_caches())
+            dp_size=ps.get_data_parallel_world_size(), references=self._reference_caches(),
+            moe=self.arch.moe is not None)
 
     def _loss_step(self, normalizer: float) -> Any:
         if self.cfg.train.task == "rm":
@@ -262,7 +262,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()
         host = self.train_batcher.next_step()
         normalizer = global_normalizer(self.loss, host)  # from the host copies: no device sync
-        tokens, slots = count_tokens(host)
+        tokens, filled, slots = count_tokens(host)
         microbatches = to_device(host)
         self._prepare(microbatches)
         for c in self.chunks:
@@ -296,7 +296,8 @@ class Trainer:
                                      "train.max_bad_steps")
         elapsed = time.perf_counter() - start
         record.update(lr=lr, tokens_per_s=tokens / elapsed, step_time_s=elapsed, skipped_steps=self.skipped_steps,
-                      packing_efficiency=tokens / slots)
+                      packing_efficiency=filled / slots,
+                      shared_prompt_ratio=tokens / filled)
         if cuda:
             record["gpu_max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if finite:
@@ -340,9 +341,7 @@ class Trainer:
             startup.log0(self.groups.report.summary())
             if self.groups.heldout_report is not None:
                 startup.log0(self.groups.heldout_report.summary())
-            b = self.train_batcher
-            startup.log0(layout_summary([[len(g.prompt_ids) + len(y) for y in g.responses] for g in b.groups],
-                                        seq_length=b.seq_length, rows=b.packed_rows, packing=b.packing))
+            startup.log0(self.train_batcher.layout_line())
             startup.log0(f"{len(self.groups.train)} training groups, {len(self.groups.heldout)} held out; "
                        f"reference log-probs: {self._reference_mode()}")
             for line in preflight.calibration_lines(self.loss, self.groups):

@@ -134,15 +134,20 @@ def global_normalizer(loss: Any, microbatches: Sequence[dict[str, torch.Tensor]]
     return total
 
 
-def count_tokens(microbatches: Sequence[dict[str, torch.Tensor]]) -> tuple[int, int]:
-    """``(real tokens, token slots)`` of this step over all DP ranks (host-side batches: no device sync).
+def count_tokens(microbatches: Sequence[dict[str, torch.Tensor]]) -> tuple[int, int, int]:
+    """``(sequence tokens, filled slots, token slots)`` of this step over all DP ranks (host-side batches: no
+    device sync). Sequence tokens count each sequence's prompt and response (``tokens_per_s``); filled slots
+    the micro-batches' places that hold a token, which a shared prompt fills once for its whole group.
 
-    Their ratio is ``packing_efficiency``: the share of the micro-batches' ``rows x seq_length`` that holds data.
+    ``filled / slots`` is ``packing_efficiency``: the share of the micro-batches' ``rows x seq_length`` that
+    holds data.
     """
     real = sum(int(mb["seq_lengths"][mb["group_ids"] != PAD_GROUP].sum()) for mb in microbatches)
+    filled = sum(int((mb["segment_ids"] >= 0).sum()) if "segment_ids" in mb else
+                 int(mb["seq_lengths"][mb["group_ids"] != PAD_GROUP].sum()) for mb in microbatches)
     slots = sum(int(mb["tokens"].numel()) for mb in microbatches)
-    total_real, total_slots = sum_over_data([real, slots])
-    return int(total_real), int(total_slots)
+    total_real, total_filled, total_slots = sum_over_data([real, filled, slots])
+    return int(total_real), int(total_filled), int(total_slots)
 
 
 def step_loss(outputs: list[dict[str, Any]]) -> float:

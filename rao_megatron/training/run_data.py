@@ -19,6 +19,7 @@ from rao_megatron.data.token_store import read_store, store_key, write_store
 from rao_megatron.data.tokenize import check_special_tokens
 from rao_megatron.data.tokenizer import load_tokenizer, template_roles
 from rao_megatron.models.checkpoint import checkpoint_tokenizer
+from rao_megatron.parallel.device import transformer_engine_on_cuda
 from rao_megatron.parallel.startup import is_rank0, log0
 from rao_megatron.training.forward_step import LogprobSettings
 from rao_megatron.training.model_init import model_dir
@@ -183,20 +184,44 @@ def load_groups(cfg: Config, tokenizer: Any, spec: Any) -> RunGroups:
     return run
 
 
-def packing_settings(cfg: Config) -> dict[str, Any]:
-    """The batcher's packing arguments from ``data.packing`` / ``data.micro_batch_tokens`` and the layout.
+def packing_settings(cfg: Config, *, moe: bool = False) -> dict[str, Any]:
+    """The batcher's packing arguments from ``data.packing`` / ``data.micro_batch_tokens`` /
+    ``data.shared_prompt`` and the layout (``moe``: the model routes tokens to experts).
 
     Under expert parallelism every DP rank runs the same number of packed micro-batches (the MoE token
     dispatcher's collectives span DP ranks); the trainer, its step-0 check and ``precompute_reference``
     all build their batchers from here, so none of them can leave it out.
     """
     rows = cfg.data.micro_batch_tokens // cfg.data.max_length if cfg.data.micro_batch_tokens else None
-    return {"packing": cfg.data.packing, "packed_rows": rows, "equal_micro_batches": cfg.parallel.ep > 1}
+    return {"packing": cfg.data.packing, "packed_rows": rows, "equal_micro_batches": cfg.parallel.ep > 1,
+            "shared_prompt": shared_prompt(cfg, moe=moe)}
+
+
+def shared_prompt(cfg: Config, *, moe: bool = False) -> bool:
+    """Whether packed groups hold their prompt once (``data.shared_prompt``; None: where that is exact).
+
+    It needs an attention mask (each response sees its prompt and itself): the local spec takes one (the
+    CPU, or CUDA without Transformer Engine); TE's THD attention takes boundaries only, so under TE a group
+    runs one prompt per response -- FlexAttention could take the mask, but it is not among the attention
+    backends Megatron-Core's TE spec can run, and the unfused path would give back the time the prompt saves.
+    An MoE model's load-balancing statistics count each prompt token once instead of once per response, so
+    there the default stays off (true is taken: the log-probs are the same, the auxiliary loss is not).
+    """
+    asked = cfg.data.shared_prompt
+    if not cfg.data.packing:
+        return False
+    if transformer_engine_on_cuda():
+        if asked:
+            raise ConfigError("config key 'data.shared_prompt': the shared-prompt layout needs an attention mask, "
+                              "and Transformer Engine's packed (THD) attention takes none; leave it unset (one "
+                              "prompt per response on CUDA) or set data.packing=false")
+        return False
+    return (not moe) if asked is None else bool(asked)
 
 
 def group_batcher(cfg: Config, groups: Sequence[Any], *, source: str, pad_id: int, dp_rank: int, dp_size: int,
                   global_batch_groups: int | None = None, responses_per_group: int | None = None,
-                  reference: Any = None) -> GroupBatcher:
+                  reference: Any = None, moe: bool = False) -> GroupBatcher:
     """A batcher of ``groups`` (from the data file ``source``, which an error names) laid out as the config
     says: ``data.max_length``, ``data.groups_per_micro_batch``, ``data.seed`` and :func:`packing_settings`.
 
@@ -211,7 +236,7 @@ def group_batcher(cfg: Config, groups: Sequence[Any], *, source: str, pad_id: in
         return GroupBatcher(groups, seq_length=cfg.data.max_length, pad_id=pad_id, groups_per_micro_batch=gpm,
                             global_batch_groups=step, dp_rank=dp_rank, dp_size=dp_size,
                             responses_per_group=responses_per_group, seed=cfg.data.seed, reference=reference,
-                            **packing_settings(cfg))
+                            **packing_settings(cfg, moe=moe))
     except GroupTooLargeError as e:
         raise ConfigError(f"{source}: {e}") from None
     except ValueError as e:
@@ -219,13 +244,14 @@ def group_batcher(cfg: Config, groups: Sequence[Any], *, source: str, pad_id: in
 
 
 def build_batchers(cfg: Config, groups: RunGroups, *, pad_id: int, dp_rank: int, dp_size: int,
-                   references: tuple[Any, Any] = (None, None)) -> tuple[GroupBatcher, GroupBatcher | None]:
+                   references: tuple[Any, Any] = (None, None),
+                   moe: bool = False) -> tuple[GroupBatcher, GroupBatcher | None]:
     """The trainer's ``(training stream, held-out pass or None)`` on this DP rank, with the reference caches
     ``(training, held-out)`` (None: on the fly or not needed). Both lay out as many rows per group as the
     largest group of either has; the held-out pass is :func:`group_batcher`'s (the one ``precompute_reference``
     runs over each file)."""
     k = max(len(x.responses) for x in groups.train + groups.heldout)
-    common: dict[str, Any] = dict(pad_id=pad_id, dp_rank=dp_rank, dp_size=dp_size, responses_per_group=k)
+    common: dict[str, Any] = dict(pad_id=pad_id, dp_rank=dp_rank, dp_size=dp_size, responses_per_group=k, moe=moe)
     heldout_source = cfg.data.eval_path or cfg.data.train_path
     train = group_batcher(cfg, groups.train, source=cfg.data.train_path,
                           global_batch_groups=cfg.train.global_batch_groups, reference=references[0], **common)

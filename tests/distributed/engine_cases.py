@@ -49,9 +49,10 @@ def synthetic_groups(num_groups: int, k: int, seed: int = 0, max_response: int |
 
 
 def microbatches(groups: list[dict[str, Any]], groups_per_mb: int, packed: bool = False,
-                 rows: int | None = None) -> list[dict[str, torch.Tensor]]:
+                 rows: int | None = None, shared: bool = False) -> list[dict[str, torch.Tensor]]:
     """Whole groups in fixed-shape micro-batches: one sequence per row (padded), or packed into ``rows`` rows
-    (default: one more row than the largest chunk's tokens need, so most rows hold several sequences)."""
+    (default: one more row than the largest chunk's tokens need, so most rows hold several sequences);
+    ``shared`` (packed): each group's prompt once and then its responses, in rows of 3 x SEQ tokens."""
     from rao_megatron.data import collate_sequences, sequence_key
     from rao_megatron.data.packing import collate_packed, plan_micro_batches
 
@@ -74,6 +75,14 @@ def microbatches(groups: list[dict[str, Any]], groups_per_mb: int, packed: bool 
                        seq_keys=[sequence_key(x, y) for x, y in zip(prompts, responses)])
         if not packed:
             out.append(collate_sequences(prompts, responses, seq_length=SEQ, pad_id=0, group_ids=gids, **columns))
+            continue
+        if shared:
+            lengths = [[len(g["prompt"]) + sum(map(len, g["responses"]))] for g in chunk]
+            for plan in plan_micro_batches(lengths, rows=2, seq_length=3 * SEQ):
+                placement = [[tuple(where[c, j] for j in range(len(chunk[c]["responses"]))) for c, _ in row]
+                             for row in plan]
+                out.append(collate_packed(prompts, responses, placement=placement, seq_length=3 * SEQ, pad_id=0,
+                                          group_ids=gids, **columns))
             continue
         lengths = [[len(g["prompt"]) + len(y) for y in g["responses"]] for g in chunk]
         for plan in plan_micro_batches(lengths, rows=rows, seq_length=SEQ):

@@ -58,7 +58,7 @@ def _counts(data: Path, tmp_path: Path) -> dict[str, list[int]]:
     cfg = load_config(CONFIG, _overrides(data, tmp_path / "unused"))
     groups = run_data.load_groups(cfg, run_data.load_run_tokenizer(cfg), cfg.loss.build().spec)
     assert (len(groups.train), len(groups.heldout)) == (TRAIN_GROUPS, 5)
-    settings = {k: v for k, v in run_data.packing_settings(cfg).items() if k != "equal_micro_batches"}
+    settings = {k: v for k, v in run_data.packing_settings(cfg, moe=True).items() if k != "equal_micro_batches"}
 
     def ranks(part: list, global_batch: int) -> list[GroupBatcher]:
         return [GroupBatcher(part, seq_length=cfg.data.max_length, pad_id=0, groups_per_micro_batch=1,

@@ -196,6 +196,27 @@ def test_packed_and_padded_runs_train_the_same(tmp_path):
     assert_same_losses(packed, padded, "packed vs padded")
 
 
+def test_shared_prompt_runs_train_like_one_prompt_per_response_and_share_the_cache(tmp_path):
+    # the whole pipeline with each group's prompt held once (data.shared_prompt, on by default on the CPU) vs
+    # one prompt per response: the same loss curve; and a reference cache made in one layout serves the other
+    # (the step-0 check compares it with the policy's own log-probs)
+    data = tmp_path / "groups.jsonl"
+    data.write_text(Path(DATA).read_text())
+    common = ["train.steps=3", "checkpoint.save_at_end=false", f"data.train_path={data}"]
+    cache = tmp_path / "unshared.safetensors"
+    run_distributed(run_cli_worker, 1, "rao_megatron.cli.precompute_reference",
+                    ["--config", CONFIG, *common, "data.shared_prompt=false", f"data.reference_cache={cache}",
+                     f"train.output_dir={tmp_path / 'pre'}"])
+    shared = records(train(tmp_path, "shared", *common, "train.reference=cached", f"data.reference_cache={cache}",
+                           data=str(data)))
+    unshared = records(train(tmp_path, "unshared", *common, "train.reference=on_the_fly", "data.shared_prompt=false",
+                             data=str(data)))
+    assert_same_losses([r["loss"] for r in shared], [r["loss"] for r in unshared], "shared vs unshared prompts")
+    # K = 4 responses per group: a shared prompt stands for four
+    assert all(r["shared_prompt_ratio"] > 1.5 for r in shared), shared
+    assert all(r["shared_prompt_ratio"] == 1.0 for r in unshared), unshared
+
+
 def test_data_is_tokenized_once_into_a_shared_store(tmp_path):
     # DP2: rank 0 builds the store, both ranks train from the memory-mapped arrays; a rerun reuses it and
     # changed data gets a store of its own

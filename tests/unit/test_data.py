@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -573,3 +574,39 @@ def test_drop_tied_for_any_loss_and_refused_where_pairs_need_it(tmp_path):
     assert kept("dpo")[0] == [1] == kept("dpo", "data.drop_tied=true")[0]
     with pytest.raises(ConfigError, match="'data.drop_tied'.*trains on pairs"):
         kept("dpo", "data.drop_tied=false")
+
+
+def test_shared_prompt_batches_hold_the_same_sequences_in_fewer_slots():
+    """GroupBatcher with ``shared_prompt``: every step holds the same sequences, each with the
+    same per-sequence columns, as one prompt per response; each group of two or more responses is one unit
+    (its prompt once) in rows of the fewest multiples of seq_length that hold the largest group; a
+    single-response group is not shared."""
+    from rao_megatron.data.tokenize import TokenizedGroup
+
+    rng = random.Random(3)
+
+    def group(i: int, k: int, prompt: int) -> TokenizedGroup:
+        return TokenizedGroup(group_id=i, prompt_ids=[1] + [rng.randrange(3, 50) for _ in range(prompt - 1)],
+                              responses=[[rng.randrange(3, 50) for _ in range(rng.randrange(1, 5))] for _ in range(k)],
+                              rewards=[float(j) for j in range(k)], is_reference=None, row=i)
+
+    groups = [group(i, 4, 9) for i in range(6)] + [group(6, 1, 9), group(7, 4, 12)]
+    kw = dict(seq_length=16, pad_id=0, groups_per_micro_batch=2, global_batch_groups=8, seed=5, packing=True,
+              packed_rows=4)
+    plain, shared = GroupBatcher(groups, **kw), GroupBatcher(groups, **kw, shared_prompt=True)
+    # the largest group: a 12-token prompt + 4 responses of 1-4 tokens, 16-28 tokens -> rows of 32, 2 per
+    # micro-batch (the same 64 slots)
+    assert shared.row_tokens == 32 and shared.rows == 2 and plain.row_tokens == 16 and plain.rows == 4
+    a, b = plain.next_step(), shared.next_step()
+    for key in ("group_ids", "lengths", "seq_lengths", "rewards", "seq_keys"):
+        got = sorted(zip(*(torch.cat([mb[k] for mb in b]).tolist() for k in ("seq_keys", key))))
+        want = sorted(zip(*(torch.cat([mb[k] for mb in a]).tolist() for k in ("seq_keys", key))))
+        assert got == want, key
+    units = sum(mb["shared_prompts"] for mb in b)
+    expect = sum(shared._is_shared(g) for g in groups)
+    assert units == expect == 7  # every group of 4; never the single response
+    assert not shared._is_shared(groups[6])
+    filled = [sum(int((mb["segment_ids"] >= 0).sum()) for mb in x) for x in (a, b)]
+    tokens = sum(int(mb["seq_lengths"].sum()) for mb in a)
+    assert filled[0] == tokens and filled[1] == tokens - sum(
+        len(g.prompt_ids) * (len(g.responses) - 1) for g in groups if shared._is_shared(g))

@@ -164,6 +164,24 @@ def test_judge_fp32_packed(tmp_path):
     assert judged(2, "Traceback (most recent call last):\n" + refused) == "FAIL"
 
 
+def test_judge_shared_prompt_refused(tmp_path, monkeypatch):
+    """The message the row looks for is the one ``run_data.shared_prompt`` raises under TE."""
+    from rao_megatron.config import ConfigError, load_config
+    from rao_megatron.training import run_data
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "examples/configs/rao_tiny.yaml",
+                      ["data.shared_prompt=true"])
+    monkeypatch.setattr(run_data, "transformer_engine_on_cuda", lambda: True)
+    with pytest.raises(ConfigError) as e:
+        run_data.shared_prompt(cfg)
+    log = tmp_path / "shared.log"
+    log.write_text(f"error: {e.value}\n")
+    done = harness.Done("shared_prompt", 2, 1.0, log)
+    assert train.judge_refused("r", done, train.SHARED_PROMPT_HINT, "x").verdict == "PASS"
+    assert train.judge_refused("r", harness.Done("shared_prompt", 0, 1.0, log), train.SHARED_PROMPT_HINT,
+                               "x").verdict == "FAIL"
+
+
 def test_uneven_groups_pack_unevenly_over_two_ranks(tmp_path):
     # the row exists for unequal micro-batch counts per DP rank: the data must still give them
     from rao_megatron.config import load_config

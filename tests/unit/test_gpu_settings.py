@@ -221,7 +221,7 @@ def _train_worker(tmp: str, overlap: bool, bucket_size: int | None, out: str, re
     batcher = trainer.train_batcher
     real_next = batcher.next_step
     # what a DP rank runs under expert parallelism when its share packs into fewer micro-batches
-    padding = empty_packed(batcher.packed_rows, batcher.seq_length, 0, seq_keys=[], rewards=[])
+    padding = empty_packed(batcher.rows, batcher.row_tokens, 0, seq_keys=[], rewards=[])
     batcher.next_step = lambda: real_next() + [dict(padding)]
     if resume is not None:
         record = trainer.train_step()

@@ -73,7 +73,7 @@ def _precompute(monkeypatch: pytest.MonkeyPatch, cfg, tokenizer, groups: list, r
         get_world_size=lambda: 1, barrier=lambda: None,
         all_gather_object=lambda parts, obj: parts.__setitem__(0, obj)))
     monkeypatch.setattr(reference, "write_cache", lambda path, keys, *rest: written.update(keys=keys))
-    hf_config = types.SimpleNamespace(vocab_size=len(tokenizer))
+    hf_config = types.SimpleNamespace(vocab_size=len(tokenizer), moe=None)
     reference.compute_file_cache(cfg, tokenizer, None, hf_config, groups, "heldout.jsonl", "unused",
                                  identity=({}, {}))
     return seen, written

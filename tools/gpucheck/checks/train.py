@@ -48,6 +48,9 @@ def train_runs(d: Path, *, triton: bool) -> dict[str, tuple[str, list[str]]]:
     # refused in one line before anything is built: TE's THD attention takes bf16/fp16 only
     runs["fp32_packed"] = ("train", train_args(d / "fp32_packed", RAO_TINY, "train.steps=1", "model.dtype=fp32",
                                                "data.packing=true"))
+    # refused in one line too: the shared-prompt layout needs an attention mask, which TE's THD attention lacks
+    runs["shared_prompt"] = ("train", train_args(d / "shared_prompt", RAO_TINY, "train.steps=1",
+                                                 "data.packing=true", "data.shared_prompt=true"))
     if triton:
         runs["sft_triton"] = ("train", train_args(d / "sft_triton", RAO_TINY, "train.steps=3", "train.task=sft",
                                                   "loss.name=sft", "model.logprob_impl=triton"))
@@ -77,6 +80,8 @@ def check_train(ctx: Context) -> list[Row]:
             rows[-1].figures["runs_sharing_the_gpu"] = len(runs)  # throughput figures are not benchmarks
 
     rows.append(judge_fp32_packed(done["fp32_packed"]))
+    rows.append(judge_refused("train/shared_prompt_refused", done["shared_prompt"], SHARED_PROMPT_HINT,
+                              "data.shared_prompt=true on CUDA with TE (THD attention takes no mask)"))
 
     if "sft_triton" not in done:
         rows.append(Row("train/triton_vs_chunked", MISSING, f"triton not importable: {DEPS['triton'].install}"))
@@ -108,13 +113,22 @@ def check_train(ctx: Context) -> list[Row]:
 FP32_PACKED_HINT = "set model.dtype=bf16 or data.packing=false"
 
 
+#: what the start-up check says for data.shared_prompt=true under TE (training/run_data.py: shared_prompt)
+SHARED_PROMPT_HINT = "config key 'data.shared_prompt'"
+
+
 def judge_fp32_packed(done: Done) -> Row:
     """fp32 + packing on CUDA: exit 2 with the one-line start-up error, not a failure inside the attention."""
+    return judge_refused("train/fp32_packed_refused", done, FP32_PACKED_HINT,
+                         "model.dtype=fp32 + data.packing=true on CUDA")
+
+
+def judge_refused(name: str, done: Done, hint: str, what: str) -> Row:
+    """A setting the GPU cannot run: exit 2 with the one-line start-up error naming it, and no traceback."""
     log = done.log.read_text(errors="replace") if done.log.is_file() else ""
-    if done.rc == 2 and FP32_PACKED_HINT in log and "Traceback" not in log:
-        return Row("train/fp32_packed_refused", PASS, "model.dtype=fp32 + data.packing=true on CUDA: refused at "
-                   "start-up in one line (exit 2)", done.seconds)
-    return Row("train/fp32_packed_refused", FAIL, f"expected exit 2 with {FP32_PACKED_HINT!r} and no traceback; "
+    if done.rc == 2 and hint in log and "Traceback" not in log:
+        return Row(name, PASS, f"{what}: refused at start-up in one line (exit 2)", done.seconds)
+    return Row(name, FAIL, f"expected exit 2 with {hint!r} and no traceback; "
                f"{done.why() if done.rc else 'it ran (exit 0)'}", done.seconds)
 
 
@@ -126,4 +140,4 @@ def metric_diffs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
 
 CHECK = Check("train", f"{TRAIN_STEPS} steps each of rao, dpo, bt, sft in bf16 with the distributed optimizer on "
               "CUDA (loss finite and falling, gpu_max_mem_gib); triton vs chunked and cached vs on-the-fly first-step "
-              "loss; fp32 + packing refused in one line", check_train, 240, ("transformer_engine",))
+              "loss; fp32 + packing and the shared-prompt layout refused in one line", check_train, 240, ("transformer_engine",))
