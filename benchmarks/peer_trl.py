@@ -159,10 +159,11 @@ def ours_worker(spec: dict) -> None:
     records = []
     for _ in range(cfg.train.steps):
         r = trainer.train_step()
-        real = r["tokens_per_s"] * r["step_time_s"]
+        real = r["tokens_per_s"] * r["step_time_s"]  # every sequence's prompt + response tokens
+        filled = real / r["shared_prompt_ratio"]  # the slots they fill (a shared prompt fills its slots once)
         records.append({"step": r["step"], "loss": r["loss"], "step_time_s": r["step_time_s"],
-                        "grad_norm": r["grad_norm"], "tokens": round(real),
-                        "slots": round(real / r["packing_efficiency"])})
+                        "grad_norm": r["grad_norm"], "tokens": round(real), "filled": round(filled),
+                        "slots": round(filled / r["packing_efficiency"]), "row_tokens": trainer.train_batcher.row_tokens})
     print_result(records=records)
 
 
@@ -220,6 +221,39 @@ def tokenized_rows(overrides: list[str], pairs: list[dict], steps: int) -> list[
     return rows
 
 
+def demo_pairs(n: int) -> list[dict]:
+    """``n`` pairs from the demo's training groups (``make demo``): the first right and the first wrong answer of
+    each prompt that has both, in file order."""
+    path = ROOT / "runs/demo/data/train_groups.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: run make demo (or python -m rao_megatron.cli.demo --until annotate)")
+    pairs = []
+    for line in path.read_text().splitlines():
+        g = json.loads(line)
+        r = g["rewards"]
+        if max(r) > min(r):
+            pairs.append({"prompt": g["prompt"], "chosen": g["responses"][r.index(max(r))],
+                          "rejected": g["responses"][r.index(min(r))]})
+    if len(pairs) < n:
+        raise SystemExit(f"{path}: {len(pairs)} prompts with a right and a wrong answer, {n} needed")
+    return pairs[:n]
+
+
+def step_flops(config: dict, rows: list[int], head_positions: int) -> float:
+    """Training FLOPs of one step (forward + backward = 3 x forward; matmuls only, 2 per multiply-add) of a
+    Llama-style model (``config``: its HF config.json): the linear layers on every token slot of ``rows``
+    (padding included: it runs through the model), attention scores and their use on every row's full square
+    (an explicit mask computes the masked entries too, and SDPA on padded rows the same), and the LM head on
+    ``head_positions`` positions."""
+    h, layers, ffn = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    d = h // heads
+    linear = 2 * (h * h * 2 + 2 * h * kv * d + 3 * h * ffn)  # q, o, k, v, gate/up/down per token and layer
+    forward = layers * (linear * sum(rows) + 4 * h * sum(r * r for r in rows)) + 2 * h * config["vocab_size"] * \
+        head_positions
+    return 3.0 * forward
+
+
 def run_worker(cmd: list[str], label: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1", "TQDM_DISABLE": "1",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -231,6 +265,7 @@ def summarize(run: dict, warmup: int) -> dict:
     return {"step_time_s": statistics.median(r["step_time_s"] for r in timed),
             "tokens_per_s": statistics.median(r["tokens"] / r["step_time_s"] for r in timed),
             "slots": statistics.mean(r["slots"] for r in timed) if timed[0]["slots"] else None,
+            "row_tokens": timed[0].get("row_tokens"),
             "peak_rss_gib": run["peak_rss_gib"], "losses": [r["loss"] for r in run["records"]],
             "grad_norms": [r["grad_norm"] for r in run["records"]]}
 
@@ -241,8 +276,12 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=None, help="alternating (ours, TRL) pairs (default 3; --quick 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 3; --quick 1)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--micro-batch-tokens", type=int, default=3072, help="ours: packed token slots per micro-batch")
+    p.add_argument("--data", choices=("mix", "demo"), default="mix", help="mix: UltraFeedback-like pairs "
+                   "(benchmarks/ultrafeedback_mix.py); demo: the quick-start's pairs (a right and a wrong sampled "
+                   "answer of each arithmetic prompt, runs/demo: make demo)")
+    p.add_argument("--max-length", type=int, default=None, help="default 1024 (mix), 64 (demo)")
+    p.add_argument("--micro-batch-tokens", type=int, default=None,
+                   help="ours: packed token slots per micro-batch (default 3072 (mix), 512 (demo): one micro-batch)")
     p.add_argument("--ours-padded", action="store_true", help="also run our padded layout (data.packing=false)")
     p.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's DPOConfig default")
     p.add_argument("--trl-python", default=str(ROOT / ".venv-trl/bin/python"))
@@ -262,6 +301,8 @@ def main() -> int:
         raise SystemExit(f"{args.trl_python} not found: create the TRL venv (see the top of this file)")
     from benchmarks import ultrafeedback_mix as mix
 
+    args.max_length = args.max_length or (64 if args.data == "demo" else 1024)
+    args.micro_batch_tokens = args.micro_batch_tokens or (512 if args.data == "demo" else 3072)
     repeats = args.repeats or (1 if args.quick else 3)
     steps = args.steps or (1 if args.quick else 3)
     total = args.warmup + steps
@@ -269,7 +310,8 @@ def main() -> int:
         tmp = Path(args.out).resolve() if args.out else Path(tmpdir)
         tmp.mkdir(parents=True, exist_ok=True)
         hf, megatron = ensure_models(args, tmp)
-        pairs = mix.make_pairs(BATCH_PAIRS * total, seed=args.seed)
+        pairs = demo_pairs(BATCH_PAIRS * total) if args.data == "demo" else mix.make_pairs(BATCH_PAIRS * total,
+                                                                                             seed=args.seed)
         data = mix.write_jsonl(pairs, tmp / "pairs.jsonl")
         common = [f"model.init_checkpoint={megatron}", "model.preset=null", "model.dtype=fp32",
                   "loss.name=dpo", f"loss.beta={BETA}", f"data.train_path={data}", "data.eval_fraction=0",
@@ -324,10 +366,43 @@ def main() -> int:
                       f"peak RSS {s['peak_rss_gib']:.2f} GiB, losses {', '.join(f'{x:.6f}' for x in s['losses'])}",
                       flush=True)
         print(render(runs, rows, ids_check))
+        print(render_flops(runs, rows, json.loads((hf / "config.json").read_text()), args.warmup))
         if args.out:
             (tmp / "results.json").write_text(json.dumps({"runs": runs, "ids_check": ids_check}, indent=1) + "\n")
             print(f"\n{tmp / 'results.json'}")
     return 0
+
+
+def render_flops(runs: dict[str, list[dict]], rows: list[dict], config: dict, warmup: int) -> str:
+    """FLOPs per timed step of each side (:func:`step_flops`) beside its step time: how far each is from its
+    floor (the real tokens' linear work and the responses' LM head, no padding, no masked attention)."""
+    timed = [rows[i:i + BATCH_PAIRS] for i in range(warmup * BATCH_PAIRS, len(rows), BATCH_PAIRS)]
+
+    def responses(step: list[dict]) -> int:
+        return sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in step)
+
+    def longest(step: list[dict]) -> int:
+        return max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in step)
+
+    head = statistics.mean(responses(step) for step in timed)
+    floor = statistics.mean(step_flops(config, [len(r["prompt_ids"]) + len(r[k]) for r in step
+                                                    for k in ("chosen_ids", "rejected_ids")], responses(step))
+                            for step in timed)
+    # TRL pads the step's 2 x 4 sequences to the longest; its fused LM head (trl.trainer.utils.add_fused_lm_head)
+    # projects only the positions with a label, the completions' real tokens, as ours does
+    trl = statistics.mean(step_flops(config, [longest(step)] * 2 * len(step), responses(step)) for step in timed)
+    lines = ["\nFLOPs per timed step (matmuls, forward + backward; benchmarks/peer_trl.py step_flops):",
+             "| side | TFLOP / step | step time (s) | GFLOP/s achieved | / floor |", "|---|---|---|---|---|"]
+    for name, rs in runs.items():
+        if name == "TRL":
+            flops = trl
+        else:
+            r = rs[0]
+            flops = step_flops(config, [r["row_tokens"]] * round(r["slots"] / r["row_tokens"]), head)
+        t = statistics.median(x["step_time_s"] for x in rs)
+        lines.append(f"| {name} | {flops / 1e12:.3f} | {t:.2f} | {flops / t / 1e9:.1f} | {flops / floor:.2f}x |")
+    lines.append(f"| floor (real tokens only, responses' LM head) | {floor / 1e12:.3f} | | | 1.00x |")
+    return "\n".join(lines)
 
 
 def render(runs: dict[str, list[dict]], rows: list[dict], ids_check: dict | None) -> str:

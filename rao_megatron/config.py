@@ -158,10 +158,10 @@ class DataConfig:
                                               "groups_per_micro_batch x responses per group x max_length.", gt=0)
     shared_prompt: bool | None = _f(None, "Packed layout: each group's prompt once, then its responses, each "
                                           "attending to the prompt and itself only (positions continue from the "
-                                          "prompt), instead of one prompt per response. None = on where it is "
-                                          "exact: packing on a dense model whose attention takes a mask (not "
-                                          "Transformer Engine's THD on CUDA, which falls back to one prompt per "
-                                          "response); true on THD is refused.")
+                                          "prompt), instead of one prompt per response. None = where it is exact "
+                                          "(packing on a dense model whose attention takes a mask: not Transformer "
+                                          "Engine's THD on CUDA, which keeps one prompt per response) and costs "
+                                          "less on the data; true = always there; true on THD is refused.")
     max_responses: int | None = _f(None, "Keep at most this many responses per group (best and worst first).", ge=2)
     drop_tied: bool | None = _f(None, "Drop groups whose rewards all tie (counted in the data report), for any loss; "
                                       "None = the loss's own rule (pairwise losses drop them, they hold no pair; "

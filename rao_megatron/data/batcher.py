@@ -14,6 +14,9 @@ from .collate import collate_sequences, sequence_key
 from .packing import GroupTooLargeError, collate_packed, empty_packed, layout_summary, plan_micro_batches
 from .tokenize import TokenizedGroup
 
+#: groups whose planned layouts decide between one prompt per response and shared prompts (the first ones)
+LAYOUT_SAMPLE = 512
+
 
 class ReferenceLookup(Protocol):
     """Precomputed reference log-probs by sequence key; a missing key raises a clear error."""
@@ -39,10 +42,12 @@ class GroupBatcher:
     ranks (each rank's schedule runs its own; gradients meet once per step).
 
     ``shared_prompt`` (packed only): each group of two or more responses is laid out as one unit, its prompt
-    once and then every response (:func:`~.packing.collate_packed`), in rows of ``shared_row_tokens`` tokens
-    (a multiple of ``seq_length``: the fewest rows of ``seq_length`` that hold the largest group as one unit,
-    at most a whole micro-batch), as many rows as keep a micro-batch's ``packed_rows x seq_length`` token
-    slots. The per-sequence tensors and their order do not change.
+    once and then every response (:func:`~.packing.collate_packed`), in rows of ``row_tokens`` tokens (a
+    multiple of ``seq_length`` that holds the largest group as one unit, at most a whole micro-batch), as many
+    as fit a micro-batch's ``packed_rows x seq_length`` token slots. The per-sequence tensors and their order
+    do not change. None: whichever layout -- one prompt per response or shared, and the row length -- costs
+    least on the data (:meth:`_choose_layout`; ``layout_hidden``, the model's hidden size, weighs the
+    attention's cost, which grows with the row); True: shared, at the cheapest row length.
 
     ``equal_micro_batches`` (expert parallelism: the MoE token dispatcher runs collectives across DP ranks
     inside every forward, so a rank with one forward more would wait forever) gives every DP rank the same
@@ -55,7 +60,8 @@ class GroupBatcher:
                  groups_per_micro_batch: int, global_batch_groups: int, dp_rank: int = 0, dp_size: int = 1,
                  responses_per_group: int | None = None, seed: int = 0,
                  reference: ReferenceLookup | None = None, packing: bool = False,
-                 packed_rows: int | None = None, equal_micro_batches: bool = False, shared_prompt: bool = False):
+                 packed_rows: int | None = None, equal_micro_batches: bool = False,
+                 shared_prompt: bool | None = False, layout_hidden: int | None = None):
         gpm, g, dp = groups_per_micro_batch, global_batch_groups, dp_size
         unit = dp if packing else dp * gpm
         if min(gpm, g, dp) < 1 or g % unit:
@@ -84,13 +90,11 @@ class GroupBatcher:
         self.packing = packing
         self.equal_micro_batches = equal_micro_batches  # padded layouts are equal on every rank already
         self.packed_rows = packed_rows or gpm * self.rows_per_group
-        self.row_tokens, self.rows = seq_length, self.packed_rows  # a packed micro-batch: rows x row_tokens
-        self.shared_prompt = bool(packing and shared_prompt)
-        if self.shared_prompt:
-            slots = self.packed_rows * seq_length
-            widest = max((self._unit_tokens(grp) for grp in self.groups if len(grp.responses) > 1), default=0)
-            self.row_tokens = min(max(1, math.ceil(widest / seq_length)), self.packed_rows) * seq_length
-            self.rows = slots // self.row_tokens
+        # a packed micro-batch: rows x row_tokens (the shared-prompt layout may take longer, fewer rows)
+        self.shared_prompt, self.row_tokens, self.rows = False, seq_length, self.packed_rows
+        self.shared_prompt_asked = shared_prompt if packing else False
+        if packing and shared_prompt is not False:
+            self.shared_prompt, self.row_tokens, self.rows = self._choose_layout(shared_prompt, layout_hidden)
         if packing:  # refuse a group that can never fit, naming its row, before training starts
             for grp in self.groups:
                 try:
@@ -202,6 +206,8 @@ class GroupBatcher:
         line = layout_summary([[len(g.prompt_ids) + len(y) for y in g.responses] for g in self.groups],
                               seq_length=self.seq_length, rows=self.packed_rows, packing=self.packing)
         if not self.shared_prompt:
+            if self.shared_prompt_asked is None and any(len(g.responses) > 1 for g in self.groups):
+                return f"{line}; shared prompt: not used (one prompt per response costs less on this data)"
             return line
         shared = [g for g in self.groups if self._is_shared(g)]
         tokens = sum(len(g.prompt_ids) * len(g.responses) + sum(map(len, g.responses)) for g in shared)
@@ -210,19 +216,63 @@ class GroupBatcher:
                 f"(rows of {self.row_tokens} tokens, {self.rows} per micro-batch; "
                 f"{tokens / max(placed, 1):.2f}x fewer tokens than one prompt per response)")
 
+    def _choose_layout(self, mode: bool | None, hidden: int | None) -> tuple[bool, int, int]:
+        """``(shared, row_tokens, rows)``: the candidate layout (``mode`` None: one prompt per response, or shared
+        in rows of any multiple of ``seq_length`` that holds the largest group; True: the shared ones) with the
+        least estimated work over the first ``LAYOUT_SAMPLE`` groups, planned a step's share at a time.
+
+        Work per micro-batch: its token slots x (1 + row_tokens / (6 x hidden)), the linear layers' ~24 H^2
+        FLOPs per token plus attention's ~4 H x row (an explicit mask: every row attends over its whole length);
+        without ``hidden`` the shortest shared rows only, weighed by slots. The first on ties: one prompt per
+        response, then shorter rows. A layout in which a group fits no micro-batch is never chosen.
+        """
+        seq, rows = self.seq_length, self.packed_rows
+        widest = max((self._unit_tokens(g) for g in self.groups if len(g.responses) > 1), default=0)
+        unshared = (False, seq, rows)
+        if widest == 0:
+            return unshared
+        first = min(max(1, math.ceil(widest / seq)), rows)
+        lengths = range(first, rows + 1) if hidden else [first]
+        options = [(True, m * seq, rows // m) for m in lengths]
+        if mode is None:
+            options.insert(0, unshared)
+        if len(options) == 1:
+            return options[0]
+        sample = self.groups[:LAYOUT_SAMPLE]
+        share = max(1, self.global_batch_groups // self.dp_size)
+
+        def cost(option: tuple[bool, int, int]) -> float:
+            shared, row_tokens, n_rows = option
+            per_batch = n_rows * row_tokens * (1 + row_tokens / (6 * hidden) if hidden else 1)
+            try:
+                return per_batch * sum(
+                    len(plan_micro_batches([self._lengths(g, shared, row_tokens) for g in sample[i:i + share]],
+                                           rows=n_rows, seq_length=row_tokens))
+                    for i in range(0, len(sample), share))
+            except GroupTooLargeError:
+                return math.inf
+
+        return min(options, key=cost)
+
     @staticmethod
     def _unit_tokens(grp: TokenizedGroup) -> int:
         """A group's tokens in the shared-prompt layout: the prompt once, then every response."""
         return len(grp.prompt_ids) + sum(len(y) for y in grp.responses)
 
     def _is_shared(self, grp: TokenizedGroup) -> bool:
-        return self.shared_prompt and len(grp.responses) > 1 and self._unit_tokens(grp) <= self.row_tokens
+        return self._shares(grp, self.shared_prompt, self.row_tokens)
 
-    def _unit_lengths(self, grp: TokenizedGroup) -> list[int]:
+    def _shares(self, grp: TokenizedGroup, shared: bool, row_tokens: int) -> bool:
+        return shared and len(grp.responses) > 1 and self._unit_tokens(grp) <= row_tokens
+
+    def _lengths(self, grp: TokenizedGroup, shared: bool, row_tokens: int) -> list[int]:
         """What packing places of a group: one shared unit, or each sequence."""
-        if self._is_shared(grp):
+        if self._shares(grp, shared, row_tokens):
             return [self._unit_tokens(grp)]
         return [len(grp.prompt_ids) + len(y) for y in grp.responses]
+
+    def _unit_lengths(self, grp: TokenizedGroup) -> list[int]:
+        return self._lengths(grp, self.shared_prompt, self.row_tokens)
 
     def _plan(self, indices: list[int]) -> list[list[list[tuple[int, int]]]]:
         """Packed micro-batches of the groups ``indices``: rows of (position in ``indices``, response), where a

@@ -233,7 +233,7 @@ class Trainer:
         self.train_batcher, self.eval_batcher = run_data.build_batchers(
             self.cfg, self.groups, pad_id=pad_id(self.tokenizer), dp_rank=ps.get_data_parallel_rank(),
             dp_size=ps.get_data_parallel_world_size(), references=self._reference_caches(),
-            moe=self.arch.moe is not None)
+            arch=self.arch)
 
     def _loss_step(self, normalizer: float) -> Any:
         if self.cfg.train.task == "rm":

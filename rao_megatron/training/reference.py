@@ -107,7 +107,7 @@ def compute_file_cache(cfg: Config, tokenizer: Any, chunks: Any, arch: ModelArch
     ``data_path`` with ``identity`` (:func:`reference_fingerprints`). Collective. Returns sequences written."""
     dp = ps.get_data_parallel_world_size()
     batcher = run_data.group_batcher(cfg, groups, source=data_path, pad_id=pad_id(tokenizer),
-                                     dp_rank=ps.get_data_parallel_rank(), dp_size=dp, moe=arch.moe is not None)
+                                     dp_rank=ps.get_data_parallel_rank(), dp_size=dp, arch=arch)
     settings = run_data.logprob_settings(cfg)
     keep_results = is_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     keys: list[int] = []

@@ -184,9 +184,10 @@ def load_groups(cfg: Config, tokenizer: Any, spec: Any) -> RunGroups:
     return run
 
 
-def packing_settings(cfg: Config, *, moe: bool = False) -> dict[str, Any]:
+def packing_settings(cfg: Config, *, moe: bool = False, hidden: int | None = None) -> dict[str, Any]:
     """The batcher's packing arguments from ``data.packing`` / ``data.micro_batch_tokens`` /
-    ``data.shared_prompt`` and the layout (``moe``: the model routes tokens to experts).
+    ``data.shared_prompt`` and the layout (``moe``: the model routes tokens to experts; ``hidden``: its hidden
+    size, which weighs attention against the linear layers when the batcher chooses the layout).
 
     Under expert parallelism every DP rank runs the same number of packed micro-batches (the MoE token
     dispatcher's collectives span DP ranks); the trainer, its step-0 check and ``precompute_reference``
@@ -194,11 +195,12 @@ def packing_settings(cfg: Config, *, moe: bool = False) -> dict[str, Any]:
     """
     rows = cfg.data.micro_batch_tokens // cfg.data.max_length if cfg.data.micro_batch_tokens else None
     return {"packing": cfg.data.packing, "packed_rows": rows, "equal_micro_batches": cfg.parallel.ep > 1,
-            "shared_prompt": shared_prompt(cfg, moe=moe)}
+            "shared_prompt": shared_prompt(cfg, moe=moe), "layout_hidden": hidden}
 
 
-def shared_prompt(cfg: Config, *, moe: bool = False) -> bool:
-    """Whether packed groups hold their prompt once (``data.shared_prompt``; None: where that is exact).
+def shared_prompt(cfg: Config, *, moe: bool = False) -> bool | None:
+    """Whether packed groups hold their prompt once (``data.shared_prompt``): True, False, or None -- where it
+    is exact, the batcher chooses by the cost of each layout on the data (``GroupBatcher._choose_layout``).
 
     It needs an attention mask (each response sees its prompt and itself): the local spec takes one (the
     CPU, or CUDA without Transformer Engine); TE's THD attention takes boundaries only, so under TE a group
@@ -216,18 +218,21 @@ def shared_prompt(cfg: Config, *, moe: bool = False) -> bool:
                               "and Transformer Engine's packed (THD) attention takes none; leave it unset (one "
                               "prompt per response on CUDA) or set data.packing=false")
         return False
-    return (not moe) if asked is None else bool(asked)
+    if asked is None:
+        return False if moe else None
+    return bool(asked)
 
 
 def group_batcher(cfg: Config, groups: Sequence[Any], *, source: str, pad_id: int, dp_rank: int, dp_size: int,
                   global_batch_groups: int | None = None, responses_per_group: int | None = None,
-                  reference: Any = None, moe: bool = False) -> GroupBatcher:
+                  reference: Any = None, arch: Any = None) -> GroupBatcher:
     """A batcher of ``groups`` (from the data file ``source``, which an error names) laid out as the config
     says: ``data.max_length``, ``data.groups_per_micro_batch``, ``data.seed`` and :func:`packing_settings`.
 
     ``global_batch_groups``: the training stream's groups per step; None: a pass in data order (held-out
     evaluation, ``precompute_reference``), ``dp_size × data.groups_per_micro_batch`` groups a step.
-    ``responses_per_group`` None: the most of any group in ``groups``. A batcher the config cannot build is
+    ``responses_per_group`` None: the most of any group in ``groups``. ``arch``: the model's architecture (an MoE
+    model keeps one prompt per response unless told; its hidden size weighs the shared-prompt layout's cost). A batcher the config cannot build is
     a :class:`ConfigError` naming the keys (or the data file and row of a group too large to pack).
     """
     gpm = cfg.data.groups_per_micro_batch
@@ -236,7 +241,8 @@ def group_batcher(cfg: Config, groups: Sequence[Any], *, source: str, pad_id: in
         return GroupBatcher(groups, seq_length=cfg.data.max_length, pad_id=pad_id, groups_per_micro_batch=gpm,
                             global_batch_groups=step, dp_rank=dp_rank, dp_size=dp_size,
                             responses_per_group=responses_per_group, seed=cfg.data.seed, reference=reference,
-                            **packing_settings(cfg, moe=moe))
+                            **packing_settings(cfg, moe=arch is not None and arch.moe is not None,
+                                               hidden=arch.hidden_size if arch is not None else None))
     except GroupTooLargeError as e:
         raise ConfigError(f"{source}: {e}") from None
     except ValueError as e:
@@ -245,13 +251,13 @@ def group_batcher(cfg: Config, groups: Sequence[Any], *, source: str, pad_id: in
 
 def build_batchers(cfg: Config, groups: RunGroups, *, pad_id: int, dp_rank: int, dp_size: int,
                    references: tuple[Any, Any] = (None, None),
-                   moe: bool = False) -> tuple[GroupBatcher, GroupBatcher | None]:
+                   arch: Any = None) -> tuple[GroupBatcher, GroupBatcher | None]:
     """The trainer's ``(training stream, held-out pass or None)`` on this DP rank, with the reference caches
     ``(training, held-out)`` (None: on the fly or not needed). Both lay out as many rows per group as the
     largest group of either has; the held-out pass is :func:`group_batcher`'s (the one ``precompute_reference``
     runs over each file)."""
     k = max(len(x.responses) for x in groups.train + groups.heldout)
-    common: dict[str, Any] = dict(pad_id=pad_id, dp_rank=dp_rank, dp_size=dp_size, responses_per_group=k, moe=moe)
+    common: dict[str, Any] = dict(pad_id=pad_id, dp_rank=dp_rank, dp_size=dp_size, responses_per_group=k, arch=arch)
     heldout_source = cfg.data.eval_path or cfg.data.train_path
     train = group_batcher(cfg, groups.train, source=cfg.data.train_path,
                           global_batch_groups=cfg.train.global_batch_groups, reference=references[0], **common)

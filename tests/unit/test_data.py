@@ -610,3 +610,26 @@ def test_shared_prompt_batches_hold_the_same_sequences_in_fewer_slots():
     tokens = sum(int(mb["seq_lengths"].sum()) for mb in a)
     assert filled[0] == tokens and filled[1] == tokens - sum(
         len(g.prompt_ids) * (len(g.responses) - 1) for g in groups if shared._is_shared(g))
+
+
+def test_shared_prompt_unset_takes_the_layout_that_costs_less():
+    """``shared_prompt=None``: long prompts with short answers share them; short prompts with long answers,
+    where a shared unit would only need longer rows for the same slots, keep one prompt per response."""
+    from rao_megatron.data.tokenize import TokenizedGroup
+
+    def groups(prompt: int, answer: int, k: int) -> list[TokenizedGroup]:
+        return [TokenizedGroup(group_id=i, prompt_ids=[1] + [7] * (prompt - 1), responses=[[8 + j] * answer
+                                                                                          for j in range(k)],
+                               rewards=[float(j) for j in range(k)], is_reference=None, row=i) for i in range(16)]
+
+    kw = dict(seq_length=32, pad_id=0, groups_per_micro_batch=2, global_batch_groups=4, packing=True,
+              layout_hidden=64)
+    long_prompts = GroupBatcher(groups(24, 4, 4), shared_prompt=None, **kw)  # 4 x 28 tokens, or 24 + 16 = 40
+    assert long_prompts.shared_prompt and long_prompts.row_tokens % 32 == 0 and long_prompts.row_tokens >= 64
+    short_prompts = GroupBatcher(groups(2, 30, 2), shared_prompt=None, **kw)  # 2 x 32 tokens, or 2 + 60 = 62
+    assert not short_prompts.shared_prompt and short_prompts.row_tokens == 32
+    assert "not used" in short_prompts.layout_line()
+    # told to share, it shares: in the shortest rows that hold a group (one row of 64, 4 per micro-batch of 8 x 32)
+    forced = GroupBatcher(groups(2, 30, 2), shared_prompt=True, **kw)
+    assert forced.shared_prompt and forced.row_tokens == 64
+    assert GroupBatcher(groups(24, 4, 4), shared_prompt=False, **kw).shared_prompt is False

@@ -50,6 +50,13 @@ def _same(a: dict, b: dict) -> bool:
     return True
 
 
+def _arch(tokenizer, cfg) -> types.SimpleNamespace:
+    """What the batchers read of the model's architecture (its vocabulary for the kernel, MoE or not, hidden
+    size), the same for the trainer's batchers and precompute's."""
+    return types.SimpleNamespace(vocab_size=len(tokenizer), moe=object() if cfg.parallel.ep > 1 else None,
+                                 hidden_size=64)
+
+
 def _precompute(monkeypatch: pytest.MonkeyPatch, cfg, tokenizer, groups: list, rank: int) -> tuple[list, dict]:
     """The micro-batches ``reference.compute_file_cache`` runs on DP rank ``rank`` (forward stubbed out, one
     process), and what it writes."""
@@ -73,25 +80,26 @@ def _precompute(monkeypatch: pytest.MonkeyPatch, cfg, tokenizer, groups: list, r
         get_world_size=lambda: 1, barrier=lambda: None,
         all_gather_object=lambda parts, obj: parts.__setitem__(0, obj)))
     monkeypatch.setattr(reference, "write_cache", lambda path, keys, *rest: written.update(keys=keys))
-    hf_config = types.SimpleNamespace(vocab_size=len(tokenizer), moe=None)
-    reference.compute_file_cache(cfg, tokenizer, None, hf_config, groups, "heldout.jsonl", "unused",
+    reference.compute_file_cache(cfg, tokenizer, None, _arch(tokenizer, cfg), groups, "heldout.jsonl", "unused",
                                  identity=({}, {}))
     return seen, written
 
 
 @pytest.mark.parametrize("overrides", [
-    [],                                                               # packed (the default)
+    [],                                                               # packed (the default: shared prompts here)
+    ["data.shared_prompt=false"],                                     # packed, one prompt per response
     ["data.packing=false"],                                           # one padded sequence per row
     ["data.micro_batch_tokens=192"],                                  # packed, three rows of 64
     ["model.preset=tiny-qwen3-moe", "parallel.ep=2"],                 # expert parallelism: equal counts
-], ids=["packed", "padded", "micro_batch_tokens", "ep2"])
+], ids=["packed", "unshared", "padded", "micro_batch_tokens", "ep2"])
 def test_precompute_runs_the_trainers_held_out_batches(monkeypatch, overrides):
     cfg = load_config(CONFIG, overrides)
     tok = load_tokenizer(None)
     groups = _run_groups()
     counts = []
     for rank in range(DP):
-        train, heldout = run_data.build_batchers(cfg, groups, pad_id=pad_id(tok), dp_rank=rank, dp_size=DP)
+        train, heldout = run_data.build_batchers(cfg, groups, pad_id=pad_id(tok), dp_rank=rank, dp_size=DP,
+                                                 arch=_arch(tok, cfg))
         assert train.global_batch_groups == cfg.train.global_batch_groups and len(train.groups) == 13
         assert heldout.global_batch_groups == DP * cfg.data.groups_per_micro_batch
         assert heldout.equal_micro_batches == ("parallel.ep=2" in overrides)
@@ -102,7 +110,7 @@ def test_precompute_runs_the_trainers_held_out_batches(monkeypatch, overrides):
         counts.append(len(seen))
     if "parallel.ep=2" in overrides:
         assert counts[0] == counts[1]
-    elif not overrides:
+    elif overrides == ["data.shared_prompt=false"]:
         assert counts[0] != counts[1]  # the data does deal the ranks different packed counts
 
 
