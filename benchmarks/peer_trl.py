@@ -374,8 +374,9 @@ def main() -> int:
 
 
 def render_flops(runs: dict[str, list[dict]], rows: list[dict], config: dict, warmup: int) -> str:
-    """FLOPs per timed step of each side (:func:`step_flops`) beside its step time: how far each is from its
-    floor (the real tokens' linear work and the responses' LM head, no padding, no masked attention)."""
+    """FLOPs per timed step of each side (:func:`step_flops`) beside its step time, and against the work of the
+    real sequences as they are (each sequence alone, its prompt included, no padding, attention within it; the
+    responses' LM head): padding and masked attention raise a side above it, shared prompts take ours below."""
     timed = [rows[i:i + BATCH_PAIRS] for i in range(warmup * BATCH_PAIRS, len(rows), BATCH_PAIRS)]
 
     def responses(step: list[dict]) -> int:
@@ -392,7 +393,7 @@ def render_flops(runs: dict[str, list[dict]], rows: list[dict], config: dict, wa
     # projects only the positions with a label, the completions' real tokens, as ours does
     trl = statistics.mean(step_flops(config, [longest(step)] * 2 * len(step), responses(step)) for step in timed)
     lines = ["\nFLOPs per timed step (matmuls, forward + backward; benchmarks/peer_trl.py step_flops):",
-             "| side | TFLOP / step | step time (s) | GFLOP/s achieved | / floor |", "|---|---|---|---|---|"]
+             "| side | TFLOP / step | step time (s) | GFLOP/s achieved | / sequences alone |", "|---|---|---|---|---|"]
     for name, rs in runs.items():
         if name == "TRL":
             flops = trl
@@ -401,7 +402,7 @@ def render_flops(runs: dict[str, list[dict]], rows: list[dict], config: dict, wa
             flops = step_flops(config, [r["row_tokens"]] * round(r["slots"] / r["row_tokens"]), head)
         t = statistics.median(x["step_time_s"] for x in rs)
         lines.append(f"| {name} | {flops / 1e12:.3f} | {t:.2f} | {flops / t / 1e9:.1f} | {flops / floor:.2f}x |")
-    lines.append(f"| floor (real tokens only, responses' LM head) | {floor / 1e12:.3f} | | | 1.00x |")
+    lines.append(f"| the sequences alone (no padding, one prompt each) | {floor / 1e12:.3f} | | | 1.00x |")
     return "\n".join(lines)
 
 

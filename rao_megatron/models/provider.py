@@ -9,10 +9,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from rao_megatron.models.hf_config import (
@@ -41,7 +44,43 @@ def layer_spec(config: TransformerConfig, use_te: bool | None = None) -> Any:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(moe_grouped_gemm=config.moe_grouped_gemm, **moe)
-    return get_gpt_layer_local_spec(normalization=config.normalization, moe_grouped_gemm=False, **moe)
+    spec = get_gpt_layer_local_spec(normalization=config.normalization, moe_grouped_gemm=False, **moe)
+    spec.submodules.self_attention.submodules.core_attention = SdpaDotProductAttention
+    return spec
+
+
+class SdpaDotProductAttention(DotProductAttention):
+    """The local spec's core attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Megatron's ``DotProductAttention`` materializes the ``[b, heads, sq, sk]`` scores, masks, soft-maxes and
+    multiplies them in separate passes; PyTorch's SDPA runs the same math in one fused kernel (on the CPU its
+    flash-style blocked kernel, which takes a boolean mask), several times faster for long rows and without
+    keeping the scores for backward. Same inputs and outputs: ``[s, b, heads, d]`` in, ``[sq, b, heads x d]``
+    out; ``attention_mask`` True = masked (Megatron's convention: our packed and shared-prompt masks), None =
+    causal for a causal layer. Anything SDPA does not express here -- attention dropout while training, sliding
+    windows, query-key layer scaling, learned softmax offsets, packed THD parameters, a bias -- runs Megatron's
+    own path.
+    """
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, attn_mask_type: Any = None, attention_bias: Any = None,
+                packed_seq_params: Any = None) -> torch.Tensor:
+        causal = self.attn_mask_type == AttnMaskType.causal
+        if (packed_seq_params is not None or attention_bias is not None or self.softmax_offset is not None
+                or (self.training and self.attention_dropout.p > 0) or self.config.apply_query_key_layer_scaling
+                or self.scale_mask_softmax.window_size is not None or (attention_mask is None and not causal)):
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
+                                   packed_seq_params)
+        sq, b, heads, _ = query.shape
+        groups = heads // key.shape[2]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if attention_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=sq == k.shape[2], scale=self.softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
 
 def uses_thd(model: torch.nn.Module) -> bool:

@@ -158,7 +158,9 @@ def test_loss_positions_only_equal_all_positions(tmp_path, model, layout):
             for case in CASES:
                 old, new = res[data, case, True], res[data, case, False]
                 what = f"{layout} rank {rank} {data} {case}"
-                assert new["loss"] == pytest.approx(old["loss"], rel=1e-6, abs=1e-7), what
+                # abs 1e-6: some losses are sums of O(1) terms that nearly cancel (GRAO's advantage-weighted
+                # terms: -0.00999 at PP2, off by 1.2e-7 from the other path), so fp32 rounding of the terms shows
+                assert new["loss"] == pytest.approx(old["loss"], rel=1e-6, abs=1e-6), what
                 assert old["grads"].keys() == new["grads"].keys()
                 scale = max(g.abs().max().item() for g in old["grads"].values())
                 assert scale > 0, what
