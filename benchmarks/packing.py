@@ -4,7 +4,8 @@
     python benchmarks/packing.py             # tiny + SmolLM2-135M-Instruct on CPU: 32 minutes on a shared 2-core box
     python benchmarks/packing.py --models smollm2 --repeats 1   # SmolLM2 only, one run per layout
 
-SmolLM2's padded step holds ~18 GiB (CPU attention materializes [rows, heads, 1024, 1024] scores per layer).
+SmolLM2's padded step held ~18 GiB with Megatron's unfused attention, which materialized [rows, heads, 1024,
+1024] scores per layer (the local spec runs PyTorch's SDPA since 2026-12-03).
 
 RAO (β 0.1, Z0 50) with a precomputed reference (``train.reference=cached``, one cache per model, made
 once before timing and shared by both layouts), max_length 1024, one process (1-rank gloo), fp32, two

@@ -20,7 +20,7 @@ default; it would add a recompute forward to TRL's step: ``--trl-gradient-checkp
 What differs, by design: ours packs the 8 sequences into ``data.micro_batch_tokens`` / 1024 rows of 1024
 tokens (``--micro-batch-tokens``, default 3072: one micro-batch of 3 rows; ``--ours-padded`` adds our
 padded layout, every sequence in its own 1024-token row); TRL pads the 8 sequences to the batch's
-longest. Ours is Megatron-Core's GPTModel (local spec on CPU: unfused attention with an explicit mask);
+longest. Ours is Megatron-Core's GPTModel (local spec on CPU: PyTorch's SDPA with an explicit mask);
 TRL's is the HF model (SDPA attention) with TRL's fused LM-head log-probs.
 
 Each run is a fresh subprocess (ours: our venv; TRL: ``--trl-python``, default .venv-trl/bin/python);
