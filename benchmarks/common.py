@@ -1,5 +1,5 @@
 """What the benchmark scripts share: a measurement in a fresh worker process that ends with one
-``RESULT {json}`` line, and the "median (min-max)" cell of the result tables.
+``RESULT {json}`` line, the "median (min-max)" cell of the result tables and the verdict on a target.
 
 Standard library only: peer_trl.py's TRL worker imports it under the TRL venv, where rao_megatron is absent.
 """
@@ -43,3 +43,14 @@ def spread(values: list[float], fmt: str) -> str:
     if len(values) == 1:
         return format(med, fmt)
     return f"{format(med, fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
+def target_verdict(ratios: list[float], target: float, *, at_most: bool = False) -> str:
+    """``met`` when every ratio reaches ``target`` (at least it; ``at_most``: at most it), ``met at the median``
+    when their median does, else ``missed``."""
+    def reaches(x: float) -> bool:
+        return x <= target if at_most else x >= target
+
+    if reaches(max(ratios) if at_most else min(ratios)):
+        return "met"
+    return "met at the median" if reaches(statistics.median(ratios)) else "missed"

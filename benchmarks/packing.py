@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the `benchmarks` package (and rao_megatron) import from the root
 
 from benchmarks import ultrafeedback_mix as mix  # noqa: E402
-from benchmarks.common import print_result, run_result_worker, spread  # noqa: E402
+from benchmarks.common import print_result, run_result_worker, spread, target_verdict  # noqa: E402
 
 SMOLLM2_HF = ROOT / ".cache/smollm2-hf"
 SMOLLM2_MEGATRON = ROOT / ".cache/bench/smollm2-megatron"
@@ -240,7 +240,7 @@ def render(results: dict, max_length: int) -> str:
         pairs = list(zip(r["runs"]["padded"], r["runs"]["packed"]))
         tps = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in pairs]
         st = [b["step_time_s"] / a["step_time_s"] for a, b in pairs]
-        verdict = "met" if min(tps) >= 2 else ("met at the median" if statistics.median(tps) >= 2 else "missed")
+        verdict = target_verdict(tps, 2)
         lines.append(f"{model}: packed / padded real tokens/s x{spread(tps, '.2f')}, step time x{spread(st, '.2f')}"
                      f" -> target >= 2x {verdict}; over {r['fill']['steps']} steps of the mix packing fills "
                      f"{100 * r['fill']['packed_fill']:.0f} % of the slots vs {100 * r['fill']['padded_fill']:.0f} % "

@@ -47,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the `benchmarks` package (and rao_megatron) import from the root
 
-from benchmarks.common import print_result, run_result_worker, spread  # noqa: E402
+from benchmarks.common import print_result, run_result_worker, spread, target_verdict  # noqa: E402
 
 SMOLLM2_HF = ROOT / ".cache/smollm2-hf"
 SMOLLM2_MEGATRON = ROOT / ".cache/bench/smollm2-megatron"
@@ -423,7 +423,7 @@ def render(runs: dict[str, list[dict]], rows: list[dict], ids_check: dict | None
         if name == "TRL":
             continue
         ratio = [a["step_time_s"] / b["step_time_s"] for a, b in zip(runs[name], runs["TRL"])]
-        verdict = "met" if max(ratio) <= 0.9 else ("met at the median" if statistics.median(ratio) <= 0.9 else "missed")
+        verdict = target_verdict(ratio, 0.9, at_most=True)
         lines.append(f"{name} / TRL step time: x{spread(ratio, '.2f')} per alternating pair -> target <= 0.9x {verdict}")
     lines.append("\nloss and grad norm (before clipping) per step, run 0 of each (step 1, the warm-up, trains too):")
     names = list(runs)

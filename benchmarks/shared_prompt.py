@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the `benchmarks` package (and rao_megatron) import from the root
 
-from benchmarks.common import spread  # noqa: E402
+from benchmarks.common import spread, target_verdict  # noqa: E402
 from benchmarks.packing import run_worker, summarize  # noqa: E402
 
 CONFIG = ROOT / "examples/configs/rao_smollm2_demo.yaml"
@@ -112,7 +112,7 @@ def render(runs: dict[str, list[dict]]) -> str:
                      f"{spread([r['step_time_s'] for r in rs], '.2f')} | {spread([r['peak_rss_gib'] for r in rs], '.2f')} |")
     pairs = list(zip(runs["unshared"], runs["shared"]))
     tps = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in pairs]
-    verdict = "met" if min(tps) >= TARGET else ("met at the median" if statistics.median(tps) >= TARGET else "missed")
+    verdict = target_verdict(tps, TARGET)
     worst = max(abs(x - y) / abs(y) for a, b in pairs for x, y in zip(b["losses"], a["losses"]))
     lines.append(f"\nshared / unshared sequence tokens/s x{spread(tps, '.2f')} -> target >= {TARGET}x {verdict}; "
                  f"losses agree to {worst:.1e} (relative, largest over the timed steps)")

@@ -28,6 +28,7 @@ collate functions' position lists costs one more per mask it needs: :func:`loss_
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -226,9 +227,9 @@ def _forward(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
         # the last stage returns [1, rows * seq_length, *]; earlier stages hand their activations on as they are
         return out.reshape(rows, seq_length, *out.shape[2:]) if unwrap_model(model).post_process else out
     mask = packed_attention_mask(batch["segment_ids"], batch.get("prefix_ids"))
-    if not batch.get("shared_prompts"):
-        return model(batch["tokens"], batch["position_ids"], mask, **_moe_padding_kwargs(model, batch, False))
-    with rope_at_positions(model, batch["position_ids"]):  # a response's positions continue from its prompt
+    # shared prompts: a response's positions continue from its prompt, not from its place in the row
+    positions = rope_at_positions(model, batch["position_ids"]) if batch.get("shared_prompts") else nullcontext()
+    with positions:
         return model(batch["tokens"], batch["position_ids"], mask, **_moe_padding_kwargs(model, batch, False))
 
 

@@ -142,10 +142,12 @@ def count_tokens(microbatches: Sequence[dict[str, torch.Tensor]]) -> tuple[int, 
     ``filled / slots`` is ``packing_efficiency``: the share of the micro-batches' ``rows x seq_length`` that
     holds data.
     """
-    real = sum(int(mb["seq_lengths"][mb["group_ids"] != PAD_GROUP].sum()) for mb in microbatches)
-    filled = sum(int((mb["segment_ids"] >= 0).sum()) if "segment_ids" in mb else
-                 int(mb["seq_lengths"][mb["group_ids"] != PAD_GROUP].sum()) for mb in microbatches)
-    slots = sum(int(mb["tokens"].numel()) for mb in microbatches)
+    real = filled = slots = 0
+    for mb in microbatches:
+        tokens = int(mb["seq_lengths"][mb["group_ids"] != PAD_GROUP].sum())
+        real += tokens
+        filled += int((mb["segment_ids"] >= 0).sum()) if "segment_ids" in mb else tokens  # padded: one per token
+        slots += int(mb["tokens"].numel())
     total_real, total_filled, total_slots = sum_over_data([real, filled, slots])
     return int(total_real), int(total_filled), int(total_slots)
 
