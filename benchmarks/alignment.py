@@ -23,13 +23,21 @@ Protocol (docs/benchmarks.md has the figures, docs/rao.md the RAO settings):
    the paper's UltraFeedback setting: of each RM-scored group only its best and its worst answer by the RM's
    score (``best_worst``, like binarized UltraFeedback; the continuous scores kept), ``--k2-epochs`` passes
    over them at the lower learning rates of ``RM_K2_GRIDS`` (the schedule ends at a tenth of its rate).
+   ``online`` -- the loop users of GRAO and online DPO run (``rao_megatron.cli.online``): from the same start,
+   ``--online-rounds`` rounds in which the current policy samples ``--k`` answers (temperature ``--temperature``)
+   to the next ``--online-prompts`` training-split prompts, the rule scores them and every group is trained once
+   (a pairwise loss: the groups whose rewards differ), one run across rounds (Adam state and LR schedule kept);
+   GRAO's y is the prompt's worked reference answer. 3 rounds × 32 prompts / 8 groups per step = the offline
+   settings' 12 steps. The reference model is the start (computed on the fly). The report adds each round's
+   mean sample reward and answer length.
 3. Tuning: each method trains once per point of its grid with the first seed, and the point with the best
    accuracy on the validation prompts is kept (first point on ties). Every method's grid has the same size in
    a setting (``--grid-points N``: the first N of each). ``rule`` tunes on ``GRIDS`` (learning rate × β, RAO's
    normalisation / Z0, SimPO's γ). ``rm`` keeps the point each method's rule-setting grid chose (the same
    model, data, steps and validation metric; only the reward source differs) unless ``--rm-grid`` asks for a
    grid of its own on ``GRIDS``: a second grid is nine more runs, which this 2-core box cannot fit beside the
-   seeds. ``rm_k2`` always tunes on ``RM_K2_GRIDS``, and the checkpoint with it, cheaply: a grid run saves a
+   seeds; ``online`` likewise keeps the rule grid's point unless ``--online-grid``. ``rm_k2`` always tunes on
+   ``RM_K2_GRIDS``, and the checkpoint with it, cheaply: a grid run saves a
    checkpoint after every epoch and answers the validation prompts with each; the (point, epoch) with the best
    validation accuracy is kept (first point, then earliest epoch, on ties). The seed runs train the same
    schedule and are judged (held-out answers, displacement probe) at that epoch's checkpoint, so choosing
@@ -42,7 +50,9 @@ Protocol (docs/benchmarks.md has the figures, docs/rao.md the RAO settings):
    answer (best reward, first on ties) of every training-split group whose rewards differ in that setting --
    the same answers for every method -- as the mean and the share made less likely; training wall time; a
    small summary of the training log (``metric_summary``: the ``log_z`` and ``tied_share`` metrics of every
-   step, the last step's ``ranking_accuracy``, ``tied_share``, ``displacement``...), so the figures quoted
+   step, the last step's ``ranking_accuracy``, ``tied_share``, ``displacement``...; an online run: each round's
+   mean sample reward, answer length and informative groups), the held-out answers' mean length (characters: a
+   collapse to bare digits shows there), so the figures quoted
    from the logs can be recomputed from ``result.json`` alone (runs stored before #29 lack it: "not kept").
    Informative group visits: how many of the run's steps × batch group visits went to a group whose rewards
    differ (``informative_visits``: from the per-step ``tied_share`` where the run kept it; every visit where the
@@ -107,7 +117,8 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "rao": [{"train.lr": 1e-5, "loss.beta": 0.1},
             {"train.lr": 1e-5, "loss.beta": 0.1, "loss.reward_normalization": "none", "loss.z0": 50.0},
             {"train.lr": 3e-6, "loss.beta": 0.1}],
-    "grao": [{"train.lr": 1e-5, "loss.beta": 0.5, "loss.lam": 0.6}, {"train.lr": 1e-5, "loss.beta": 0.5, "loss.lam": 0.3},
+    # GRAO (#30): β (the imitation weight) and the learning rate, at the paper's λ 0.6; worked reference answers
+    "grao": [{"train.lr": 1e-5, "loss.beta": 0.5, "loss.lam": 0.6}, {"train.lr": 1e-5, "loss.beta": 0.1, "loss.lam": 0.6},
              {"train.lr": 3e-6, "loss.beta": 0.5, "loss.lam": 0.6}],
 }
 
@@ -125,7 +136,7 @@ RM_K2_GRIDS: dict[str, list[dict[str, Any]]] = {
     "simpo": [_lower(3e-6, **{"loss.beta": 2.0, "loss.gamma": 1.0}), _lower(3e-6, **{"loss.beta": 2.0, "loss.gamma": 0.5}),
               _lower(1e-6, **{"loss.beta": 2.0, "loss.gamma": 1.0})],
     "rao": [_lower(3e-6, **{"loss.beta": 0.1}), _lower(3e-6, **{"loss.beta": 0.5}), _lower(1e-6, **{"loss.beta": 0.1})],
-    "grao": [_lower(3e-6, **{"loss.beta": 0.5, "loss.lam": 0.6}), _lower(3e-6, **{"loss.beta": 0.5, "loss.lam": 0.3}),
+    "grao": [_lower(3e-6, **{"loss.beta": 0.5, "loss.lam": 0.6}), _lower(3e-6, **{"loss.beta": 0.1, "loss.lam": 0.6}),
              _lower(1e-6, **{"loss.beta": 0.5, "loss.lam": 0.6})],
 }
 #: variants of a method (ablations; run only when named): the method's loss at the point its base method has in
@@ -141,7 +152,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # the same plus sg(Δ_P)
     "rao_sampled_prefix_logz": ("rao", {"loss.log_z": "sampled_prefix"}),
 }
-SETTING_METHODS = {"rule": "dpo,simpo,rpo,rao", "rm": "dpo,rpo,rao", "rm_k2": "dpo,rpo,rao"}
+SETTING_METHODS = {"rule": "dpo,simpo,rpo,rao,grao", "rm": "dpo,rpo,rao", "rm_k2": "dpo,rpo,rao",
+                   "online": "grao,rao,dpo"}
 
 
 def loss_of(method: str) -> str:
@@ -275,7 +287,10 @@ def answer(args: argparse.Namespace, model_dir: Path, prompts: Path, out: Path, 
 
 
 #: metrics whose value at the last step a run keeps (absent ones are left out: a pairwise loss has no log Z)
-LAST_STEP_METRICS = ("ranking_accuracy", "tied_share", "displacement", "tied/delta_r", "accuracy", "log_z")
+LAST_STEP_METRICS = ("ranking_accuracy", "tied_share", "displacement", "tied/delta_r", "accuracy", "log_z",
+                     # GRAO: its objective's three terms (the paper's loss decomposition), mean token log-probs
+                     "objective/exploration", "objective/imitation", "objective/alignment", "logps_mean/reference",
+                     "logps_mean/samples", "reward_mean")
 
 
 def metric_summary(records: list[dict]) -> dict[str, Any]:
@@ -293,6 +308,12 @@ def metric_summary(records: list[dict]) -> dict[str, Any]:
     if steps:
         out["last"] = {k: clean(steps[-1][k]) for k in LAST_STEP_METRICS if k in steps[-1]}
     return out
+
+
+def answer_length(path: Path) -> float:
+    """Mean length (characters) of the sampled answers in a generated file: a collapse to bare digits shows here."""
+    lengths = [len(y) for r in read_jsonl(path) for y in r["responses"]]
+    return sum(lengths) / len(lengths)
 
 
 def accuracy(scores: dict[str, list[int]]) -> float:
@@ -316,21 +337,25 @@ class Runner:
 
     def run(self, *, setting: str, method: str, point: dict[str, Any], seed: int, data: Path, eval_name: str,
             eval_prompts: Path, probe: tuple[Path, dict[int, float]] | None,
-            schedule: dict[str, Any] | None = None) -> dict | None:
+            schedule: dict[str, Any] | None = None, online: dict[str, int] | None = None) -> dict | None:
         """``probe``: the preferred answers and their start log-probs, measured at the (last) evaluated step (or
         None). ``schedule`` (setting ``rm_k2``): ``{"steps", "save_every", "eval_steps"}`` -- train ``steps``,
         save a checkpoint every ``save_every`` steps and answer ``eval_prompts`` with each checkpoint of
         ``eval_steps`` (the result's ``by_step``; its ``scores`` / ``accuracy`` are the last one's); None: the
-        run's ``--steps``, answered at the end."""
+        run's ``--steps``, answered at the end. ``online`` (setting ``online``): ``{"rounds", "prompts_per_round"}``
+        -- ``data`` is then a prompt file and the run is ``rao_megatron.cli.online`` from the start (the policy
+        samples ``--k`` answers per prompt at ``--temperature``, the rule scores them, every group is trained
+        once per round), answered with its last round's policy."""
         args = self.args
         ov = [f"loss.name={loss_of(method)}", *overrides_of(point)]
         steps = schedule["steps"] if schedule else args.steps
-        key = self.key(setting=setting, method=method, overrides=ov, seed=seed, steps=steps,
+        extra = {"schedule": schedule} if schedule else {"online": online} if online else {}
+        key = self.key(setting=setting, method=method, overrides=ov, seed=seed, steps=None if online else steps,
                        batch=args.global_batch_groups, data=file_hash(data), start=args.start_id,
                        eval=file_hash(eval_prompts), k=args.k, temperature=args.temperature,
                        max_new_tokens=args.max_new_tokens, probe=probe and file_hash(probe[0]),
-                       **({"schedule": schedule} if schedule else {}))  # absent: the earlier runs keep their keys
-        tag = f"{method}-{self.key(ov=ov, **({'schedule': schedule} if schedule else {}))[:8]}-s{seed}-{eval_name}"
+                       **extra)  # absent: the earlier runs keep their keys
+        tag = f"{method}-{self.key(ov=ov, **extra)[:8]}-s{seed}-{eval_name}"
         out = args.out / "runs" / setting / tag
         result_file = out / "result.json"
         if key in self.reuse:
@@ -345,19 +370,33 @@ class Runner:
             return None  # --report: what is finished only
         print(f"\n=== {setting}: {tag} ({' '.join(ov)}) ===", flush=True)
         out.mkdir(parents=True, exist_ok=True)
-        train_dir = fresh_dir(out / "train")
-        overrides = [*ov, f"model.init_checkpoint={self.start_ckpt}", f"data.train_path={data}",
-                     f"data.reference_cache={self.reference_cache}", "data.eval_fraction=0",
-                     f"data.seed={seed}", f"train.seed={seed}", f"train.steps={steps}",
-                     f"train.global_batch_groups={args.global_batch_groups}", "train.eval_every=0",
-                     f"train.output_dir={train_dir}"]
-        if schedule:
-            overrides += [f"checkpoint.save_every={schedule['save_every']}",
-                          f"checkpoint.keep_last={steps // schedule['save_every']}"]
-        else:
-            overrides += ["checkpoint.keep_last=1"]
+        common = [*ov, "data.eval_fraction=0", f"data.seed={seed}",
+                  f"train.global_batch_groups={args.global_batch_groups}", "train.eval_every=0"]
         t0 = time.time()
-        run_command(torchrun_module(args.procs, "rao_megatron.cli.train", "--config", CONFIG, *overrides))
+        if online:
+            online_dir = fresh_dir(out / "online")
+            train_dir = online_dir / "train"
+            # the reference is the start model, computed on the fly (each round's samples are new sequences)
+            overrides = [*common, "train.reference=on_the_fly", "checkpoint.keep_last=1"]
+            run_command(python_module(
+                "rao_megatron.cli.online", "--config", CONFIG, "--prompts", data, "--hf", REPO / ".cache/smollm2-hf",
+                "--start", self.start_ckpt, "--out", online_dir, "--rounds", online["rounds"],
+                "--prompts-per-round", online["prompts_per_round"], "--reward-fn", RULE, "--n", args.k,
+                "--max-new-tokens", args.max_new_tokens, "--temperature", args.temperature, "--backend", "hf",
+                "--procs", args.procs, "--seed", seed, "--train-seed", seed, *overrides))
+            rounds = read_jsonl(online_dir / "rounds.jsonl")
+            steps = sum(r["steps"] for r in rounds)
+        else:
+            train_dir = fresh_dir(out / "train")
+            overrides = [*common, f"model.init_checkpoint={self.start_ckpt}", f"data.train_path={data}",
+                         f"data.reference_cache={self.reference_cache}", f"train.seed={seed}", f"train.steps={steps}",
+                         f"train.output_dir={train_dir}"]
+            if schedule:
+                overrides += [f"checkpoint.save_every={schedule['save_every']}",
+                              f"checkpoint.keep_last={steps // schedule['save_every']}"]
+            else:
+                overrides += ["checkpoint.keep_last=1"]
+            run_command(torchrun_module(args.procs, "rao_megatron.cli.train", "--config", CONFIG, *overrides))
         train_seconds = time.time() - t0
         import yaml
 
@@ -372,6 +411,11 @@ class Runner:
         eval_steps = schedule["eval_steps"] if schedule else [steps]
         # the checkpoint of a step: training/checkpoint.py's step_dir (not imported: it loads Megatron)
         at = {s: ckpt / f"step_{s:07d}" if schedule else ckpt for s in eval_steps}
+        if online:
+            result["rounds"] = [{**r, "informative_groups": sum(differs(g) for g in read_jsonl(
+                online_dir / f"round_{r['round']}" / "train_groups.jsonl"))} for r in rounds]
+            result["rounds"] = [{k: v for k, v in r.items() if k != "checkpoint"} for r in result["rounds"]]
+            at = {steps: ckpt if steps else self.start_ckpt}
         if probe:
             now = forward_logps(args, at[eval_steps[-1]], probe[0], out / "probe_end.safetensors")
             deltas = [now[k] - probe[1][k] for k in probe[1]]
@@ -380,20 +424,23 @@ class Runner:
                                "share_lowered": sum(d < 0 for d in deltas) / len(deltas)}
         hf = out / "hf"
         for s in eval_steps:
-            fresh_dir(hf)
-            run_command(python_module("rao_megatron.cli.convert", "megatron-to-hf", "--megatron", at[s], "--out", hf,
-                                      "--no-progress"))
+            if online:  # the last round's export (or the start when no round trained)
+                hf = (online_dir / "final_hf").resolve()
+            else:
+                fresh_dir(hf)
+                run_command(python_module("rao_megatron.cli.convert", "megatron-to-hf", "--megatron", at[s], "--out",
+                                          hf, "--no-progress"))
             name = f"{eval_name}_answers.jsonl" if not schedule else f"{eval_name}_answers_step{s}.jsonl"
             scores = answer(args, hf, eval_prompts, out / name, seed)
-            result.update({"scores": scores, "accuracy": accuracy(scores)})
+            result.update({"scores": scores, "accuracy": accuracy(scores), "answer_length": answer_length(out / name)})
             if schedule:
                 result["eval_step"] = s
                 result.setdefault("by_step", {})[str(s)] = {"accuracy": accuracy(scores), "scores": scores}
         result_file.write_text(json.dumps(result, indent=1) + "\n")
         keep(args, result_file)
         if not args.keep:
-            shutil.rmtree(hf, ignore_errors=True)
-            shutil.rmtree(ckpt, ignore_errors=True)
+            for path in (out / "hf", ckpt, *((out / "online").glob("round_*/hf") if online else ())):
+                shutil.rmtree(path, ignore_errors=True)
         return result
 
 
@@ -523,6 +570,12 @@ def summarise(setting: str, finals: dict[str, list[dict]], tuned: dict[str, dict
                "train_seconds": sum(r["train_seconds"] for r in runs) / len(runs)}
         if "eval_step" in tuned[m]:
             row["eval_step"] = tuned[m]["eval_step"]
+        if all("answer_length" in r for r in runs):
+            row["answer_length"] = sum(r["answer_length"] for r in runs) / len(runs)
+        if all("rounds" in r for r in runs):  # online: each round's mean sample reward and length over the seeds
+            row["rounds"] = [{k: sum(r["rounds"][i][k] for r in runs) / len(runs)
+                              for k in ("sample_reward", "answer_length", "steps")}
+                             for i in range(min(len(r["rounds"]) for r in runs))]
         if visits and m in visits:
             row["informative_visits"], row["informative_visits_how"] = visits[m]
         if all("probe" in r for r in runs):
@@ -574,9 +627,9 @@ def _ci(ci: list[float] | None, fmt: str = ".3f") -> str:
 def table(summary: dict) -> str:
     """The setting's main table: accuracy and RAO − method with the two-level (seeds × prompts) interval."""
     lines = ["| method | seeds | kept point (validation accuracy) | groups trained on | informative group visits | "
-             "held-out accuracy [95% CI, seeds × prompts] | RAO − method [95% CI, seeds × prompts] | "
-             "y_w made less likely (mean ± 95% CI over seeds) | mean Δ_R(y_w) | last step: ranking accuracy; "
-             "tied share; log Z moved | train time / run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "held-out accuracy [95% CI, seeds × prompts] | answer length (chars) | RAO − method [95% CI, seeds × "
+             "prompts] | y_w made less likely (mean ± 95% CI over seeds) | mean Δ_R(y_w) | last step: ranking "
+             "accuracy; tied share; log Z moved | train time / run |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in summary["methods"].items():
         point = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in r["point"].items())
         diff = r.get("rao_minus_this")
@@ -589,6 +642,7 @@ def table(summary: dict) -> str:
         share_s = "—" if not share else f"{100 * share['mean']:.0f}%" + (
             "" if math.isnan(share["ci95"]) else f" ± {100 * share['ci95']:.0f}")
         dr = f"{r['mean_delta_r']:+.2f}" if "mean_delta_r" in r else "—"
+        length_s = f"{r['answer_length']:.1f}" if "answer_length" in r else "— (not kept)"
         where = "" if r.get("tuned_in", summary["setting"]) == summary["setting"] else f", {r['tuned_in']} grid"
         where += f", step {r['eval_step']}" if "eval_step" in r else ""
         whose = f"{VARIANTS[m][0]}'s " if m in VARIANTS else ""  # a variant is not validated on its own
@@ -603,7 +657,8 @@ def table(summary: dict) -> str:
         else:
             last_s = "— (not kept)"
         lines.append(f"| {m} | {len(r['seeds'])} | {point} ({whose}{r['validation']:.3f}{where}) | {r['groups_used']} | "
-                     f"{visits} | {r['accuracy']:.3f} {_ci(r.get('ci_two_level'))} | {diff_s} | {share_s} | {dr} | "
+                     f"{visits} | {r['accuracy']:.3f} {_ci(r.get('ci_two_level'))} | {length_s} | "
+                     f"{diff_s} | {share_s} | {dr} | "
                      f"{last_s} | {r['train_seconds']:.0f} s |")
     return "\n".join(lines)
 
@@ -623,6 +678,20 @@ def interval_table(summary: dict) -> str:
             d_s = "— | — | — | — | —"
         lines.append(f"| {m} | {r['accuracy']:.3f} | {_ci(r['ci'])} | {_ci(r.get('ci_two_level'))} | "
                      f"{_ci(r.get('ci_t'))} | {d_s} |")
+    return "\n".join(lines)
+
+
+def rounds_table(summary: dict) -> str:
+    """Online setting: each round's mean reward and length of the policy's own samples (means over the seeds)."""
+    rows = {m: r["rounds"] for m, r in summary["methods"].items() if r.get("rounds")}
+    if not rows:
+        return ""
+    n = max(len(x) for x in rows.values())
+    lines = ["| method | " + " | ".join(f"round {i + 1}: sample reward, length" for i in range(n)) + " |",
+             "|---|" + "---|" * n]
+    for m, rounds in rows.items():
+        cells = [f"{x['sample_reward']:.3f}, {x['answer_length']:.1f}" for x in rounds] + ["—"] * (n - len(rounds))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -706,15 +775,19 @@ def reward_model_groups(args: argparse.Namespace, train: Path, validation: Path,
 
 
 def run_setting(args: argparse.Namespace, runner: Runner, setting: str, data: Path, validation_prompts: Path,
-                heldout: Path, prompts: dict[str, dict], kept: dict[str, dict] | None = None) -> tuple[dict, dict]:
-    """``kept``: tuned points to take over (method -> the other setting's grid result) instead of a grid here."""
-    own = {"rm": getattr(args, "rm_methods", None), "rm_k2": getattr(args, "rm_k2_methods", None)}.get(setting)
+                heldout: Path, prompts: dict[str, dict], kept: dict[str, dict] | None = None,
+                groups_file: Path | None = None) -> tuple[dict, dict]:
+    """``kept``: tuned points to take over (method -> the other setting's grid result) instead of a grid here.
+    ``online``: ``data`` is the training split's prompt file and ``groups_file`` the start model's groups of those
+    prompts (the rule setting's data: the preferred answers of the displacement probe, the tied counts)."""
+    own = getattr(args, f"{setting}_methods", None)
     asked = own or args.methods or SETTING_METHODS[setting]
     methods = [m.strip() for m in asked.split(",") if m.strip()]
-    groups = read_jsonl(data)
+    online = {"rounds": args.online_rounds, "prompts_per_round": args.online_prompts} if setting == "online" else None
+    groups = read_jsonl(groups_file or data)
     grao_data = write_jsonl(with_reference(groups, prompts), args.out / f"{setting}_train_grao.jsonl") \
-        if "grao" in methods else None
-    data_for = {m: grao_data if m == "grao" else data for m in methods}
+        if "grao" in methods and not online else None
+    data_for = {m: grao_data if m == "grao" and grao_data else data for m in methods}
     probe_file = write_jsonl(preferred_probe(groups), args.out / f"{setting}_probe_preferred.jsonl")
     probe = (probe_file, {} if args.report else
              forward_logps(args, runner.start_ckpt, probe_file, args.out / f"{setting}_probe_start.safetensors"))
@@ -730,7 +803,7 @@ def run_setting(args: argparse.Namespace, runner: Runner, setting: str, data: Pa
             continue
         scored = []  # (validation accuracy, point, the step validated or None)
         for point in grids[m][: args.grid_points]:
-            kw = {"schedule": {**schedule, "eval_steps": every_epoch}} if schedule else {}
+            kw = {"schedule": {**schedule, "eval_steps": every_epoch}} if schedule else {"online": online}
             r = runner.run(setting=setting, method=m, point=point, seed=args.seed_list[0], data=data_for[m],
                            eval_name="validation", eval_prompts=validation_prompts, probe=None, **kw)
             if r is None:
@@ -759,7 +832,7 @@ def run_setting(args: argparse.Namespace, runner: Runner, setting: str, data: Pa
     finals: dict[str, list[dict]] = {m: [] for m in tuned}
     for s in args.seed_list:
         for m in tuned:
-            kw = {"schedule": {**schedule, "eval_steps": [tuned[m]["eval_step"]]}} if schedule else {}
+            kw = {"schedule": {**schedule, "eval_steps": [tuned[m]["eval_step"]]}} if schedule else {"online": online}
             r = runner.run(setting=setting, method=m, point=tuned[m]["point"], seed=s, data=data_for[m],
                            eval_name="heldout", eval_prompts=heldout, probe=probe, **kw)
             if r is not None:
@@ -771,6 +844,10 @@ def run_setting(args: argparse.Namespace, runner: Runner, setting: str, data: Pa
     used = {m: n_differ if drops_tied(m, tuned[m]["point"]) else len(groups) for m in finals}
     visits = {}
     for m, runs in finals.items():
+        if online:  # every round trains each of its groups once: its informative groups are counted
+            used[m] = round(sum(online_groups(r, drops_tied(m, tuned[m]["point"])) for r in runs) / len(runs))
+            visits[m] = (sum(sum(x["informative_groups"] for x in r["rounds"]) for r in runs) / len(runs), "rounds")
+            continue
         each = [informative_visits(r, groups=len(groups), differing=n_differ, drops_tied=drops_tied(
             m, tuned[m]["point"]), steps=schedule["steps"] if schedule else args.steps,
             batch=args.global_batch_groups) for r in runs]
@@ -784,7 +861,15 @@ def run_setting(args: argparse.Namespace, runner: Runner, setting: str, data: Pa
     summary["probe_answers"] = len(read_jsonl(probe_file))
     if schedule:
         summary["schedule"] = schedule
+    if online:
+        summary["online"] = online
     return summary, finals
+
+
+def online_groups(run: dict, drops: bool) -> int:
+    """Groups an online run trained on over its rounds: all of them, or where the loss drops tied groups the
+    informative ones."""
+    return sum(x["informative_groups"] if drops else x["groups"] for x in run["rounds"])
 
 
 def tied_detail(summary: dict) -> str:
@@ -800,9 +885,11 @@ def main() -> int:
     p.add_argument("--demo", default=str(REPO / "runs/demo"), help="the quick-start's run directory")
     p.add_argument("--out", default=str(REPO / "runs/alignment"))
     p.add_argument("--reuse", default=None, help="take finished runs with the same key from this directory")
-    p.add_argument("--settings", default="rule,rm,rm_k2", help="rule (0/1 rewards), rm (Bradley–Terry scores), "
-                   "rm_k2 (the best and worst answer of each group by those scores, several epochs)")
-    p.add_argument("--methods", default=None, help="comma list; default rule: dpo,simpo,rpo,rao; rm: dpo,rpo,rao")
+    p.add_argument("--settings", default="rule,rm,rm_k2,online", help="rule (0/1 rewards), rm (Bradley–Terry "
+                   "scores), rm_k2 (the best and worst answer of each group by those scores, several epochs), online "
+                   "(rounds of sampling with the policy itself, rule rewards)")
+    p.add_argument("--methods", default=None, help="comma list; default rule: dpo,simpo,rpo,rao,grao; rm and rm_k2: "
+                   "dpo,rpo,rao; online: grao,rao,dpo")
     p.add_argument("--seeds", type=int, default=5, help="seeds per tuned method (1234, 1235, ...)")
     p.add_argument("--grid-points", type=int, default=99, help="first N points of each method's grid (every "
                    "method's grid has the same size in every setting)")
@@ -815,6 +902,13 @@ def main() -> int:
                    "method keeps the point its rule-setting grid chose, when that setting runs first)")
     p.add_argument("--rm-k2-methods", default=None, help="the rm_k2 setting's methods (default: --methods, else "
                    "dpo,rpo,rao); it always tunes on its own grids (RM_K2_GRIDS)")
+    p.add_argument("--online-methods", default=None, help="the online setting's methods (default: --methods, "
+                   "else grao,rao,dpo)")
+    p.add_argument("--online-grid", action="store_true", help="tune the online setting on its own grid (default: "
+                   "each method keeps the point its rule-setting grid chose, when that setting runs first)")
+    p.add_argument("--online-rounds", type=int, default=3, help="online: rounds of sample -> score -> update")
+    p.add_argument("--online-prompts", type=int, default=32, help="online: training prompts sampled per round "
+                   "(the next ones each round); 3 rounds x 32 prompts / 8 groups per step = the offline 12 steps")
     p.add_argument("--k2-epochs", type=int, default=3, help="rm_k2: passes over the training groups; a checkpoint "
                    "after each, the one with the best validation accuracy (first seed, grid runs) is kept")
     p.add_argument("--rm-steps", type=int, default=30)
@@ -835,7 +929,7 @@ def main() -> int:
     if unknown := sorted(set(settings) - set(SETTING_METHODS)):
         p.error(f"unknown settings {unknown}; choose from {', '.join(SETTING_METHODS)}")
     for flag, value in (("--methods", args.methods), ("--rm-methods", args.rm_methods),
-                        ("--rm-k2-methods", args.rm_k2_methods)):
+                        ("--rm-k2-methods", args.rm_k2_methods), ("--online-methods", args.online_methods)):
         if value and (unknown := sorted({m.strip() for m in value.split(",")} - set(GRIDS) - set(VARIANTS))):
             p.error(f"{flag}: unknown methods {unknown}; choose from {', '.join([*GRIDS, *VARIANTS])}")
     if args.report and not args.reuse:
@@ -873,7 +967,10 @@ def main() -> int:
     train_file, validation_file = inputs / "train_rule.jsonl", inputs / "validation_rule.jsonl"
     validation_prompts = inputs / "validation_prompts.jsonl"
     train, validation = read_jsonl(train_file), read_jsonl(validation_file)
-    for f in (train_file, validation_file, validation_prompts):
+    train_prompts = inputs / "train_prompts.jsonl"  # the online setting's prompts: the training split's
+    if not train_prompts.is_file():
+        write_jsonl([prompts[str(g["id"])] for g in train], train_prompts)
+    for f in (train_file, validation_file, validation_prompts, train_prompts):
         keep(args, f)
     heldout = data_dir / "heldout_prompts.jsonl"
     # the reference log-probs of the training split (RM-scored copies have the same sequences: same cache)
@@ -899,10 +996,12 @@ def main() -> int:
         if setting == "rm_k2":
             data = write_jsonl(best_worst(read_jsonl(data)), args.out / "rm" / "train_rm_k2.jsonl")
             keep(args, data)
-        kept = None
-        if setting == "rm" and not args.rm_grid:
+        kept, groups_file = None, None
+        if setting == "rm" and not args.rm_grid or setting == "online" and not args.online_grid:
             kept = next((s["grids"] for s in summaries if s["setting"] == "rule"), None)
-        summary, _ = run_setting(args, runner, setting, data, validation_prompts, heldout, prompts, kept)
+        if setting == "online":
+            data, groups_file = train_prompts, train_file
+        summary, _ = run_setting(args, runner, setting, data, validation_prompts, heldout, prompts, kept, groups_file)
         summaries.append(summary)
     result = {"start": start, "settings": summaries, "rm": rm_report, "seeds": args.seed_list, "steps": args.steps,
               "grid_points": args.grid_points, "k2_epochs": args.k2_epochs,
@@ -913,7 +1012,9 @@ def main() -> int:
     (args.out / "alignment.json").write_text(json.dumps(result, indent=1) + "\n")
     md = "\n\n".join(f"**{s['setting']} rewards** ({s['train_groups']} training groups, {s['tied_groups']} of them "
                      f"tied{tied_detail(s)})\n\n{table(s)}\n\nintervals (95%; RAO − method paired):\n\n"
-                     f"{interval_table(s)}" for s in summaries if s.get("train_groups"))
+                     f"{interval_table(s)}" + (f"\n\nonline rounds (means over seeds):\n\n{rounds_table(s)}"
+                                               if rounds_table(s) else "")
+                     for s in summaries if s.get("train_groups"))
     md += f"\n\nstart model held-out accuracy {start['accuracy']:.3f}; wall time {result['wall_seconds'] / 60:.0f} min"
     (args.out / "alignment.md").write_text(md + "\n")
     plot(summaries, start, args.out / "alignment.png")

@@ -12,8 +12,13 @@ from benchmarks import alignment as bench
 
 def _groups(n: int) -> list[dict]:
     # every third group is tied (all answers wrong): the split must keep those on both sides
-    return [{"id": f"p{i}", "prompt": f"q{i}", "responses": ["a", "b", "c"],
+    return [{"id": f"p{i}", "prompt": f"q{i}", "answer": "1", "responses": ["a", "b", "c"],
              "rewards": [0.0, 0.0, 0.0] if i % 3 == 0 else [0.0, 1.0, 1.0]} for i in range(n)]
+
+
+def _prompts(n: int) -> dict[str, dict]:
+    """The prompt rows of ``_groups(n)``, each with a worked reference answer (GRAO's y)."""
+    return {f"p{i}": {"id": f"p{i}", "prompt": f"q{i}", "answer": "1", "reference": "0 + 1 = 1"} for i in range(n)}
 
 
 def test_split_is_by_prompt_before_filtering_and_seeded():
@@ -72,12 +77,20 @@ class _FakeRunner:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, dict, int, str]] = []
         self.schedules: list[dict | None] = []
+        self.online: list[tuple[dict | None, Path]] = []
 
-    def run(self, *, setting, method, point, seed, data, eval_name, eval_prompts, probe, schedule=None):
+    def run(self, *, setting, method, point, seed, data, eval_name, eval_prompts, probe, schedule=None, online=None):
         self.calls.append((setting, method, point, seed, eval_name))
         self.schedules.append(schedule)
+        self.online.append((online, data))
         acc = 0.9 if point.get("train.lr") == 3e-6 else 0.5
         r = _run(seed, {"p0": [1, 0], "p1": [int(seed % 2), 1]}, 0.1) | {"accuracy": acc}
+        if online:  # two rounds of 4 groups, 3 and then 1 of them informative; answers getting longer
+            r["rounds"] = [{"round": 1, "sample_reward": 0.25, "answer_length": 10.0, "steps": 2, "groups": 4,
+                            "informative_groups": 3},
+                           {"round": 2, "sample_reward": 0.5 + seed, "answer_length": 12.0, "steps": 2, "groups": 4,
+                            "informative_groups": 1}]
+            r["answer_length"] = 11.0 + seed
         if schedule:  # validation at each step: best at the second checkpoint for β 0.5
             best = schedule["eval_steps"][1] if point.get("loss.beta") == 0.5 and len(schedule["eval_steps"]) > 1 \
                 else None
@@ -115,8 +128,8 @@ def test_a_variant_trains_at_its_base_methods_point_without_a_grid(tmp_path, mon
                           "global_batch_groups": 8})()
     data = bench.write_jsonl(_groups(6), tmp_path / "train.jsonl")
     rule_runner = _FakeRunner()
-    rule, _ = bench.run_setting(args, rule_runner, "rule", data, tmp_path / "v", tmp_path / "h", {})
-    assert set(rule["methods"]) == {"dpo", "simpo", "rpo", "rao"}  # --rm-methods leaves the rule setting alone
+    rule, _ = bench.run_setting(args, rule_runner, "rule", data, tmp_path / "v", tmp_path / "h", _prompts(6))
+    assert set(rule["methods"]) == {"dpo", "simpo", "rpo", "rao", "grao"}  # --rm-methods leaves rule alone
     rm_runner = _FakeRunner()
     rm, _ = bench.run_setting(args, rm_runner, "rm", data, tmp_path / "v", tmp_path / "h", {}, rule["grids"])
     assert [c[4] for c in rm_runner.calls] == ["heldout", "heldout"]  # no grid: the kept points
@@ -269,6 +282,36 @@ def test_rm_k2_tunes_point_and_checkpoint_on_validation(tmp_path, monkeypatch):
     assert k2["methods"]["rao_drop_tied"]["groups_used"] == 4 and k2["methods"]["rao"]["groups_used"] == 6
     assert k2["methods"]["rao_drop_tied"]["informative_visits"] == (18.0) and \
         k2["methods"]["rao"]["informative_visits"] == pytest.approx(18 * 4 / 6)
+
+
+def test_online_setting_keeps_rule_points_trains_on_prompts_and_counts_rounds(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "forward_logps", lambda *a, **k: {0: -1.0})
+    args = type("A", (), {"out": tmp_path, "methods": None, "online_methods": "grao,dpo", "report": False,
+                          "grid_points": 99, "seed_list": [1, 2], "bootstrap": 50, "steps": 12,
+                          "global_batch_groups": 8, "online_rounds": 2, "online_prompts": 4})()
+    groups = bench.write_jsonl(_groups(6), tmp_path / "train.jsonl")
+    prompts = bench.write_jsonl(list(_prompts(6).values()), tmp_path / "prompts.jsonl")
+    rule_runner = _FakeRunner()
+    rule, _ = bench.run_setting(args, rule_runner, "rule", groups, tmp_path / "v", tmp_path / "h", _prompts(6))
+    grao_data = {d for (o, d), c in zip(rule_runner.online, rule_runner.calls) if c[1] == "grao"}
+    assert len(grao_data) == 1 and all(  # offline GRAO trains on the groups with the prompt's reference added
+        r["reference"] == "0 + 1 = 1" and r["reference_reward"] == 1.0 for r in bench.read_jsonl(grao_data.pop()))
+    assert rule["grids"]["grao"]["point"] == bench.GRIDS["grao"][2]  # GRAO tuned on its own grid (lr 3e-6 best)
+    runner = _FakeRunner()
+    online, _ = bench.run_setting(args, runner, "online", prompts, tmp_path / "v", tmp_path / "h", {},
+                                  rule["grids"], groups_file=groups)
+    assert [c[4] for c in runner.calls] == ["heldout"] * 4  # the rule grid's points: no grid of its own
+    assert all(o == ({"rounds": 2, "prompts_per_round": 4}, prompts) for o in runner.online)  # prompts, not groups
+    assert all(c[2] == rule["grids"][c[1]]["point"] for c in runner.calls)
+    grao, dpo = online["methods"]["grao"], online["methods"]["dpo"]
+    # trained on: GRAO every group of both rounds (8), DPO only the informative ones (3 + 1); visits: informative
+    assert grao["groups_used"] == 8 and dpo["groups_used"] == 4
+    assert grao["informative_visits"] == 4 and grao["informative_visits_how"] == "rounds"
+    assert online["tied_groups"] == 2 and online["probe_answers"] == 4  # from the start model's groups
+    # means over the seeds: round 2's reward is 0.5 + seed -> 2.0; the held-out answer length 11 + seed -> 12.5
+    assert grao["rounds"][1]["sample_reward"] == pytest.approx(2.0) and grao["answer_length"] == pytest.approx(12.5)
+    assert "| grao | 0.250, 10.0 | 2.000, 12.0 |" in bench.rounds_table(online)
+    assert "| 12.5 |" in bench.table(online)
 
 
 def test_a_method_with_fewer_seeds_is_compared_on_the_seeds_both_have():
