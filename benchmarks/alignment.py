@@ -199,6 +199,27 @@ def file_hash(path: Path) -> str:
 # data
 # ------------------------------------------------------------------------------------------------------------
 
+def task_prompts(path: Path) -> dict[str, dict]:
+    """The demo's training prompts by id, each with the task's reference answer as the code writes it today (a
+    worked answer, "7 times 6 = 42", since #30): a run directory made before that holds bare numbers, which
+    GRAO would imitate. A prompt the task does not know, or one whose other fields differ, is an error."""
+    from rao_megatron.tasks.arithmetic import all_problems
+
+    task = {r["id"]: r for r in all_problems()}
+    out, stale = {}, 0
+    for r in read_jsonl(path):
+        now = task.get(str(r["id"]))
+        if now is None or {k: v for k, v in r.items() if k != "reference"} != {k: v for k, v in now.items()
+                                                                                if k != "reference"}:
+            raise SystemExit(f"alignment benchmark: {path}: prompt {r['id']!r} is not the arithmetic task's")
+        stale += r.get("reference") != now["reference"]
+        out[str(r["id"])] = now
+    if stale:
+        print(f"{path}: {stale} of {len(out)} reference answers predate the task's worked answers; using the "
+              "task's", flush=True)
+    return out
+
+
 def split_groups(groups: list[dict], n_validation: int, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, validation) by prompt id, by a seeded shuffle of every group -- before any filtering."""
     order = sorted(groups, key=lambda g: str(g["id"]))
@@ -949,7 +970,7 @@ def main() -> int:
     from rao_megatron.training.reference_cache import checkpoint_content_id
 
     args.start_id = checkpoint_content_id(REPO / ".cache/smollm2-hf")  # the start's weights (converted exactly)
-    prompts = {str(r["id"]): r for r in read_jsonl(data_dir / "train_prompts_grao.jsonl")}
+    prompts = task_prompts(data_dir / "train_prompts_grao.jsonl")
     inputs = args.out / "inputs"
     inputs.mkdir()
     earlier = Path(args.reuse) / "inputs" if args.reuse else None
@@ -967,9 +988,8 @@ def main() -> int:
     train_file, validation_file = inputs / "train_rule.jsonl", inputs / "validation_rule.jsonl"
     validation_prompts = inputs / "validation_prompts.jsonl"
     train, validation = read_jsonl(train_file), read_jsonl(validation_file)
-    train_prompts = inputs / "train_prompts.jsonl"  # the online setting's prompts: the training split's
-    if not train_prompts.is_file():
-        write_jsonl([prompts[str(g["id"])] for g in train], train_prompts)
+    # the online setting's prompts: the training split's, from the task (not the earlier run's copy)
+    train_prompts = write_jsonl([prompts[str(g["id"])] for g in train], inputs / "train_prompts.jsonl")
     for f in (train_file, validation_file, validation_prompts, train_prompts):
         keep(args, f)
     heldout = data_dir / "heldout_prompts.jsonl"

@@ -325,3 +325,15 @@ def test_a_method_with_fewer_seeds_is_compared_on_the_seeds_both_have():
     assert d["seeds"] == [1] and d["mean"] == pytest.approx(-0.5)  # seed 1: 0.5 − 1.0, not RAO's two-seed mean
     assert d["ci_two_level"] == pytest.approx([-0.5, -0.5]) and d["ci"] == pytest.approx([-0.5, -0.5])
     assert "(1 common seed)" in bench.table(s)
+
+
+def test_task_prompts_take_the_tasks_worked_reference_answers(tmp_path, capsys):
+    from rao_megatron.tasks.arithmetic import all_problems
+
+    rows = all_problems()[:3]
+    stale = [{**r, "reference": str(r["answer"])} for r in rows]  # a run directory made before #30
+    prompts = bench.task_prompts(bench.write_jsonl(stale, tmp_path / "p.jsonl"))
+    assert [prompts[r["id"]]["reference"] for r in rows] == [r["reference"] for r in rows]
+    assert " = " in rows[0]["reference"] and "3 of 3 reference answers predate" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not the arithmetic task's"):
+        bench.task_prompts(bench.write_jsonl([{**rows[0], "answer": -1}], tmp_path / "q.jsonl"))
