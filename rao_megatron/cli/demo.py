@@ -1,7 +1,7 @@
 """The quick-start: the whole RAO pipeline on a real chat model on a CPU box (``make demo``).
 
     python -m rao_megatron.cli.demo                      # runs/demo; ~10-15 minutes on 2 CPU cores
-    python -m rao_megatron.cli.demo --online             # + two rounds of online GRAO from the same start
+    python -m rao_megatron.cli.demo --online             # + four rounds of online GRAO from the same start
     python -m rao_megatron.cli.demo --lora               # + RAO training LoRA adapters only, beside full RAO
     python -m rao_megatron.cli.demo --from train         # redo from a stage on (and everything after it)
 
@@ -20,7 +20,9 @@ Stages (each a command of this package, with its own progress bar; a finished st
 10. evaluate   accuracy before / after (python -m rao_megatron.cli.evaluate)
 
 ``--online`` adds the stage ``online``: GRAO rounds (sample with the current policy -> rule rewards ->
-GRAO update with the reference answer in every group), answered and evaluated beside RAO.
+GRAO update with the worked reference answer in every group), answered and evaluated beside RAO. Each round
+takes the next 32 training prompts (``--prompts-per-round``), so the default 4 rounds train 16 steps of 8
+groups, as RAO's train stage does, with one optimizer and LR schedule across the rounds.
 
 ``--lora`` adds the stages ``lora_train`` (the same RAO run from the same start, training LoRA adapters on a
 frozen base: ``LORA_OVERRIDES``; its reference is the base itself, adapters switched off, so it needs no cache),
@@ -75,7 +77,8 @@ class Settings:
     temperature: float = 0.8
     procs: int = 2             # torchrun processes (the config's TP x PP x DP)
     seed: int = 0
-    online_rounds: int = 2
+    online_rounds: int = 4
+    online_prompts: int = 32   # prompts per online round: 4 x 32 / 8 groups per step = RAO's 16 steps
     overrides: tuple[str, ...] = ()
 
     @property
@@ -202,8 +205,8 @@ def stage_online(s: Settings) -> None:
     run_command(python_module("rao_megatron.cli.online", "--config", REPO / "examples/configs/grao_smollm2_online.yaml",
                  "--prompts", s.data / "train_prompts_grao.jsonl", "--hf", s.hf, "--start", s.p("start_megatron"),
                  "--out", s.p("grao_online"), "--rounds", s.online_rounds, "--reward-fn", REWARD_FN,
-                 "--n", s.k, "--max-new-tokens", s.max_new_tokens, "--temperature", s.temperature,
-                 "--procs", s.procs, "--seed", s.seed))
+                 "--prompts-per-round", s.online_prompts, "--n", s.k, "--max-new-tokens", s.max_new_tokens,
+                 "--temperature", s.temperature, "--procs", s.procs, "--seed", s.seed))
     _generate(s, s.p("grao_online", "final_hf"), s.data / "heldout_prompts.jsonl",
               s.p("answers", "grao_online.jsonl"), seed=s.seed + 1)
     _evaluate(s, _answer_sets(s))
@@ -304,7 +307,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="start_from", metavar="STAGE", help="redo this stage and every later one")
     p.add_argument("--until", metavar="STAGE", help="stop after this stage")
     p.add_argument("--online", action="store_true", help="also run GRAO online rounds and evaluate them")
-    p.add_argument("--rounds", type=int, default=2, help="GRAO online rounds (with --online)")
+    p.add_argument("--rounds", type=int, default=4, help="GRAO online rounds (with --online)")
+    p.add_argument("--prompts-per-round", type=int, default=32, help="training prompts sampled and trained per "
+                                                                     "online round (with --online)")
     p.add_argument("--lora", action="store_true", help="also train RAO with LoRA adapters (merged on export) and "
                                                        "evaluate it beside RAO")
     p.add_argument("--heldout", type=int, default=40, help="held-out prompts")
@@ -318,6 +323,7 @@ def parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     s = Settings(out=Path(args.out).resolve(), hf=Path(args.hf).resolve(), config=Path(args.config).resolve(),
                  heldout=args.heldout, k=args.k, procs=args.procs, online_rounds=args.rounds,
+                 online_prompts=args.prompts_per_round,
                  overrides=tuple(args.overrides))
     extras = [name for name in ("online", "lora") if getattr(args, name)]
     return run_chain(lambda: run_demo(s, start_from=args.start_from, extras=extras, until=args.until))

@@ -108,3 +108,21 @@ def test_demo_lora_flag_adds_the_lora_stages_and_the_table_row(tmp_path, monkeyp
     assert [label for label, _ in demo._answer_sets(s)] == ["start (SmolLM2-135M-Instruct)", "RAO"]
     s.p("answers", "rao_lora.jsonl").write_text("")
     assert [label for label, _ in demo._answer_sets(s)][-1] == "RAO (LoRA)"
+
+
+def test_demo_online_stage_runs_short_rounds_over_the_worked_references(tmp_path, monkeypatch):
+    """--online: rao-online from the start on the GRAO prompt file (worked reference answers), 4 rounds of the
+    next 32 prompts by default (4 x 32 / 8 groups per step = RAO's 16 steps), the flags passed through."""
+    commands: list[list[str]] = []
+    monkeypatch.setattr(demo, "run_command", lambda argv: commands.append([str(a) for a in argv]))
+    monkeypatch.setattr(demo, "_generate", lambda *a, **k: None)
+    monkeypatch.setattr(demo, "_evaluate", lambda *a, **k: None)
+    seen: list[demo.Settings] = []
+    monkeypatch.setattr(demo, "run_demo", lambda s, **k: seen.append(s))
+    for argv, rounds, per_round in (([], 4, 32), (["--rounds", "6", "--prompts-per-round", "16"], 6, 16)):
+        assert demo.main(demo.parser().parse_args(["--out", str(tmp_path / "run"), "--online", *argv])) == 0
+        demo.stage_online(seen[-1])
+        cmd = commands[-1]
+        assert cmd[cmd.index("-m") + 1] == "rao_megatron.cli.online"
+        assert cmd[cmd.index("--rounds") + 1] == str(rounds) and cmd[cmd.index("--prompts-per-round") + 1] == str(per_round)
+        assert cmd[cmd.index("--prompts") + 1].endswith("train_prompts_grao.jsonl")
