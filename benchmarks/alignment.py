@@ -433,9 +433,9 @@ class Runner:
         # the checkpoint of a step: training/checkpoint.py's step_dir (not imported: it loads Megatron)
         at = {s: ckpt / f"step_{s:07d}" if schedule else ckpt for s in eval_steps}
         if online:
-            result["rounds"] = [{**r, "informative_groups": sum(differs(g) for g in read_jsonl(
-                online_dir / f"round_{r['round']}" / "train_groups.jsonl"))} for r in rounds]
-            result["rounds"] = [{k: v for k, v in r.items() if k != "checkpoint"} for r in result["rounds"]]
+            result["rounds"] = [{**{k: v for k, v in r.items() if k != "checkpoint"}, "informative_groups": sum(
+                differs(g) for g in read_jsonl(online_dir / f"round_{r['round']}" / "train_groups.jsonl"))}
+                for r in rounds]
             at = {steps: ckpt if steps else self.start_ckpt}
         if probe:
             now = forward_logps(args, at[eval_steps[-1]], probe[0], out / "probe_end.safetensors")
